@@ -1,0 +1,218 @@
+"""The experiment spec as typed dataclasses: one dataclass a spec section.
+
+Keys and defaults follow TAO's CLIP task (TAO 7.0.1), so a TAO spec loads unchanged. Keys that
+clip-tao adds are marked "clip-tao:" in their comment. Validation lives in ``loader.py``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+LossType = Literal["siglip", "clip"]
+Precision = Literal["fp16", "bf16", "fp32"]
+
+
+@dataclass
+class WandbConfig:
+    enable: bool = False
+    project: str | None = None
+    entity: str | None = None
+    name: str | None = None
+    tags: list[str] = field(default_factory=list)
+
+
+@dataclass
+class ModelConfig:
+    type: str = "siglip2-so400m-patch16-256"
+    adaptor_name: str | None = None
+    freeze_vision_encoder: bool = False
+    freeze_text_encoder: bool = False
+    # TAO's default is 256 (the default model's size); null means "the model's own size", which is
+    # 256 for the default type and the right size for every other type.
+    image_size: int | None = None
+    init_logit_scale: float | None = None
+    init_logit_bias: float | None = None
+    canonicalize_text: bool = False
+    # clip-tao: a local weight file or folder used instead of the hub (offline use).
+    pretrained_path: str | None = None
+
+
+@dataclass
+class DatasetEntry:
+    image_dir: str = ""
+    caption_dir: str | None = None
+    caption_file_suffix: str = ".txt"
+    image_list_file: str | None = None
+
+
+@dataclass
+class WdsConfig:
+    root_dir: str | None = None
+    shard_list_file: str | None = None
+    samples_per_shard: int = 10000
+
+
+@dataclass
+class TrainDataConfig:
+    type: Literal["custom", "wds"] = "custom"
+    batch_size: int = 16
+    num_workers: int = 8
+    datasets: list[DatasetEntry] = field(default_factory=list)
+    wds: WdsConfig = field(default_factory=WdsConfig)
+
+
+@dataclass
+class ValDataConfig:
+    datasets: list[DatasetEntry] = field(default_factory=list)
+    batch_size: int = 16
+    num_workers: int = 8
+
+
+@dataclass
+class AugmentationConfig:
+    scale: list[float] = field(default_factory=lambda: [0.4, 1.0])
+    # [probability, brightness, contrast, saturation, hue]
+    color_jitter: list[float] = field(default_factory=lambda: [0.8, 0.32, 0.32, 0.32, 0.08])
+    grayscale: float = 0.2
+
+
+@dataclass
+class DatasetConfig:
+    seed: int = 42
+    pin_memory: bool = True
+    train: TrainDataConfig = field(default_factory=TrainDataConfig)
+    val: ValDataConfig = field(default_factory=ValDataConfig)
+    augmentation: AugmentationConfig = field(default_factory=AugmentationConfig)
+
+
+@dataclass
+class CudnnConfig:
+    benchmark: bool = False
+    deterministic: bool = True
+
+
+@dataclass
+class OptimConfig:
+    optimizer_type: Literal["adamw", "lamb"] = "adamw"
+    vision_lr: float = 1e-4
+    text_lr: float = 1e-4
+    weight_decay: float = 1e-4
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
+    eps: float = 1e-6
+    warmup_steps: int = 100
+    scheduler: Literal["cosine", "linear", "constant"] = "cosine"
+
+
+@dataclass
+class TrainConfig:
+    num_gpus: int = 1
+    gpu_ids: list[int] = field(default_factory=lambda: [0])
+    num_nodes: int = 1
+    seed: int = 1234
+    cudnn: CudnnConfig = field(default_factory=CudnnConfig)
+    num_epochs: int = 10
+    checkpoint_interval: int = 1
+    checkpoint_interval_unit: Literal["epoch", "step"] = "epoch"
+    validation_interval: int = 1
+    val_check_interval: float | None = None
+    resume_training_checkpoint_path: str | None = None
+    pretrained_model_path: str | None = None
+    loss_type: LossType = "siglip"
+    precision: Precision = "fp16"
+    grad_clip_norm: float | None = None
+    grad_checkpointing: bool = False
+    distributed_strategy: Literal["ddp", "fsdp"] = "ddp"
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    # TAO's common task key: overrides results_dir/train.
+    results_dir: str | None = None
+    # clip-tao: continue from results_dir/train/clip_latest.pth when it exists.
+    auto_resume: bool = True
+
+
+@dataclass
+class EvaluateConfig:
+    checkpoint: str | None = None
+    trt_engine: str | None = None
+    datasets: list[DatasetEntry] = field(default_factory=list)
+    batch_size: int = 16
+    num_workers: int = 8
+    num_gpus: int = 1
+    gpu_ids: list[int] = field(default_factory=lambda: [0])
+    results_dir: str | None = None
+
+
+@dataclass
+class InferenceConfig:
+    checkpoint: str | None = None
+    trt_engine: str | None = None
+    datasets: list[DatasetEntry] = field(default_factory=list)
+    text_file: str | None = None
+    batch_size: int = 16
+    num_workers: int = 8
+    num_gpus: int = 1
+    gpu_ids: list[int] = field(default_factory=lambda: [0])
+    results_dir: str | None = None
+
+
+@dataclass
+class ExportConfig:
+    checkpoint: str | None = None
+    onnx_file: str | None = None
+    encoder_type: Literal["combined", "separate"] = "combined"
+    opset_version: int = 17
+    batch_size: int = -1
+    # TAO's default is 256; null means the model's own image size.
+    input_height: int | None = None
+    input_width: int | None = None
+    input_channel: int = 3
+    gpu_id: int = 0
+    on_cpu: bool = False
+    verbose: bool = False
+    results_dir: str | None = None
+
+
+@dataclass
+class TensorRTConfig:
+    data_type: Literal["fp16", "fp32"] = "fp16"
+    workspace_size: int = 4096
+    min_batch_size: int = 1
+    opt_batch_size: int = 1
+    max_batch_size: int = 16
+    layers_precision: list[str] = field(default_factory=list)
+
+
+@dataclass
+class GenTrtEngineConfig:
+    onnx_file: str | None = None
+    trt_engine: str | None = None
+    batch_size: int = -1
+    gpu_id: int = 0
+    timing_cache: str | None = None
+    verbose: bool = False
+    tensorrt: TensorRTConfig = field(default_factory=TensorRTConfig)
+    results_dir: str | None = None
+
+
+@dataclass
+class ExperimentConfig:
+    # Required; ``None`` here only so the dataclass can be built with defaults.
+    results_dir: str | None = None
+    encryption_key: str | None = None  # TAO legacy: accepted and ignored
+    model_name: str = "clip"
+    wandb: WandbConfig = field(default_factory=WandbConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    dataset: DatasetConfig = field(default_factory=DatasetConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
+    inference: InferenceConfig = field(default_factory=InferenceConfig)
+    export: ExportConfig = field(default_factory=ExportConfig)
+    gen_trt_engine: GenTrtEngineConfig = field(default_factory=GenTrtEngineConfig)
+
+    def task_dir(self, task: str) -> str:
+        """``results_dir/<task>``, or the task section's own ``results_dir`` when set (TAO's rule)."""
+        import os
+
+        section = getattr(self, task, None)
+        own = getattr(section, "results_dir", None)
+        return own or os.path.join(self.results_dir, task)

@@ -1,0 +1,159 @@
+"""``model.type`` -> model: a registry whose entries are data.
+
+Every model type is one JSON file in ``clip_tao/models/configs/`` (scanned at import, like open_clip's
+``model_configs/``): its family, sizes, weights source and the family-specific architecture config.
+A family module registers one builder with :func:`register_family`; adding a size is a new JSON
+file, not a new code path. Users can add their own with :func:`add_model_config`.
+"""
+
+from __future__ import annotations
+
+import difflib
+import fnmatch
+import importlib
+import json
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from clip_tao.errors import ModelError
+from clip_tao.models.base import DEFAULT_LOGIT_INIT, MAX_LOGIT_SCALE, ClipModel
+
+CONFIG_DIR = Path(__file__).parent / "configs"
+
+# family name -> module that registers its builder (imported on first use).
+FAMILY_MODULES = {
+    "openclip": "clip_tao.models.openclip_family",
+    "siglip": "clip_tao.models.siglip_family",
+}
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """What ``clip-tao list-models`` shows, plus the architecture config the family builder reads."""
+
+    name: str
+    family: str
+    image_size: int
+    embed_dim: int
+    context_length: int
+    weights: str
+    description: str = ""
+    config: dict[str, Any] = field(default_factory=dict, hash=False, compare=False)
+
+
+@dataclass
+class BuildOptions:
+    """How to build a model: which weights, and the user's pre-processing choices."""
+
+    pretrained: bool = True  # load the type's published weights (False: random init for training)
+    pretrained_path: str | None = None  # a local file or folder instead of the hub
+    image_size: int | None = None  # None: the type's own size
+    canonicalize_text: bool = False
+
+
+Builder = Callable[[ModelInfo, BuildOptions], tuple[ClipModel, bool]]
+_MODEL_INFOS: dict[str, ModelInfo] = {}
+_BUILDERS: dict[str, Builder] = {}
+
+
+def add_model_config(source: str | Path | dict[str, Any], name: str | None = None) -> ModelInfo:
+    """Register a model type from a JSON file (name = file stem) or a dict (``name`` required)."""
+    if isinstance(source, dict):
+        data = dict(source)
+        if name is None:
+            raise ValueError("add_model_config(dict) needs a name")
+    else:
+        path = Path(source)
+        data = json.loads(path.read_text(encoding="utf-8"))
+        name = name or path.stem
+    info = ModelInfo(
+        name=name,
+        family=data["family"],
+        image_size=int(data["image_size"]),
+        embed_dim=int(data["embed_dim"]),
+        context_length=int(data["context_length"]),
+        weights=data.get("weights", ""),
+        description=data.get("description", ""),
+        config=data.get("config", {}),
+    )
+    _MODEL_INFOS[name] = info
+    return info
+
+
+def register_family(family: str) -> Callable[[Builder], Builder]:
+    """Decorator: ``builder(info, options) -> (model, loaded_weights)`` for every type of ``family``."""
+
+    def decorate(builder: Builder) -> Builder:
+        _BUILDERS[family] = builder
+        return builder
+
+    return decorate
+
+
+def list_models(pattern: str = "*") -> list[ModelInfo]:
+    """Registered model types whose name matches the shell-style ``pattern``, sorted by name."""
+    return [_MODEL_INFOS[n] for n in sorted(_MODEL_INFOS) if fnmatch.fnmatch(n, pattern)]
+
+
+def get_model_info(model_type: str) -> ModelInfo:
+    if model_type not in _MODEL_INFOS:
+        close = difflib.get_close_matches(model_type, list(_MODEL_INFOS), n=1, cutoff=0.5)
+        hint = f"did you mean {close[0]}?" if close else "run `clip-tao list-models` for the list"
+        raise ModelError(f"model.type={model_type!r} is not a known model type; {hint}")
+    return _MODEL_INFOS[model_type]
+
+
+def create_model(
+    model_type: str,
+    *,
+    pretrained: bool = True,
+    pretrained_path: str | None = None,
+    image_size: int | None = None,
+    canonicalize_text: bool = False,
+    loss_type: str = "siglip",
+    init_logit_scale: float | None = None,
+    init_logit_bias: float | None = None,
+) -> ClipModel:
+    """Build ``model_type``: the one public entry point to every family.
+
+    Weights: the type's published weights when ``pretrained`` (or the file/folder ``pretrained_path``),
+    else random initialisation. The logit scale/bias start at TAO's defaults for ``loss_type`` when the
+    model is randomly initialised; an explicit ``init_logit_scale``/``init_logit_bias`` always wins.
+    """
+    if init_logit_scale is not None and not 0.0 <= init_logit_scale <= MAX_LOGIT_SCALE:
+        raise ModelError(f"model.init_logit_scale={init_logit_scale} must lie in [0, ln 100 = 4.605]")
+    info = get_model_info(model_type)
+    builder = _family_builder(info.family)
+    options = BuildOptions(
+        pretrained=pretrained,
+        pretrained_path=pretrained_path,
+        image_size=image_size,
+        canonicalize_text=canonicalize_text,
+    )
+    model, loaded_weights = builder(info, options)
+    default_scale, default_bias = DEFAULT_LOGIT_INIT[loss_type]
+    if not loaded_weights:
+        model.init_logits(default_scale, default_bias)
+    if init_logit_scale is not None:
+        model.logit_scale.data.fill_(init_logit_scale)
+    if init_logit_bias is not None:
+        model.logit_bias.data.fill_(init_logit_bias)
+    return model
+
+
+def _family_builder(family: str) -> Builder:
+    if family not in _BUILDERS and family in FAMILY_MODULES:
+        importlib.import_module(FAMILY_MODULES[family])
+    if family not in _BUILDERS:
+        raise ModelError(f"model family {family!r} has no builder; known: {', '.join(sorted(FAMILY_MODULES))}")
+    return _BUILDERS[family]
+
+
+def _scan_configs() -> None:
+    for path in sorted(CONFIG_DIR.glob("*.json")):
+        add_model_config(path)
+
+
+_scan_configs()
