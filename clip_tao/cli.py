@@ -1,0 +1,108 @@
+"""Command line: ``clip-tao <task> -e spec.yaml [key=value ...]`` and ``clip-tao list-models``.
+
+Parses argv, loads the spec, dispatches to a task. Errors meant for the user are caught here once and
+printed as one line; ``--debug`` shows the traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+from collections.abc import Sequence
+
+from clip_tao import __version__
+from clip_tao.errors import ClipTaoError, NotAvailableError
+
+TASKS = {
+    "train": "fine-tune or train a model on dataset.train, validating on dataset.val",
+    "evaluate": "image-text retrieval figures (R@K, mAP, MedR, MeanR, AUC) in both directions",
+    "inference": "image and text embeddings as TAO's .h5 files",
+    "export": "export to ONNX",
+    "gen_trt_engine": "build a TensorRT engine from an ONNX file",
+}
+# Tasks whose implementation has not landed yet.
+NOT_YET_AVAILABLE = {"export", "gen_trt_engine"}
+
+log = logging.getLogger("clip_tao")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="clip-tao",
+        description="Fine-tune, evaluate, embed, export and deploy CLIP-style models from TAO experiment specs.",
+    )
+    parser.add_argument("--version", action="version", version=f"clip-tao {__version__}")
+    debug = argparse.ArgumentParser(add_help=False)
+    # SUPPRESS: a sub-command's default must not undo a --debug given before the sub-command.
+    debug.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show the full traceback")
+    parser.add_argument("--debug", action="store_true", help="show the full traceback on errors")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for task, help_text in TASKS.items():
+        p = sub.add_parser(
+            task,
+            parents=[debug],
+            help=help_text,
+            description=f"{help_text}. Overrides use Hydra's grammar: a.b=1, a.b=[1,2], +new.key=1, ~a.b.",
+        )
+        p.add_argument(
+            "-e", "--experiment_spec_file", "--experiment-spec", dest="spec", required=True, metavar="SPEC",
+            help="experiment spec, YAML or JSON (TAO's format)",
+        )  # fmt: skip
+        p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="spec overrides, e.g. train.num_epochs=3")
+    lm = sub.add_parser(
+        "list-models", parents=[debug], help="list the model types", description="List the model types."
+    )
+    lm.add_argument("pattern", nargs="?", default="*", help="shell-style filter, e.g. 'siglip2*'")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    _setup_logging()
+    try:
+        if args.command == "list-models":
+            return _list_models(args.pattern)
+        return _run_task(args.command, args.spec, args.overrides)
+    except ClipTaoError as exc:
+        if args.debug:
+            raise
+        print(f"clip-tao {args.command}: error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(f"clip-tao {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+def _run_task(task: str, spec: str, overrides: Sequence[str]) -> int:
+    from clip_tao.config import load_experiment
+
+    cfg = load_experiment(spec, overrides)
+    if task in NOT_YET_AVAILABLE:
+        raise NotAvailableError(f"the {task} task is not available in this version yet")
+    module = importlib.import_module(f"clip_tao.tasks.{task}")
+    module.run(cfg)
+    return 0
+
+
+def _list_models(pattern: str) -> int:
+    from clip_tao.io.tables import format_table
+    from clip_tao.models import list_models
+
+    infos = list_models(pattern)
+    rows = [[i.name, i.family, i.image_size, i.embed_dim, i.context_length, i.weights] for i in infos]
+    print(format_table(["type", "family", "image size", "embed dim", "context", "weights"], rows))
+    return 0
+
+
+def _setup_logging() -> None:
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S"
+    )
+    for noisy in ("transformers", "open_clip", "timm", "urllib3", "PIL", "matplotlib", "h5py"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,1 @@
+"""Datasets, transforms and loaders built from the spec."""

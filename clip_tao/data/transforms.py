@@ -1,0 +1,62 @@
+"""Image transforms built from the model's own pre-processing and the spec's ``dataset.augmentation``."""
+
+from __future__ import annotations
+
+from torchvision import transforms as T
+
+from clip_tao.config.schema import AugmentationConfig
+from clip_tao.errors import ConfigError
+from clip_tao.models.base import Preprocess
+
+
+def _interpolation(preprocess: Preprocess) -> T.InterpolationMode:
+    return T.InterpolationMode[preprocess.interpolation.upper()]
+
+
+def build_eval_transform(preprocess: Preprocess) -> T.Compose:
+    """Resize the short side to the model's size, center-crop, normalise."""
+    size = preprocess.image_size
+    return T.Compose(
+        [
+            T.Resize(size, interpolation=_interpolation(preprocess)),
+            T.CenterCrop(size),
+            T.ToTensor(),
+            T.Normalize(preprocess.mean, preprocess.std),
+        ]
+    )
+
+
+def build_train_transform(preprocess: Preprocess, aug: AugmentationConfig) -> T.Compose:
+    """Random resized crop (``aug.scale``), color jitter with probability, random grayscale, normalise."""
+    check_augmentation(aug)
+    probability, brightness, contrast, saturation, hue = aug.color_jitter
+    return T.Compose(
+        [
+            T.RandomResizedCrop(
+                preprocess.image_size, scale=tuple(aug.scale), interpolation=_interpolation(preprocess)
+            ),
+            T.RandomApply([T.ColorJitter(brightness, contrast, saturation, hue)], p=probability),
+            T.RandomGrayscale(p=aug.grayscale),
+            T.ToTensor(),
+            T.Normalize(preprocess.mean, preprocess.std),
+        ]
+    )
+
+
+def check_augmentation(aug: AugmentationConfig) -> None:
+    key = "dataset.augmentation"
+    if len(aug.scale) != 2 or not 0 < aug.scale[0] <= aug.scale[1] <= 1:
+        raise ConfigError(f"{key}.scale={aug.scale} must be [min, max] with 0 < min <= max <= 1")
+    if len(aug.color_jitter) != 5:
+        raise ConfigError(
+            f"{key}.color_jitter={aug.color_jitter} must have 5 numbers: "
+            "[probability, brightness, contrast, saturation, hue]"
+        )
+    probability, *strengths = aug.color_jitter
+    hue = strengths[-1]
+    if not 0 <= probability <= 1 or min(strengths) < 0 or hue > 0.5:
+        raise ConfigError(
+            f"{key}.color_jitter={aug.color_jitter}: probability must lie in [0, 1], strengths >= 0, hue <= 0.5"
+        )
+    if not 0 <= aug.grayscale <= 1:
+        raise ConfigError(f"{key}.grayscale={aug.grayscale} must be a probability in [0, 1]")

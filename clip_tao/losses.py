@@ -1,0 +1,39 @@
+"""Contrastive losses: sigmoid (SigLIP) and softmax (CLIP), distributed-aware.
+
+Both are open_clip's implementations (``SigLipLoss`` exchanges text features between ranks,
+``ClipLoss`` gathers features with gradients), so single- and multi-process training share one code
+path. Inputs: L2-normalised ``[B, D]`` embeddings and the *log* logit scale, as models store it.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+class ContrastiveLoss(nn.Module):
+    """``loss(image_emb, text_emb, logit_scale, logit_bias) -> scalar``; pair i of the batch is the positive."""
+
+    def __init__(self, loss_type: str, rank: int = 0, world_size: int = 1):
+        super().__init__()
+        from open_clip.loss import ClipLoss, SigLipLoss
+
+        self.loss_type = loss_type
+        if loss_type == "siglip":
+            self.impl = SigLipLoss(rank=rank, world_size=world_size)
+        elif loss_type == "clip":
+            self.impl = ClipLoss(local_loss=False, gather_with_grad=True, rank=rank, world_size=world_size)
+        else:
+            raise ValueError(f"loss_type must be 'siglip' or 'clip', got {loss_type!r}")
+
+    def forward(
+        self,
+        image_emb: torch.Tensor,
+        text_emb: torch.Tensor,
+        logit_scale: torch.Tensor,
+        logit_bias: torch.Tensor,
+    ) -> torch.Tensor:
+        scale = logit_scale.exp()
+        if self.loss_type == "siglip":
+            return self.impl(image_emb, text_emb, scale, logit_bias)
+        return self.impl(image_emb, text_emb, scale)

@@ -1,0 +1,87 @@
+"""``clip-tao train``: fine-tune (or train from scratch) on ``dataset.train``, validate on ``dataset.val``."""
+
+from __future__ import annotations
+
+import logging
+import os
+
+from clip_tao.config.schema import ExperimentConfig
+from clip_tao.data.loaders import build_eval_loader, build_train_loader
+from clip_tao.engine.model_setup import build_model
+from clip_tao.engine.trainer import BEST_METRIC, BEST_NAME, LATEST_NAME, Trainer
+from clip_tao.io.atomic import write_json
+from clip_tao.io.tables import format_retrieval_table, format_table
+from clip_tao.io.task_dir import prepare_task_dir
+
+log = logging.getLogger(__name__)
+
+
+def run(cfg: ExperimentConfig) -> dict:
+    out_dir, status = prepare_task_dir(cfg, "train")
+    try:
+        summary = _train(cfg, out_dir, status)
+    except Exception as exc:
+        status.write("FAILURE", f"Training failed: {exc}")
+        raise
+    status.write("SUCCESS", "Training finished.", kpi=summary["final"])
+    return summary
+
+
+def _train(cfg: ExperimentConfig, out_dir: str, status) -> dict:
+    t = cfg.train
+    model = build_model(cfg)
+    train_data = build_train_loader(cfg.dataset, model.preprocess, model.tokenizer)
+    val_data = None
+    if cfg.dataset.val.datasets:
+        val = cfg.dataset.val
+        val_data = build_eval_loader(
+            val.datasets, "dataset.val.datasets", model.preprocess, model.tokenizer,
+            val.batch_size, val.num_workers, cfg.dataset.pin_memory,
+        )  # fmt: skip
+    log.info(
+        "%s: %d training samples, %d validation samples, %s",
+        model.model_type, len(train_data.samples), len(val_data.samples) if val_data else 0, out_dir,
+    )  # fmt: skip
+    trainer = Trainer(cfg, model, train_data, val_data, out_dir, status)
+
+    latest = os.path.join(out_dir, LATEST_NAME)
+    if t.resume_training_checkpoint_path:
+        trainer.resume(t.resume_training_checkpoint_path)
+    elif t.auto_resume and os.path.isfile(latest):
+        log.info("found %s: resuming (set train.auto_resume=false to start over)", latest)
+        trainer.resume(latest)
+    elif t.pretrained_model_path:
+        trainer.load_start_weights(t.pretrained_model_path)
+
+    state = trainer.fit()
+    final = dict(state.history[-1]) if state.history else {}
+    summary = {
+        "model_type": model.model_type,
+        "epochs": state.epoch,
+        "steps": state.global_step,
+        "final": final,
+        "best": {"metric": BEST_METRIC, "value": state.best_value, "epoch": state.best_epoch},
+        "skipped_files": dict(trainer.skipped),
+    }
+    write_json(os.path.join(out_dir, "training_summary.json"), summary)
+    _print_summary(summary, out_dir)
+    return summary
+
+
+def _print_summary(summary: dict, out_dir: str) -> None:
+    final = summary["final"]
+    best = summary["best"]
+    rows = [
+        ["model", summary["model_type"]],
+        ["epochs / steps", f"{summary['epochs']} / {summary['steps']}"],
+        ["final train loss", final.get("train_loss", float("nan"))],
+        ["skipped files", sum(summary["skipped_files"].values())],
+        ["latest checkpoint", os.path.join(out_dir, LATEST_NAME)],
+    ]
+    if best["epoch"] is not None:
+        rows.append([f"best {best['metric']}", f"{best['value']:.2f} (epoch {best['epoch']}) -> {BEST_NAME}"])
+    print("\nTraining summary")
+    print(format_table(["", "value"], rows))
+    if any(k.startswith("t2i_") for k in final):
+        print(f"\nValidation after the last epoch ({final.get('epoch')})")
+        print(format_retrieval_table(final))
