@@ -11,6 +11,19 @@ import torch
 log = logging.getLogger(__name__)
 
 
+def seed_everything(seed: int, cudnn_benchmark: bool = False, cudnn_deterministic: bool = True) -> None:
+    """Seed Python, NumPy and PyTorch (all devices) and set cuDNN's flags (``train.cudnn``)."""
+    import random
+
+    import numpy as np
+
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+    torch.backends.cudnn.benchmark = cudnn_benchmark
+    torch.backends.cudnn.deterministic = cudnn_deterministic
+
+
 def select_device(num_gpus: int, gpu_ids: list[int]) -> torch.device:
     """The first of ``gpu_ids`` when CUDA is available and ``num_gpus`` > 0, else the CPU."""
     if num_gpus > 0 and torch.cuda.is_available():

@@ -40,10 +40,11 @@ class SiglipClipModel(ClipModel):
         return self.model.text_model.parameters()
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
-        if enable:
-            self.model.gradient_checkpointing_enable()
-        else:
-            self.model.gradient_checkpointing_disable()
+        # transformers 5 renamed gradient_checkpointing_* to activation_checkpointing_*.
+        action = "enable" if enable else "disable"
+        method = getattr(self.model, f"activation_checkpointing_{action}", None)
+        method = method or getattr(self.model, f"gradient_checkpointing_{action}")
+        method()
 
     @property
     def logit_scale(self) -> nn.Parameter:

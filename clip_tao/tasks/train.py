@@ -7,6 +7,7 @@ import os
 
 from clip_tao.config.schema import ExperimentConfig
 from clip_tao.data.loaders import build_eval_loader, build_train_loader
+from clip_tao.engine.device import seed_everything
 from clip_tao.engine.model_setup import build_model
 from clip_tao.engine.trainer import BEST_METRIC, BEST_NAME, LATEST_NAME, Trainer
 from clip_tao.io.atomic import write_json
@@ -29,6 +30,7 @@ def run(cfg: ExperimentConfig) -> dict:
 
 def _train(cfg: ExperimentConfig, out_dir: str, status) -> dict:
     t = cfg.train
+    seed_everything(t.seed, t.cudnn.benchmark, t.cudnn.deterministic)
     model = build_model(cfg)
     train_data = build_train_loader(cfg.dataset, model.preprocess, model.tokenizer)
     val_data = None
