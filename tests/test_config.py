@@ -195,7 +195,9 @@ def test_bad_overrides_name_the_key(tao_spec, override, message):
 
 def test_unknown_key_in_file_names_its_path(tmp_path):
     path = write_spec(tmp_path / "s.yaml", {"results_dir": "/r", "train": {"optim": {"vison_lr": 1.0}}})
-    with pytest.raises(ConfigError, match=r"unknown key train\.optim\.vison_lr; did you mean train\.optim\.vision_lr\?"):
+    with pytest.raises(
+        ConfigError, match=r"unknown key train\.optim\.vison_lr; did you mean train\.optim\.vision_lr\?"
+    ):
         load_experiment(path)
 
 

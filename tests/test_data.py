@@ -37,7 +37,12 @@ def test_recursive_scan_pairs_by_relative_path(tmp_path):
     _write(captions / "d.txt", "fourth")
     samples, skipped = scan_custom_datasets([DatasetEntry(str(images), str(captions))], "dataset.train.datasets")
     got = {s.key: s.caption for s in samples}
-    assert got == {"0/a/x.jpg": "first caption", "0/b/x.png": "second caption", "0/c.webp": "third caption", "0/d.bmp": "fourth"}
+    assert got == {
+        "0/a/x.jpg": "first caption",
+        "0/b/x.png": "second caption",
+        "0/c.webp": "third caption",
+        "0/d.bmp": "fourth",
+    }
     assert not skipped
 
 
@@ -50,7 +55,10 @@ def test_several_entries_concatenate_with_suffix_and_list_file(tmp_path):
     _write(two / "q.caption", "q caption")
     listing = tmp_path / "list.txt"
     listing.write_text("q.jpg\n\n")
-    entries = [DatasetEntry(str(one)), DatasetEntry(str(two), caption_file_suffix=".caption", image_list_file=str(listing))]
+    entries = [
+        DatasetEntry(str(one)),
+        DatasetEntry(str(two), caption_file_suffix=".caption", image_list_file=str(listing)),
+    ]
     samples, _ = scan_custom_datasets(entries, "dataset.train.datasets")
     assert [s.key for s in samples] == ["0/img_000.jpg", "0/img_001.jpg", "0/img_002.jpg", "1/q.jpg"]
     assert samples[-1].caption == "q caption"

@@ -54,7 +54,9 @@ def test_grad_checkpointing_gives_the_same_gradients(model_type):
     torch.testing.assert_close(grads[0], grads[1], rtol=1e-4, atol=1e-6)
 
 
-@pytest.mark.parametrize(("loss_type", "scale", "bias"), [("siglip", math.log(10), -10.0), ("clip", math.log(1 / 0.07), 0.0)])
+@pytest.mark.parametrize(
+    ("loss_type", "scale", "bias"), [("siglip", math.log(10), -10.0), ("clip", math.log(1 / 0.07), 0.0)]
+)
 def test_logit_init_follows_loss_type(loss_type, scale, bias):
     model = create_model("tiny-siglip2", pretrained=False, loss_type=loss_type)
     assert model.logit_scale.item() == pytest.approx(scale, rel=1e-6)

@@ -1,0 +1,161 @@
+#!/usr/bin/env python
+"""Speed and memory of clip-tao's hot paths, measured (never asserted by tests).
+
+    python scripts/benchmark.py train --model tiny-clip --batch 32 --steps 30
+    python scripts/benchmark.py eval --n 20000 --dim 512
+
+``train``: training samples/s (forward + backward + optimiser step) on random inputs, against the bare
+forward+backward of the same model (the floor clip-tao's step adds to).
+``eval``: wall time and peak memory of the exact chunked retrieval metrics against the bare similarity
+matrix product of the same size (the floor). Each measurement runs in a fresh process so its peak memory
+is its own.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import time
+
+
+def machine() -> str:
+    import torch
+
+    cpu = platform.processor() or platform.machine()
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
+    return f"{os.cpu_count()} CPUs ({cpu}), {gpu}, torch {torch.__version__}, Python {platform.python_version()}"
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+# -- train ------------------------------------------------------------------------------------------
+def bench_train(args) -> dict:
+    import torch
+
+    from clip_tao.config.schema import OptimConfig
+    from clip_tao.engine.device import resolve_precision
+    from clip_tao.engine.optim import build_optimizer
+    from clip_tao.losses import ContrastiveLoss
+    from clip_tao.models import create_model
+
+    device = torch.device("cuda" if torch.cuda.is_available() and not args.cpu else "cpu")
+    precision = resolve_precision(args.precision, device)
+    model = create_model(args.model, pretrained=False).to(device)
+    size = model.image_size
+    pixels = torch.randn(args.batch, 3, size, size, device=device)
+    ids = model.tokenizer([f"caption number {i}" for i in range(args.batch)]).to(device)
+    loss_fn = ContrastiveLoss(args.loss)
+    optimizer = build_optimizer(model, OptimConfig())
+    scaler = torch.amp.GradScaler(device.type, enabled=precision.use_grad_scaler)
+
+    def step(full: bool) -> None:
+        with precision.autocast(device):
+            image, text = model(pixels, ids)
+            loss = loss_fn(image.float(), text.float(), model.logit_scale, model.logit_bias)
+        if full:
+            optimizer.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+            model.clamp_logit_scale()
+        else:
+            loss.backward()
+
+    def timed(full: bool) -> float:
+        for _ in range(3):
+            step(full)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        for _ in range(args.steps):
+            step(full)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        return args.batch * args.steps / (time.perf_counter() - start)
+
+    return {
+        "benchmark": "train",
+        "model": args.model,
+        "batch": args.batch,
+        "precision": precision.name,
+        "device": str(device),
+        "train_samples_per_s": round(timed(True), 1),
+        "forward_backward_only_samples_per_s": round(timed(False), 1),
+        "peak_rss_mb": round(peak_rss_mb()),
+    }
+
+
+# -- eval -------------------------------------------------------------------------------------------
+def _eval_child(mode: str, n: int, dim: int, chunk: int) -> dict:
+    import torch
+
+    from clip_tao.metrics import retrieval_metrics
+
+    g = torch.Generator().manual_seed(0)
+    images = torch.nn.functional.normalize(torch.randn(n, dim, generator=g), dim=-1)
+    texts = torch.nn.functional.normalize(images + 0.5 * torch.randn(n, dim, generator=g), dim=-1)
+    base = peak_rss_mb()
+    start = time.perf_counter()
+    if mode == "chunked":
+        metrics = retrieval_metrics(images, texts, chunk_size=chunk)
+    elif mode == "dense":
+        metrics = retrieval_metrics(images, texts, chunk_size=n)
+    else:  # the floor: the bare similarity product, block by block, result discarded
+        for s in range(0, n, chunk):
+            _ = images[s : s + chunk] @ texts.T
+        metrics = {}
+    seconds = time.perf_counter() - start
+    return {
+        "mode": mode,
+        "seconds": round(seconds, 3),
+        "extra_peak_mb": round(peak_rss_mb() - base),
+        "t2i_R@1": metrics.get("t2i_R@1"),
+    }
+
+
+def bench_eval(args) -> dict:
+    rows = []
+    for mode in ("product", "chunked", "dense"):
+        if mode == "dense" and args.n > args.dense_max:
+            rows.append({"mode": "dense", "skipped": f"n > --dense-max {args.dense_max}"})
+            continue
+        cmd = [sys.executable, __file__, "_eval_child", mode, str(args.n), str(args.dim), str(args.chunk)]
+        out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
+        rows.append(json.loads(out.strip().splitlines()[-1]))
+    return {"benchmark": "eval", "n": args.n, "dim": args.dim, "chunk": args.chunk, "runs": rows}
+
+
+def main() -> None:
+    if len(sys.argv) > 1 and sys.argv[1] == "_eval_child":
+        mode, n, dim, chunk = sys.argv[2], *map(int, sys.argv[3:6])
+        print(json.dumps(_eval_child(mode, n, dim, chunk)))
+        return
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="what", required=True)
+    t = sub.add_parser("train", help="training samples/s")
+    t.add_argument("--model", default="tiny-clip")
+    t.add_argument("--batch", type=int, default=32)
+    t.add_argument("--steps", type=int, default=20)
+    t.add_argument("--loss", default="siglip", choices=["siglip", "clip"])
+    t.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"])
+    t.add_argument("--cpu", action="store_true", help="stay on the CPU even when a GPU is present")
+    e = sub.add_parser("eval", help="chunked retrieval metrics: time and memory")
+    e.add_argument("--n", type=int, default=20000)
+    e.add_argument("--dim", type=int, default=512)
+    e.add_argument("--chunk", type=int, default=1024)
+    e.add_argument("--dense-max", type=int, default=20000, help="largest n for the dense (one block) run")
+    args = parser.parse_args()
+    result = bench_train(args) if args.what == "train" else bench_eval(args)
+    result["machine"] = machine()
+    print(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()
