@@ -33,7 +33,7 @@ from clip_tao.engine.checkpoint import (
 from clip_tao.engine.device import resolve_precision, select_device
 from clip_tao.engine.embedding import embed_loader
 from clip_tao.engine.optim import build_optimizer, build_scheduler
-from clip_tao.errors import ConfigError, ModelError
+from clip_tao.errors import ConfigError, ModelError, NotAvailableError
 from clip_tao.io.atomic import link_or_copy
 from clip_tao.io.status import StatusWriter
 from clip_tao.losses import ContrastiveLoss
@@ -98,6 +98,11 @@ class Trainer:
     # -- set-up ---------------------------------------------------------------------------------
     def _check_config(self) -> None:
         t = self.tcfg
+        if t.num_gpus > 1 or t.num_nodes > 1:
+            raise NotAvailableError(
+                f"train.num_gpus={t.num_gpus}, train.num_nodes={t.num_nodes}: multi-GPU training is not "
+                "available in this version yet; set train.num_gpus=1 and train.num_nodes=1"
+            )
         for key in ("num_epochs", "checkpoint_interval", "validation_interval"):
             if getattr(t, key) < 1:
                 raise ConfigError(f"train.{key}={getattr(t, key)} must be >= 1")
