@@ -109,3 +109,14 @@ def test_siglip_save_pretrained_folder_loads(tmp_path):
 def test_missing_weight_file_is_one_clear_error(tmp_path):
     with pytest.raises(ModelError, match="does not exist"):
         create_model("tiny-clip", pretrained_path=str(tmp_path / "none.pt"))
+
+
+@pytest.mark.parametrize("model_type", ALL_TYPES)
+def test_tokenizer_round_trips_through_a_folder(model_type, tmp_path):
+    from clip_tao.models.tokenizer import load_tokenizer
+
+    tokenizer = create_model(model_type, pretrained=False, canonicalize_text=True).tokenizer
+    tokenizer.save_pretrained(tmp_path / "tok")
+    again = load_tokenizer(tmp_path / "tok")
+    texts = ["A photo of a DOG!", "two cats, sleeping"]
+    assert torch.equal(tokenizer(texts), again(texts)) and again.context_length == tokenizer.context_length

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import json
+import os
 import re
 import string
 from collections.abc import Sequence
 
 import torch
+
+CONFIG_FILE = "clip_tao_tokenizer.json"
 
 _PUNCTUATION = str.maketrans("", "", string.punctuation)
 
@@ -17,7 +21,13 @@ def canonicalize_text(text: str) -> str:
 
 
 class Tokenizer:
-    """Base: subclasses implement ``_encode`` for already-canonicalised texts."""
+    """Base: subclasses implement ``_encode`` for already-canonicalised texts.
+
+    A subclass has a ``kind`` (its name in model configs and saved folders), saves whatever files it
+    needs in ``_save_files`` and is rebuilt from such a folder by ``_from_folder``.
+    """
+
+    kind = ""
 
     def __init__(self, context_length: int, canonicalize: bool = False):
         self.context_length = context_length
@@ -33,6 +43,21 @@ class Tokenizer:
     def _encode(self, texts: list[str]) -> torch.Tensor:  # pragma: no cover - interface
         raise TypeError(f"{type(self).__name__} does not implement _encode")
 
+    def save_pretrained(self, folder: str | os.PathLike) -> None:
+        """Write everything needed to tokenize exactly like this without the model (export, deploy)."""
+        os.makedirs(folder, exist_ok=True)
+        self._save_files(os.fspath(folder))
+        settings = {"kind": self.kind, "context_length": self.context_length, "canonicalize": self.canonicalize}
+        with open(os.path.join(folder, CONFIG_FILE), "w", encoding="utf-8") as f:
+            json.dump(settings, f, indent=2)
+
+    def _save_files(self, folder: str) -> None:
+        """Subclasses with vocabulary files write them here."""
+
+    @classmethod
+    def _from_folder(cls, folder: str, context_length: int, canonicalize: bool) -> Tokenizer:
+        return cls(context_length, canonicalize)
+
 
 class OpenClipBpeTokenizer(Tokenizer):
     """open_clip's byte-pair tokenizer; its 49,408-token vocabulary ships inside open_clip (no download).
@@ -40,6 +65,7 @@ class OpenClipBpeTokenizer(Tokenizer):
     Pads with 0 to ``context_length`` and puts end-of-text last when a text is too long.
     """
 
+    kind = "openclip-bpe"
     vocab_size = 49408
 
     def __init__(self, context_length: int = 77, canonicalize: bool = False):
@@ -51,9 +77,35 @@ class OpenClipBpeTokenizer(Tokenizer):
     def _encode(self, texts: list[str]) -> torch.Tensor:
         return self._bpe(texts, context_length=self.context_length)
 
+    def _save_files(self, folder: str) -> None:
+        # The vocabulary ships with open_clip; a copy makes the folder self-describing.
+        import shutil
+
+        from open_clip.tokenizer import default_bpe
+
+        shutil.copyfile(default_bpe(), os.path.join(folder, os.path.basename(default_bpe())))
+
+
+TOKENIZER_KINDS: dict[str, type[Tokenizer]] = {OpenClipBpeTokenizer.kind: OpenClipBpeTokenizer}
+
 
 def build_tokenizer(kind: str, context_length: int, canonicalize: bool = False) -> Tokenizer:
-    """The tokenizer named in a model config (``"openclip-bpe"``)."""
-    if kind == "openclip-bpe":
-        return OpenClipBpeTokenizer(context_length, canonicalize)
-    raise ValueError(f"unknown tokenizer kind {kind!r}")
+    """The tokenizer named in a model config (a key of :data:`TOKENIZER_KINDS`)."""
+    if kind not in TOKENIZER_KINDS:
+        raise ValueError(f"unknown tokenizer kind {kind!r}; known: {', '.join(TOKENIZER_KINDS)}")
+    return TOKENIZER_KINDS[kind](context_length, canonicalize)
+
+
+def load_tokenizer(folder: str | os.PathLike) -> Tokenizer:
+    """Rebuild a tokenizer saved by :meth:`Tokenizer.save_pretrained`."""
+    from clip_tao.errors import ModelError
+
+    path = os.path.join(folder, CONFIG_FILE)
+    if not os.path.isfile(path):
+        raise ModelError(f"{os.fspath(folder)!r} holds no saved tokenizer ({CONFIG_FILE} is missing)")
+    with open(path, encoding="utf-8") as f:
+        settings = json.load(f)
+    kind = settings["kind"]
+    if kind not in TOKENIZER_KINDS:
+        raise ModelError(f"tokenizer in {os.fspath(folder)!r} is of unknown kind {kind!r}")
+    return TOKENIZER_KINDS[kind]._from_folder(os.fspath(folder), settings["context_length"], settings["canonicalize"])
