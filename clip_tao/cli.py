@@ -13,7 +13,7 @@ import sys
 from collections.abc import Sequence
 
 from clip_tao import __version__
-from clip_tao.errors import ClipTaoError, NotAvailableError
+from clip_tao.errors import ClipTaoError
 
 TASKS = {
     "train": "fine-tune or train a model on dataset.train, validating on dataset.val",
@@ -22,8 +22,6 @@ TASKS = {
     "export": "export to ONNX",
     "gen_trt_engine": "build a TensorRT engine from an ONNX file",
 }
-# Tasks whose implementation has not landed yet.
-NOT_YET_AVAILABLE = {"export", "gen_trt_engine"}
 
 log = logging.getLogger("clip_tao")
 
@@ -79,8 +77,6 @@ def _run_task(task: str, spec: str, overrides: Sequence[str]) -> int:
     from clip_tao.config import load_experiment
 
     cfg = load_experiment(spec, overrides)
-    if task in NOT_YET_AVAILABLE:
-        raise NotAvailableError(f"the {task} task is not available in this version yet")
     module = importlib.import_module(f"clip_tao.tasks.{task}")
     module.run(cfg)
     return 0

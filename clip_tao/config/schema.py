@@ -36,6 +36,12 @@ class ModelConfig:
     canonicalize_text: bool = False
     # clip-tao: a local weight file or folder used instead of the hub (offline use).
     pretrained_path: str | None = None
+    # clip-tao: a local tokenizer folder (Gemma for SigLIP2, BERT for NV-CLIP) instead of the hub.
+    tokenizer_path: str | None = None
+    # clip-tao, Radio-CLIP: the adaptor teacher's text tower from a local folder/file instead of the hub,
+    # and a local clone of NVlabs/RADIO to build the image tower with torch.hub (source='local').
+    text_pretrained_path: str | None = None
+    radio_repo_dir: str | None = None
 
 
 @dataclass
@@ -50,6 +56,7 @@ class DatasetEntry:
 class WdsConfig:
     root_dir: str | None = None
     shard_list_file: str | None = None
+    # Used for the epoch length unless sizes.json / _info.json / img2dataset *_stats.json give real counts.
     samples_per_shard: int = 10000
 
 
@@ -64,9 +71,12 @@ class TrainDataConfig:
 
 @dataclass
 class ValDataConfig:
+    # clip-tao: validation (and evaluate's fallback) data may be WebDataset shards too.
+    type: Literal["custom", "wds"] = "custom"
     datasets: list[DatasetEntry] = field(default_factory=list)
     batch_size: int = 16
     num_workers: int = 8
+    wds: WdsConfig = field(default_factory=WdsConfig)
 
 
 @dataclass
@@ -123,6 +133,10 @@ class TrainConfig:
     grad_clip_norm: float | None = None
     grad_checkpointing: bool = False
     distributed_strategy: Literal["ddp", "fsdp"] = "ddp"
+    # clip-tao: micro-batches per optimiser step; contrastive negatives span all of them (features cached).
+    accumulate_grad_batches: int = 1
+    # clip-tao: append "<step> <sample key>" for every trained sample to this file (audits data order/resumption).
+    sample_log: str | None = None
     optim: OptimConfig = field(default_factory=OptimConfig)
     # TAO's common task key: overrides results_dir/train.
     results_dir: str | None = None
@@ -134,6 +148,8 @@ class TrainConfig:
 class EvaluateConfig:
     checkpoint: str | None = None
     trt_engine: str | None = None
+    # clip-tao: run from exported ONNX file(s) with ONNX Runtime instead of PyTorch.
+    onnx_file: str | None = None
     datasets: list[DatasetEntry] = field(default_factory=list)
     batch_size: int = 16
     num_workers: int = 8
@@ -146,6 +162,8 @@ class EvaluateConfig:
 class InferenceConfig:
     checkpoint: str | None = None
     trt_engine: str | None = None
+    # clip-tao: run from exported ONNX file(s) with ONNX Runtime instead of PyTorch.
+    onnx_file: str | None = None
     datasets: list[DatasetEntry] = field(default_factory=list)
     text_file: str | None = None
     batch_size: int = 16
@@ -170,6 +188,8 @@ class ExportConfig:
     on_cpu: bool = False
     verbose: bool = False
     results_dir: str | None = None
+    # clip-tao: replace existing files (export refuses to overwrite by default, as TAO does).
+    overwrite: bool = False
 
 
 @dataclass
@@ -195,6 +215,24 @@ class GenTrtEngineConfig:
 
 
 @dataclass
+class DeployInfo:
+    """clip-tao: written by export into ``X_config.yaml`` so deployed files need nothing else."""
+
+    model_type: str | None = None
+    encoder_type: str | None = None
+    embed_dim: int | None = None
+    image_size: int | None = None
+    mean: list[float] = field(default_factory=list)
+    std: list[float] = field(default_factory=list)
+    interpolation: str | None = None
+    resize_mode: str | None = None
+    context_length: int | None = None
+    logit_scale: float | None = None  # already exponentiated, as the ONNX output
+    logit_bias: float | None = None
+    opset_version: int | None = None
+
+
+@dataclass
 class ExperimentConfig:
     # Required; ``None`` here only so the dataclass can be built with defaults.
     results_dir: str | None = None
@@ -208,6 +246,7 @@ class ExperimentConfig:
     inference: InferenceConfig = field(default_factory=InferenceConfig)
     export: ExportConfig = field(default_factory=ExportConfig)
     gen_trt_engine: GenTrtEngineConfig = field(default_factory=GenTrtEngineConfig)
+    deploy: DeployInfo = field(default_factory=DeployInfo)
 
     def task_dir(self, task: str) -> str:
         """``results_dir/<task>``, or the task section's own ``results_dir`` when set (TAO's rule)."""

@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import logging
 
+import torch
+
 from clip_tao.config.schema import ExperimentConfig
 from clip_tao.engine.checkpoint import load_model_weights
+from clip_tao.engine.device import select_device
 from clip_tao.models import ClipModel, create_model
 
 log = logging.getLogger(__name__)
@@ -26,8 +29,34 @@ def build_model(cfg: ExperimentConfig, checkpoint: str | None = None) -> ClipMod
         loss_type=cfg.train.loss_type,
         init_logit_scale=m.init_logit_scale,
         init_logit_bias=m.init_logit_bias,
+        adaptor_name=m.adaptor_name,
+        radio_repo_dir=m.radio_repo_dir,
+        text_pretrained_path=m.text_pretrained_path,
+        tokenizer_path=m.tokenizer_path,
     )
     if checkpoint:
         load_model_weights(model, checkpoint)
         log.info("loaded weights from %s", checkpoint)
     return model
+
+
+def build_encoder(cfg: ExperimentConfig, section: str):
+    """What ``evaluate``/``inference`` embed with, and its device.
+
+    ``<section>.trt_engine`` -> TensorRT, ``<section>.onnx_file`` -> ONNX Runtime, else the PyTorch model
+    from ``<section>.checkpoint`` (or the type's own weights when it is null).
+    """
+    from clip_tao.deploy.backends import open_deployed
+
+    s = getattr(cfg, section)
+    deployed = open_deployed(s.onnx_file, s.trt_engine, section)
+    if deployed is not None:
+        return deployed, getattr(deployed, "device", torch.device("cpu"))
+    model = build_model(cfg, s.checkpoint)
+    device = select_device(s.num_gpus, s.gpu_ids)
+    return model.to(device), device
+
+
+def backend_name(section) -> str:
+    """``tensorrt``, ``onnxruntime`` or ``pytorch``: what a task section runs on."""
+    return "tensorrt" if section.trt_engine else "onnxruntime" if section.onnx_file else "pytorch"

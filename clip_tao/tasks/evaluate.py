@@ -7,10 +7,10 @@ import os
 
 from clip_tao.config.schema import ExperimentConfig
 from clip_tao.data.loaders import build_eval_loader
-from clip_tao.engine.device import resolve_precision, select_device
+from clip_tao.engine.device import resolve_precision
 from clip_tao.engine.embedding import embed_loader
-from clip_tao.engine.model_setup import build_model
-from clip_tao.errors import DataError, NotAvailableError
+from clip_tao.engine.model_setup import backend_name, build_encoder
+from clip_tao.errors import DataError
 from clip_tao.io.atomic import write_json
 from clip_tao.io.tables import format_retrieval_table
 from clip_tao.io.task_dir import prepare_task_dir
@@ -20,9 +20,6 @@ log = logging.getLogger(__name__)
 
 
 def run(cfg: ExperimentConfig) -> dict:
-    e = cfg.evaluate
-    if e.trt_engine:
-        raise NotAvailableError("evaluate.trt_engine: the TensorRT backend is not available in this version yet")
     out_dir, status = prepare_task_dir(cfg, "evaluate")
     status.write("STARTED", "Starting evaluation.")
     try:
@@ -42,9 +39,7 @@ def _evaluate(cfg: ExperimentConfig, out_dir: str) -> dict:
     )
     if not entries:
         raise DataError("nothing to evaluate: set evaluate.datasets (or dataset.val.datasets) to image/caption folders")
-    model = build_model(cfg, e.checkpoint)
-    device = select_device(e.num_gpus, e.gpu_ids)
-    model.to(device)
+    model, device = build_encoder(cfg, "evaluate")
     data = build_eval_loader(
         entries, section, model.preprocess, model.tokenizer, e.batch_size, e.num_workers, cfg.dataset.pin_memory
     )
@@ -56,6 +51,7 @@ def _evaluate(cfg: ExperimentConfig, out_dir: str) -> dict:
     results = {
         **metrics,
         "model_type": model.model_type,
+        "backend": backend_name(e),
         "checkpoint": e.checkpoint,
         "skipped_files": dict(skipped),
     }

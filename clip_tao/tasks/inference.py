@@ -7,10 +7,10 @@ import os
 
 from clip_tao.config.schema import ExperimentConfig
 from clip_tao.data.loaders import build_eval_loader
-from clip_tao.engine.device import resolve_precision, select_device
+from clip_tao.engine.device import resolve_precision
 from clip_tao.engine.embedding import embed_loader, embed_texts
-from clip_tao.engine.model_setup import build_model
-from clip_tao.errors import ConfigError, DataError, NotAvailableError
+from clip_tao.engine.model_setup import build_encoder
+from clip_tao.errors import ConfigError, DataError
 from clip_tao.io.embeddings import write_embeddings
 from clip_tao.io.tables import format_table
 from clip_tao.io.task_dir import prepare_task_dir
@@ -20,8 +20,6 @@ log = logging.getLogger(__name__)
 
 def run(cfg: ExperimentConfig) -> dict:
     i = cfg.inference
-    if i.trt_engine:
-        raise NotAvailableError("inference.trt_engine: the TensorRT backend is not available in this version yet")
     if not i.datasets and not i.text_file:
         raise ConfigError("inference needs inference.datasets (image folders), inference.text_file (prompts), or both")
     prompts = read_prompts(i.text_file) if i.text_file else []
@@ -53,9 +51,7 @@ def read_prompts(path: str) -> list[str]:
 def _infer(cfg: ExperimentConfig, out_dir: str, prompts: list[str]) -> dict:
     i = cfg.inference
     # No checkpoint means the model's pretrained weights (TAO crashes here).
-    model = build_model(cfg, i.checkpoint)
-    device = select_device(i.num_gpus, i.gpu_ids)
-    model.to(device)
+    model, device = build_encoder(cfg, "inference")
     precision = resolve_precision("fp32", device)
     summary: dict = {"model_type": model.model_type, "embedding_dim": model.embed_dim}
     rows = []

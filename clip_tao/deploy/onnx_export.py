@@ -1,0 +1,333 @@
+"""Export a :class:`ClipModel` to ONNX with TAO's input/output names, then verify the file.
+
+Combined file: inputs ``image`` [B,3,H,W] float32, ``input_ids`` [B,L] int64, ``attention_mask`` [B,L]
+(accepted and ignored: the models always use an all-ones mask); outputs ``image_embedding`` [B,D],
+``text_embedding`` [B,D] (L2-normalised), ``logit_scale`` [1] (exponentiated) and ``logit_bias`` [1].
+Separate files: ``X_vision.onnx`` (image -> image_embedding) and ``X_text.onnx`` (input_ids,
+attention_mask -> text_embedding, logit_scale, logit_bias).
+
+Every file is written to a temporary folder, checked with ``onnx.checker`` and compared with PyTorch
+through ONNX Runtime, and only then moved into place: a failed export leaves nothing behind.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import logging
+import math
+import os
+import shutil
+import tempfile
+import warnings
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from torch import nn
+
+from clip_tao.deploy.files import DeployFiles, planned_files
+from clip_tao.errors import ConfigError, ModelError
+from clip_tao.io.atomic import write_yaml
+from clip_tao.models.base import ClipModel
+
+log = logging.getLogger(__name__)
+
+TWO_GB = 2**31
+MAX_ABS_DIFF = 1e-4
+# Dynamic axes get their own names: an image batch and a text batch need not be the same size.
+IMAGE_BATCH, TEXT_BATCH = "image_batch", "text_batch"
+
+
+def _anchor(tensor: torch.Tensor) -> torch.Tensor:
+    """A zero that depends on ``tensor``: keeps an otherwise unused input in the graph, and gives
+    parameter outputs (logit scale/bias) a node of their own so the exporter keeps their names."""
+    return (tensor.reshape(tensor.shape[0], -1)[:1, :1].sum() * 0).to(torch.float32)
+
+
+class CombinedEncoder(nn.Module):
+    def __init__(self, model: ClipModel):
+        super().__init__()
+        self.model = model
+
+    def forward(self, image: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor):
+        zero = _anchor(attention_mask)
+        return (
+            self.model.encode_image(image),
+            self.model.encode_text(input_ids),
+            self.model.logit_scale.exp().reshape(1) + zero,
+            self.model.logit_bias.reshape(1) + zero,
+        )
+
+
+class VisionEncoder(nn.Module):
+    def __init__(self, model: ClipModel):
+        super().__init__()
+        self.model = model
+
+    def forward(self, image: torch.Tensor):
+        return self.model.encode_image(image)
+
+
+class TextEncoder(nn.Module):
+    def __init__(self, model: ClipModel):
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor):
+        zero = _anchor(attention_mask)
+        return (
+            self.model.encode_text(input_ids),
+            self.model.logit_scale.exp().reshape(1) + zero,
+            self.model.logit_bias.reshape(1) + zero,
+        )
+
+
+@dataclass(frozen=True)
+class _EncoderSpec:
+    module: type[nn.Module]
+    inputs: tuple[str, ...]
+    outputs: tuple[str, ...]
+
+
+ENCODER_SPECS = {
+    "combined": _EncoderSpec(
+        CombinedEncoder,
+        ("image", "input_ids", "attention_mask"),
+        ("image_embedding", "text_embedding", "logit_scale", "logit_bias"),
+    ),
+    "vision": _EncoderSpec(VisionEncoder, ("image",), ("image_embedding",)),
+    "text": _EncoderSpec(TextEncoder, ("input_ids", "attention_mask"), ("text_embedding", "logit_scale", "logit_bias")),
+}
+_BATCH_AXIS = {
+    "image": IMAGE_BATCH,
+    "image_embedding": IMAGE_BATCH,
+    "input_ids": TEXT_BATCH,
+    "attention_mask": TEXT_BATCH,
+    "text_embedding": TEXT_BATCH,
+}
+
+
+@dataclass
+class ExportReport:
+    files: DeployFiles
+    max_abs_diff: dict[str, float] = field(default_factory=dict)
+    external_data: list[str] = field(default_factory=list)
+
+
+def check_exportable(model: ClipModel, height: int, width: int, channels: int) -> None:
+    """Refuse what cannot become a fixed-graph ONNX file, with the fix in the message."""
+    if "naflex" in model.model_type or not getattr(model, "exportable", True):
+        raise ModelError(
+            f"{model.model_type} has dynamic resolution and cannot be exported to ONNX; "
+            "use a fixed-resolution type such as siglip2-so400m-patch16-384"
+        )
+    if channels != 3:
+        raise ConfigError(f"export.input_channel={channels}: the models take RGB images, use 3")
+    if (height, width) != (model.image_size, model.image_size):
+        raise ConfigError(
+            f"export.input_height/input_width={height}x{width} does not fit {model.model_type}, which takes "
+            f"{model.image_size}x{model.image_size} images; leave them unset or set model.image_size to build it at another size"
+        )
+
+
+def example_inputs(model: ClipModel, batch: int, height: int, width: int, device: torch.device) -> dict[str, torch.Tensor]:
+    generator = torch.Generator().manual_seed(0)
+    texts = [f"a photo of item number {i}, seen from the left" for i in range(batch)]
+    input_ids = model.tokenizer(texts)
+    return {
+        "image": torch.randn(batch, 3, height, width, generator=generator).to(device),
+        "input_ids": input_ids.to(device),
+        "attention_mask": torch.ones_like(input_ids).to(device),
+    }
+
+
+def export_onnx(
+    model: ClipModel,
+    onnx_file: str,
+    *,
+    encoder_type: str = "combined",
+    opset_version: int = 17,
+    batch_size: int = -1,
+    height: int | None = None,
+    width: int | None = None,
+    channels: int = 3,
+    device: torch.device | str = "cpu",
+    overwrite: bool = False,
+    verbose: bool = False,
+    spec: dict | None = None,
+    external_data_threshold: int = TWO_GB,
+) -> ExportReport:
+    """Write, verify and move into place the ONNX file(s) of ``model`` (see module docstring).
+
+    ``spec`` (the resolved experiment spec as plain data) goes to ``X_config.yaml`` with the learned
+    logit scale/bias and a ``deploy`` section (pre-processing, sizes) that the runtime backends read.
+    """
+    height = height or model.image_size
+    width = width or model.image_size
+    check_exportable(model, height, width, channels)
+    if not onnx_file.endswith(".onnx"):
+        raise ConfigError(f"export.onnx_file={onnx_file!r} must end in .onnx")
+    files = planned_files(onnx_file, ".onnx", encoder_type)
+    targets = [*files.encoders.values(), files.config, files.tokenizer]
+    existing = [p for p in targets if os.path.exists(p)]
+    if existing and not overwrite:
+        raise ConfigError(f"{existing[0]} already exists: export never overwrites; choose another export.onnx_file or set export.overwrite=true")
+
+    device = torch.device(device)
+    model = model.to(device).eval()
+    trace_batch = batch_size if batch_size > 0 else 2
+    inputs = example_inputs(model, trace_batch, height, width, device)
+    parent = os.path.dirname(os.path.abspath(onnx_file))
+    os.makedirs(parent, exist_ok=True)
+    report = ExportReport(files)
+    staging = tempfile.mkdtemp(dir=parent, prefix=".export-")
+    try:
+        for encoder, final_path in files.encoders.items():
+            # Each encoder in a folder of its own: the exporter may write weight files beside it.
+            own = os.path.join(staging, encoder)
+            os.mkdir(own)
+            staged = os.path.join(own, os.path.basename(final_path))
+            encoder_spec = ENCODER_SPECS[encoder]
+            _export_one(encoder_spec, model, inputs, staged, opset_version, batch_size, verbose)
+            if _finalise(staged, model.embed_dim, external_data_threshold):
+                report.external_data.append(final_path + ".data")
+            report.max_abs_diff[encoder] = verify_onnx(staged, encoder_spec, model, inputs)
+            log.info("%s: max |ONNX Runtime - PyTorch| = %.2e", os.path.basename(final_path), report.max_abs_diff[encoder])
+            for name in os.listdir(own):
+                os.replace(os.path.join(own, name), os.path.join(staging, name))
+            os.rmdir(own)
+        model.tokenizer.save_pretrained(os.path.join(staging, os.path.basename(files.tokenizer)))
+        write_yaml(os.path.join(staging, os.path.basename(files.config)), deploy_config(model, spec or {}, encoder_type, opset_version))
+        _move_into_place(staging, parent, overwrite)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return report
+
+
+def deploy_config(model: ClipModel, spec: dict, encoder_type: str, opset_version: int) -> dict:
+    """The spec with the learned logit scale/bias, plus what a runtime needs to feed the files."""
+    config = copy.deepcopy(spec)
+    scale, bias = float(model.logit_scale.detach().reshape(-1)[0]), float(model.logit_bias.detach().reshape(-1)[0])
+    config.setdefault("model", {}).update({"type": model.model_type, "init_logit_scale": scale, "init_logit_bias": bias})
+    p = model.preprocess
+    config["deploy"] = {
+        "model_type": model.model_type,
+        "encoder_type": encoder_type,
+        "embed_dim": model.embed_dim,
+        "image_size": p.image_size,
+        "mean": list(p.mean),
+        "std": list(p.std),
+        "interpolation": p.interpolation,
+        "resize_mode": p.resize_mode,
+        "context_length": model.context_length,
+        "logit_scale": math.exp(scale),
+        "logit_bias": bias,
+        "opset_version": opset_version,
+    }
+    return config
+
+
+def _export_one(spec: _EncoderSpec, model, inputs, path: str, opset: int, batch_size: int, verbose: bool) -> None:
+    wrapper = spec.module(model).eval()
+    args = tuple(inputs[name] for name in spec.inputs)
+    dynamic_axes = None
+    if batch_size <= 0:
+        dynamic_axes = {name: {0: _BATCH_AXIS[name]} for name in (*spec.inputs, *spec.outputs) if name in _BATCH_AXIS}
+    with torch.no_grad(), warnings.catch_warnings(), _no_attention_fastpath():
+        warnings.simplefilter("ignore")  # tracer warnings about Python control flow are expected
+        torch.onnx.export(
+            wrapper,
+            args,
+            path,
+            input_names=list(spec.inputs),
+            output_names=list(spec.outputs),
+            dynamic_axes=dynamic_axes,
+            opset_version=opset,
+            do_constant_folding=True,
+            verbose=verbose,
+            dynamo=False,  # the TorchScript exporter gives stable names and dynamic axes for these models
+        )
+
+
+def _finalise(path: str, embed_dim: int, threshold: int) -> bool:
+    """Give the embedding outputs their static width, and keep the weights of files over 2 GB as ONNX
+    external data (``X.onnx.data``). Returns whether external data was written."""
+    import onnx
+
+    model = onnx.load(path, load_external_data=True)
+    for output in model.graph.output:
+        if output.name in ("image_embedding", "text_embedding"):
+            dim = output.type.tensor_type.shape.dim[1]
+            dim.ClearField("dim_param")
+            dim.dim_value = embed_dim
+    folder = os.path.dirname(path)
+    for stale in os.listdir(folder):  # the exporter's own per-tensor files, if any
+        if stale != os.path.basename(path):
+            os.remove(os.path.join(folder, stale))
+    external = model.ByteSize() > threshold
+    if external:
+        location = os.path.basename(path) + ".data"
+        onnx.save_model(model, path, save_as_external_data=True, all_tensors_to_one_file=True, location=location)
+    else:
+        onnx.save_model(model, path)
+    return external
+
+
+def verify_onnx(path: str, spec: _EncoderSpec, model: ClipModel, inputs: dict[str, torch.Tensor]) -> float:
+    """``onnx.checker`` then ONNX Runtime (CPU) against PyTorch on the same inputs; returns max |diff|."""
+    import onnx
+    import onnxruntime as ort
+
+    try:
+        onnx.checker.check_model(path, full_check=True)
+    except onnx.checker.ValidationError as exc:
+        raise ModelError(f"exported file {os.path.basename(path)} fails onnx.checker: {str(exc).splitlines()[0]}") from exc
+    session = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
+    feed = {name: inputs[name].cpu().numpy() for name in spec.inputs}
+    got = session.run(list(spec.outputs), feed)
+    wrapper = spec.module(model).eval()
+    with torch.no_grad(), _exact_float32():
+        want = wrapper(*(inputs[name] for name in spec.inputs))
+    want = want if isinstance(want, tuple) else (want,)
+    diff = max(float(np.abs(g - w.float().cpu().numpy()).max()) for g, w in zip(got, want))
+    if diff > MAX_ABS_DIFF:
+        raise ModelError(
+            f"exported file {os.path.basename(path)} differs from PyTorch by {diff:.2e} (> {MAX_ABS_DIFF:g}); "
+            "try another export.opset_version"
+        )
+    return diff
+
+
+@contextlib.contextmanager
+def _no_attention_fastpath():
+    """nn.MultiheadAttention's inference fast path is a fused op that ONNX has no export for."""
+    mha = getattr(torch.backends, "mha", None)
+    if mha is None:
+        yield
+        return
+    saved = mha.get_fastpath_enabled()
+    mha.set_fastpath_enabled(False)
+    try:
+        yield
+    finally:
+        mha.set_fastpath_enabled(saved)
+
+
+@contextlib.contextmanager
+def _exact_float32():
+    """Turn TF32 off while comparing: on NVIDIA GPUs cuDNN convolutions use it by default."""
+    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
+
+
+def _move_into_place(staging: str, parent: str, overwrite: bool) -> None:
+    for name in sorted(os.listdir(staging)):
+        source, target = os.path.join(staging, name), os.path.join(parent, name)
+        if os.path.isdir(target) and overwrite:
+            shutil.rmtree(target)
+        os.replace(source, target)

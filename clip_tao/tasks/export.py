@@ -1,0 +1,71 @@
+"""``clip-tao export``: ONNX file(s) with TAO's names, verified against PyTorch, with config and tokenizer."""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import torch
+
+from clip_tao.config.loader import config_to_dict
+from clip_tao.config.schema import ExperimentConfig
+from clip_tao.deploy.onnx_export import ENCODER_SPECS, export_onnx
+from clip_tao.engine.model_setup import build_model
+from clip_tao.errors import ConfigError
+from clip_tao.io.tables import format_table
+from clip_tao.io.task_dir import prepare_task_dir
+
+log = logging.getLogger(__name__)
+
+
+def run(cfg: ExperimentConfig) -> dict:
+    x = cfg.export
+    if not x.onnx_file:
+        raise ConfigError("export.onnx_file is required: the path of the .onnx file to write")
+    if x.opset_version < 14:
+        raise ConfigError(f"export.opset_version={x.opset_version}: use 14 or newer (17 is TAO's default)")
+    out_dir, status = prepare_task_dir(cfg, "export")
+    status.write("STARTED", "Starting export.")
+    try:
+        summary = _export(cfg)
+    except Exception as exc:
+        status.write("FAILURE", f"Export failed: {exc}")
+        raise
+    status.write("SUCCESS", "Export finished.", kpi=summary)
+    return summary
+
+
+def _export(cfg: ExperimentConfig) -> dict:
+    x = cfg.export
+    use_gpu = not x.on_cpu and torch.cuda.is_available()
+    device = torch.device("cuda", x.gpu_id) if use_gpu else torch.device("cpu")
+    # No checkpoint means the model type's own (pretrained) weights, as TAO does.
+    model = build_model(cfg, x.checkpoint)
+    report = export_onnx(
+        model,
+        x.onnx_file,
+        encoder_type=x.encoder_type,
+        opset_version=x.opset_version,
+        batch_size=x.batch_size,
+        height=x.input_height,
+        width=x.input_width,
+        channels=x.input_channel,
+        device=device,
+        overwrite=x.overwrite,
+        verbose=x.verbose,
+        spec=config_to_dict(cfg),
+    )
+    rows = []
+    for encoder, path in report.files.encoders.items():
+        spec = ENCODER_SPECS[encoder]
+        size_mb = os.path.getsize(path) / 2**20
+        rows.append([os.path.basename(path), ", ".join(spec.inputs), ", ".join(spec.outputs), f"{size_mb:.1f} MB", f"{report.max_abs_diff[encoder]:.1e}"])
+    print(f"\nExported {model.model_type} ({'dynamic' if x.batch_size <= 0 else x.batch_size} batch, opset {x.opset_version})")
+    print(format_table(["file", "inputs", "outputs", "size", "max |ORT - PyTorch|"], rows))
+    print(f"beside it: {os.path.basename(report.files.config)}, {os.path.basename(report.files.tokenizer)}/")
+    return {
+        "model_type": model.model_type,
+        "files": list(report.files.encoders.values()),
+        "max_abs_diff": max(report.max_abs_diff.values()),
+        "external_data": report.external_data,
+    }
