@@ -1,8 +1,14 @@
 """DataLoaders built from the spec: image-text batches for training/evaluation, images or texts for embedding.
 
 A batch is a dict: ``pixels [B,3,H,W]``, ``input_ids [B,L]`` (when captions are loaded), ``indices [B]``
-(positions in the dataset) and ``skipped`` (a :class:`SkipCounter` of files dropped from this batch).
-An image that cannot be decoded is dropped from its batch and counted, never fatal.
+(positions in the dataset), ``keys`` (sample names) and ``skipped`` (a :class:`SkipCounter` of files dropped
+from this batch). An image that cannot be decoded is dropped from its batch and counted, never fatal.
+Training batches of WebDataset shards also carry ``position`` (where their loader worker stands).
+
+Training randomness is a function of the data, not of the process: the sample order comes from
+``dataset.seed + epoch`` and each sample's augmentation from ``(dataset.seed, epoch, sample)``, so any
+number of loader workers gives the same batches, and a resumed run continues exactly (see
+:meth:`LoaderBundle.resume_at`).
 """
 
 from __future__ import annotations
@@ -17,9 +23,10 @@ from PIL import Image, UnidentifiedImageError
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from clip_tao.config.schema import DatasetConfig, DatasetEntry
+from clip_tao.data import wds
 from clip_tao.data.custom import Sample, SkipCounter, scan_custom_datasets
 from clip_tao.data.transforms import build_eval_transform, build_train_transform
-from clip_tao.errors import ConfigError
+from clip_tao.errors import ConfigError, DataError
 from clip_tao.models.base import Preprocess
 
 log = logging.getLogger(__name__)
@@ -33,24 +40,37 @@ class _Bad:
 
 
 class ImageTextDataset(Dataset):
-    """Decodes, transforms and tokenizes one :class:`Sample` at a time."""
+    """Decodes, transforms and tokenizes one :class:`Sample` at a time.
 
-    def __init__(self, samples: Sequence[Sample], transform: Callable, tokenizer: Callable | None):
+    With ``augment_seed`` set, sample ``i`` of epoch ``e`` is transformed with torch's RNG seeded from
+    ``(augment_seed, e, i)``: the same pixels whichever worker loads it.
+    """
+
+    def __init__(
+        self,
+        samples: Sequence[Sample],
+        transform: Callable,
+        tokenizer: Callable | None,
+        augment_seed: int | None = None,
+    ):
         self.samples = list(samples)
         self.transform = transform
         self.tokenizer = tokenizer
+        self.augment_seed = augment_seed
+        self.epoch = 0  # set before an epoch's workers start; they take a copy
 
     def __len__(self) -> int:
         return len(self.samples)
 
     def __getitem__(self, index: int) -> dict | _Bad:
         sample = self.samples[index]
+        seed = None if self.augment_seed is None else wds.sample_seed(self.augment_seed, self.epoch, index)
         try:
             with Image.open(sample.image_path) as image:
-                pixels = self.transform(image.convert("RGB"))
+                pixels = wds.seeded_transform(self.transform, image.convert("RGB"), seed)
         except (OSError, UnidentifiedImageError, ValueError, Image.DecompressionBombError):
             return _Bad("undecodable_image")
-        item = {"pixels": pixels, "index": index}
+        item = {"pixels": pixels, "index": index, "key": sample.key}
         if self.tokenizer is not None and sample.caption is not None:
             item["input_ids"] = self.tokenizer([sample.caption])[0]
         return item
@@ -60,7 +80,11 @@ def collate_skipping_bad(items: list) -> dict:
     """Stack the good items; count the bad ones in ``batch["skipped"]``."""
     skipped = SkipCounter(item.reason for item in items if isinstance(item, _Bad))
     good = [item for item in items if not isinstance(item, _Bad)]
-    batch: dict = {"skipped": skipped, "indices": torch.tensor([item["index"] for item in good], dtype=torch.long)}
+    batch: dict = {
+        "skipped": skipped,
+        "indices": torch.tensor([item["index"] for item in good], dtype=torch.long),
+        "keys": [item.get("key") for item in good],
+    }
     if good:
         batch["pixels"] = torch.stack([item["pixels"] for item in good])
         if "input_ids" in good[0]:
@@ -71,40 +95,84 @@ def collate_skipping_bad(items: list) -> dict:
 class EpochShuffleSampler(Sampler[int]):
     """A permutation drawn from ``seed + epoch``: the same order for an epoch after any restart.
 
-    ``start_index`` skips the first samples of the permutation (resuming in the middle of an epoch).
+    With ``world_size`` ranks, rank ``r`` takes every ``world_size``-th index from position ``r`` of the
+    permutation (the tail that does not divide evenly is dropped, so every rank gets the same count).
+    ``start_index`` skips the first samples of this rank's share (resuming in the middle of an epoch).
     """
 
-    def __init__(self, num_samples: int, seed: int):
+    def __init__(self, num_samples: int, seed: int, rank: int = 0, world_size: int = 1):
         self.num_samples = num_samples
         self.seed = seed
+        self.rank = rank
+        self.world_size = world_size
         self.epoch = 0
         self.start_index = 0
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
+    @property
+    def per_rank(self) -> int:
+        return self.num_samples // self.world_size
+
     def __iter__(self):
         generator = torch.Generator().manual_seed(self.seed + self.epoch)
-        return iter(torch.randperm(self.num_samples, generator=generator)[self.start_index :].tolist())
+        order = torch.randperm(self.num_samples, generator=generator)[: self.per_rank * self.world_size]
+        return iter(order[self.rank :: self.world_size][self.start_index :].tolist())
 
     def __len__(self) -> int:
-        return self.num_samples - self.start_index
+        return self.per_rank - self.start_index
 
 
 @dataclass
 class LoaderBundle:
-    """A DataLoader with the samples behind it and what scanning skipped."""
+    """A DataLoader with the samples behind it (custom data; empty for shards) and what scanning skipped."""
 
     loader: DataLoader
     samples: list[Sample]
     scan_skipped: SkipCounter
+    kind: str = "custom"  # or "wds"
+    num_samples: int | None = None  # samples an epoch (all ranks); None: len(samples)
+
+    def __post_init__(self):
+        if self.num_samples is None:
+            self.num_samples = len(self.samples)
 
     def set_epoch(self, epoch: int) -> None:
-        """Re-seed shuffling and worker seeds for ``epoch`` (deterministic across restarts)."""
+        """Re-seed shuffling, augmentation and worker seeds for ``epoch`` (deterministic across restarts)."""
         sampler = self.loader.sampler
+        dataset = self.loader.dataset
+        if hasattr(dataset, "epoch"):
+            dataset.epoch = epoch
         if isinstance(sampler, EpochShuffleSampler):
             sampler.set_epoch(epoch)
-            self.loader.generator.manual_seed(sampler.seed + epoch)
+        if self.loader.generator is not None:
+            self.loader.generator.manual_seed(getattr(dataset, "seed", 0) + epoch)
+
+    def layout(self) -> dict:
+        """What a checkpointed position depends on: resuming needs the same layout."""
+        dataset = self.loader.dataset
+        if isinstance(dataset, wds.WdsTrainStream):
+            plan = dataset.plan
+            return {"kind": "wds", "world_size": plan.world_size, "workers": plan.slots_per_rank,
+                    "batch_size": plan.batch_size, "shards": len(dataset.shards)}  # fmt: skip
+        sampler = self.loader.sampler
+        return {"kind": self.kind, "world_size": getattr(sampler, "world_size", 1),
+                "batch_size": self.loader.batch_size, "samples": len(self.samples)}  # fmt: skip
+
+    def resume_at(self, batches_done: int, worker_positions: list[dict] | None) -> None:
+        """Make the next iteration start after the first ``batches_done`` batches of this rank's epoch.
+
+        Custom data skips that many batches of the epoch's permutation. Shards reopen where each worker
+        stood (``worker_positions``, as recorded in the batches' ``position``) and rotate the round robin
+        so batches come in the uninterrupted order. ``resume_at(0, None)`` starts the epoch afresh.
+        """
+        dataset = self.loader.dataset
+        if isinstance(dataset, wds.WdsTrainStream):
+            dataset.resume = worker_positions if batches_done else None
+            dataset.rotation = batches_done % dataset.plan.slots_per_rank
+        elif isinstance(self.loader.sampler, EpochShuffleSampler):
+            self.loader.sampler.start_index = batches_done * self.loader.batch_size
 
 
 def effective_workers(requested: int, key: str) -> int:
@@ -118,33 +186,84 @@ def effective_workers(requested: int, key: str) -> int:
     return requested
 
 
-def build_train_loader(data_cfg: DatasetConfig, preprocess: Preprocess, tokenizer: Callable) -> LoaderBundle:
-    """Shuffled, augmented image-text batches from ``dataset.train``."""
+def build_train_loader(
+    data_cfg: DatasetConfig, preprocess: Preprocess, tokenizer: Callable, rank: int = 0, world_size: int = 1
+) -> LoaderBundle:
+    """Shuffled, augmented image-text batches from ``dataset.train`` for ``rank`` of ``world_size``."""
     train = data_cfg.train
-    if train.type != "custom":
-        from clip_tao.errors import NotAvailableError
-
-        raise NotAvailableError(
-            f"dataset.train.type={train.type!r} is not available in this version; use custom image/caption folders"
-        )
     if train.batch_size < 1:
         raise ConfigError(f"dataset.train.batch_size={train.batch_size} must be >= 1")
-    samples, skipped = scan_custom_datasets(train.datasets, "dataset.train.datasets")
-    dataset = ImageTextDataset(samples, build_train_transform(preprocess, data_cfg.augmentation), tokenizer)
+    transform = build_train_transform(preprocess, data_cfg.augmentation)
     workers = effective_workers(train.num_workers, "dataset.train.num_workers")
+    pin = data_cfg.pin_memory and torch.cuda.is_available()
+    if train.type == "wds":
+        shards = wds.list_shards(train.wds, "dataset.train.wds")
+        total = wds.epoch_samples(shards, train.wds.samples_per_shard)
+        plan = wds.plan_slots(shards, total, train.batch_size, world_size, workers, "dataset.train.wds")
+        stream = wds.WdsTrainStream(shards, plan, rank, transform, tokenizer, data_cfg.seed)
+        loader = DataLoader(stream, batch_size=None, num_workers=plan.workers, pin_memory=pin)
+        log.info("dataset.train.wds: %d shards, %d samples an epoch, %d steps a rank", len(shards), total,
+                 plan.batches_per_rank)  # fmt: skip
+        return LoaderBundle(loader, [], SkipCounter(), kind="wds", num_samples=total)
+    samples, skipped = scan_custom_datasets(train.datasets, "dataset.train.datasets")
+    dataset = ImageTextDataset(samples, transform, tokenizer, augment_seed=data_cfg.seed)
+    dataset.seed = data_cfg.seed
+    sampler = EpochShuffleSampler(len(dataset), data_cfg.seed, rank, world_size)
+    if sampler.per_rank < 1:
+        raise DataError(f"dataset.train.datasets: {len(dataset)} samples cannot be split over {world_size} ranks")
     loader = DataLoader(
         dataset,
         batch_size=train.batch_size,
-        sampler=EpochShuffleSampler(len(dataset), data_cfg.seed),
+        sampler=sampler,
         num_workers=workers,
         collate_fn=collate_skipping_bad,
-        pin_memory=data_cfg.pin_memory and torch.cuda.is_available(),
+        pin_memory=pin,
         # Contrastive batches lose their point when tiny; keep every sample only if there is one batch.
-        drop_last=len(dataset) > train.batch_size,
+        drop_last=sampler.per_rank > train.batch_size,
         generator=torch.Generator().manual_seed(data_cfg.seed),
         persistent_workers=False,
     )
     return LoaderBundle(loader, samples, skipped)
+
+
+def build_val_loader(
+    data_cfg: DatasetConfig, preprocess: Preprocess, tokenizer: Callable | None, pin_memory: bool = True
+) -> LoaderBundle | None:
+    """``dataset.val`` as custom folders or shards (by ``dataset.val.type``); ``None`` when it is not set."""
+    val = data_cfg.val
+    if val.type == "wds":
+        return build_wds_eval_loader(val.wds, "dataset.val.wds", preprocess, tokenizer, val.batch_size,
+                                     val.num_workers, pin_memory)  # fmt: skip
+    if not val.datasets:
+        return None
+    return build_eval_loader(val.datasets, "dataset.val.datasets", preprocess, tokenizer, val.batch_size,
+                             val.num_workers, pin_memory)  # fmt: skip
+
+
+def build_wds_eval_loader(
+    wds_cfg,
+    section: str,
+    preprocess: Preprocess,
+    tokenizer: Callable | None,
+    batch_size: int,
+    num_workers: int,
+    pin_memory: bool = True,
+) -> LoaderBundle:
+    """Every usable sample of the shards of ``wds_cfg`` once, un-augmented (for validation and evaluate)."""
+    if batch_size < 1:
+        raise ConfigError(f"batch_size={batch_size} of {section} must be >= 1")
+    shards = wds.list_shards(wds_cfg, section)
+    workers = min(effective_workers(num_workers, f"{section.rsplit('.', 1)[0]}.num_workers"), len(shards))
+    stream = wds.WdsEvalStream(shards, build_eval_transform(preprocess), tokenizer, _Bad)
+    loader = DataLoader(
+        stream,
+        batch_size=batch_size,
+        num_workers=workers,
+        collate_fn=collate_skipping_bad,
+        pin_memory=pin_memory and torch.cuda.is_available(),
+    )
+    return LoaderBundle(loader, [], SkipCounter(), kind="wds",
+                        num_samples=wds.epoch_samples(shards, wds_cfg.samples_per_shard))  # fmt: skip
 
 
 def build_eval_loader(
