@@ -69,6 +69,13 @@ def _build_one(trt, onnx_file, engine_file, cfg: TensorRTConfig, batch_size, tim
     config = builder.create_builder_config()
     config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, cfg.workspace_size << 20)
     fp32_layers = 0
+    if cfg.data_type == "fp16" and _major(trt) >= 11:
+        # TensorRT 11 removed per-layer precision on weakly typed networks, which the fp16 build relies on
+        # to keep LayerNorm, Softmax and the final normalisation in fp32.
+        raise ConfigError(
+            f"gen_trt_engine.tensorrt.data_type=fp16 needs TensorRT 10 (found {trt.__version__}): "
+            'pip install "tensorrt>=10,<11", or build with data_type=fp32'
+        )
     if cfg.data_type == "fp16":
         config.set_flag(trt.BuilderFlag.FP16)
         config.set_flag(trt.BuilderFlag.OBEY_PRECISION_CONSTRAINTS)
@@ -88,11 +95,14 @@ def _build_one(trt, onnx_file, engine_file, cfg: TensorRTConfig, batch_size, tim
     return fp32_layers
 
 
+def _major(trt) -> int:
+    return int(trt.__version__.split(".")[0])
+
+
 def _network_flags(trt) -> int:
     # TensorRT 10 networks are always explicit-batch; older versions need the flag.
     flag = getattr(trt.NetworkDefinitionCreationFlag, "EXPLICIT_BATCH", None)
-    major = int(trt.__version__.split(".")[0])
-    return 1 << int(flag) if flag is not None and major < 10 else 0
+    return 1 << int(flag) if flag is not None and _major(trt) < 10 else 0
 
 
 def _keep_sensitive_layers_fp32(trt, network) -> int:
