@@ -92,6 +92,124 @@ def bench_train(args) -> dict:
     }
 
 
+# -- embed ----------------------------------------------------------------------------------------
+def register_openclip_arch(name: str) -> str:
+    """Make one of open_clip's own architectures (e.g. ViT-B-32) a clip-tao model type, randomly initialised."""
+    import open_clip
+
+    from clip_tao.models import add_model_config
+
+    arch = open_clip.get_model_config(name)
+    if arch is None:
+        raise SystemExit(f"open_clip has no architecture {name!r}; see open_clip.list_models()")
+    vision, text = dict(arch["vision_cfg"]), dict(arch["text_cfg"])
+    model_type = f"openclip-{name}"
+    add_model_config(
+        {
+            "family": "openclip",
+            "image_size": vision["image_size"],
+            "embed_dim": arch["embed_dim"],
+            "context_length": text.get("context_length", 77),
+            "weights": "none (random init, benchmark only)",
+            "config": {
+                "embed_dim": arch["embed_dim"],
+                "vision_cfg": vision,
+                "text_cfg": text,
+                "tokenizer": "openclip-bpe",
+            },
+        },
+        name=model_type,
+    )
+    return model_type
+
+
+def bench_embed(args) -> dict:
+    """Image and text embedding throughput through PyTorch eager, torch.compile, ONNX Runtime (and TensorRT)."""
+    import tempfile
+
+    import torch
+
+    if args.openclip_arch:
+        args.model = register_openclip_arch(args.openclip_arch)
+
+    from clip_tao.deploy.onnx_export import export_onnx
+    from clip_tao.deploy.ort_backend import OnnxRuntimeEncoder
+    from clip_tao.models import create_model
+
+    device = torch.device("cuda" if torch.cuda.is_available() and not args.cpu else "cpu")
+    model = create_model(args.model, pretrained=False).eval()
+    size = model.image_size
+    pixels = torch.randn(args.batch, 3, size, size)
+    ids = model.tokenizer([f"a photo of thing number {i} on a table" for i in range(args.batch)])
+
+    def rate(encode_image, encode_text, inputs_device) -> dict:
+        px, tx = pixels.to(inputs_device), ids.to(inputs_device)
+        out = {}
+        for kind, fn, x in (("image", encode_image, px), ("text", encode_text, tx)):
+            with torch.no_grad():
+                for _ in range(args.warmup):
+                    fn(x)
+                if inputs_device.type == "cuda":
+                    torch.cuda.synchronize()
+                start = time.perf_counter()
+                for _ in range(args.iters):
+                    fn(x)
+                if inputs_device.type == "cuda":
+                    torch.cuda.synchronize()
+            out[f"{kind}_items_per_s"] = round(args.batch * args.iters / (time.perf_counter() - start), 1)
+        return out
+
+    rows = {}
+    torch_model = model.to(device)
+    rows["pytorch_eager"] = {"device": str(device), **rate(torch_model.encode_image, torch_model.encode_text, device)}
+    try:
+        rows["pytorch_compile"] = {
+            "device": str(device),
+            **rate(torch.compile(torch_model.encode_image), torch.compile(torch_model.encode_text), device),
+        }
+    except Exception as exc:  # a missing compiler toolchain must not hide the other figures
+        rows["pytorch_compile"] = {"error": str(exc).splitlines()[0][:200]}
+    with tempfile.TemporaryDirectory() as folder:
+        onnx_file = os.path.join(folder, "m.onnx")
+        export_onnx(model.to("cpu"), onnx_file, encoder_type="separate")
+        ort_encoder = OnnxRuntimeEncoder(os.path.join(folder, "m_vision.onnx"), prefer_gpu=False)
+        rows["onnxruntime_cpu"] = {
+            "device": "cpu",
+            **rate(ort_encoder.encode_image, ort_encoder.encode_text, torch.device("cpu")),
+        }
+        if device.type == "cuda":
+            rows["tensorrt"] = _tensorrt_rate(folder, rate)
+    eager, ort_rates = rows["pytorch_eager"], rows["onnxruntime_cpu"]
+    speedup = {}
+    if eager["device"] == "cpu":
+        speedup = {k: round(ort_rates[k] / eager[k], 2) for k in ("image_items_per_s", "text_items_per_s")}
+    return {
+        "benchmark": "embed",
+        "model": args.model,
+        "batch": args.batch,
+        "runs": rows,
+        "ort_cpu_vs_eager_cpu": speedup,
+    }
+
+
+def _tensorrt_rate(folder: str, rate) -> dict:
+    import torch
+
+    try:
+        from clip_tao.config.schema import TensorRTConfig
+        from clip_tao.deploy.files import find_files, planned_files
+        from clip_tao.deploy.trt_backend import TensorRTEncoder
+        from clip_tao.deploy.trt_builder import build_engines
+
+        onnx = find_files(os.path.join(folder, "m_vision.onnx"), ".onnx", "onnx")
+        engines = planned_files(os.path.join(folder, "m.engine"), ".engine", "separate")
+        build_engines(onnx, engines, TensorRTConfig(data_type="fp16", max_batch_size=256, opt_batch_size=32))
+        encoder = TensorRTEncoder(engines.encoders["vision"])
+        return {"device": "cuda", **rate(encoder.encode_image, encoder.encode_text, torch.device("cuda"))}
+    except Exception as exc:  # TensorRT is optional
+        return {"error": str(exc).splitlines()[0][:200]}
+
+
 # -- eval -------------------------------------------------------------------------------------------
 def _eval_child(mode: str, n: int, dim: int, chunk: int) -> dict:
     import torch
@@ -146,13 +264,20 @@ def main() -> None:
     t.add_argument("--loss", default="siglip", choices=["siglip", "clip"])
     t.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"])
     t.add_argument("--cpu", action="store_true", help="stay on the CPU even when a GPU is present")
+    m = sub.add_parser("embed", help="embedding throughput: PyTorch eager, torch.compile, ONNX Runtime, TensorRT")
+    m.add_argument("--model", default="tiny-clip")
+    m.add_argument("--openclip-arch", help="use one of open_clip's architectures instead, e.g. ViT-B-32 (random init)")
+    m.add_argument("--batch", type=int, default=32)
+    m.add_argument("--iters", type=int, default=20)
+    m.add_argument("--warmup", type=int, default=3)
+    m.add_argument("--cpu", action="store_true", help="stay on the CPU even when a GPU is present")
     e = sub.add_parser("eval", help="chunked retrieval metrics: time and memory")
     e.add_argument("--n", type=int, default=20000)
     e.add_argument("--dim", type=int, default=512)
     e.add_argument("--chunk", type=int, default=1024)
     e.add_argument("--dense-max", type=int, default=20000, help="largest n for the dense (one block) run")
     args = parser.parse_args()
-    result = bench_train(args) if args.what == "train" else bench_eval(args)
+    result = {"train": bench_train, "embed": bench_embed, "eval": bench_eval}[args.what](args)
     result["machine"] = machine()
     print(json.dumps(result, indent=2))
 
