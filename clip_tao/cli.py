@@ -77,6 +77,16 @@ def _run_task(task: str, spec: str, overrides: Sequence[str]) -> int:
     from clip_tao.config import load_experiment
 
     cfg = load_experiment(spec, overrides)
+    if task == "train":
+        from clip_tao.engine.distributed import relaunch_command
+
+        relaunch = relaunch_command(cfg.train, ["train", "-e", spec, *overrides])
+        if relaunch is not None:  # train.num_gpus > 1 on this node: one process a GPU, under torchrun
+            import subprocess
+
+            command, env = relaunch
+            log.info("starting %d processes: %s", cfg.train.num_gpus, " ".join(command))
+            return subprocess.run(command, env=env).returncode
     module = importlib.import_module(f"clip_tao.tasks.{task}")
     module.run(cfg)
     return 0

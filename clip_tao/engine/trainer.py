@@ -1,8 +1,12 @@
 """The training loop: contrastive steps, validation, checkpoints, resumption, logging.
 
-Epochs and steps are counted from 0, as TAO (Lightning) names its checkpoints. A checkpoint stores
-everything needed to continue exactly: weights, optimiser, schedule, loss scaler, RNG states and the
-position in the epoch.
+Epochs and steps are counted from 0, as TAO (Lightning) names its checkpoints. A step is one optimiser
+update over ``train.accumulate_grad_batches`` loader batches. A checkpoint stores everything needed to
+continue exactly: weights, optimiser, schedule, loss scaler, RNG states and the position in the epoch
+(batches consumed, and for shards where every rank's loader workers stood).
+
+Every process runs the same control flow (collectives stay matched); only rank 0 writes checkpoints,
+logs, TensorBoard and status.json.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ from clip_tao.config.loader import config_to_dict
 from clip_tao.config.schema import ExperimentConfig
 from clip_tao.data.custom import SkipCounter
 from clip_tao.data.loaders import LoaderBundle
+from clip_tao.engine import distributed as D
 from clip_tao.engine.checkpoint import (
     capture_rng_state,
     checkpoint_name,
@@ -30,10 +35,11 @@ from clip_tao.engine.checkpoint import (
     restore_rng_state,
     save_checkpoint,
 )
-from clip_tao.engine.device import resolve_precision, select_device
+from clip_tao.engine.device import resolve_precision
 from clip_tao.engine.embedding import embed_loader
 from clip_tao.engine.optim import build_optimizer, build_scheduler
-from clip_tao.errors import ConfigError, ModelError, NotAvailableError
+from clip_tao.engine.step import contrastive_backward
+from clip_tao.errors import ConfigError, ModelError
 from clip_tao.io.atomic import link_or_copy
 from clip_tao.io.status import StatusWriter
 from clip_tao.losses import ContrastiveLoss
@@ -51,7 +57,9 @@ BEST_NAME = "clip_best.pth"
 class TrainState:
     epoch: int = 0  # epochs completed
     global_step: int = 0
-    batches_in_epoch: int = 0  # batches of the current (unfinished) epoch already trained on
+    batches_in_epoch: int = 0  # loader batches of the current (unfinished) epoch already trained on
+    # Per loader worker of this rank: where its shards stood after its last consumed batch (wds only).
+    worker_positions: list[dict] | None = None
     best_value: float = -math.inf
     best_epoch: int | None = None
     history: list[dict[str, Any]] = field(default_factory=list)
@@ -68,6 +76,7 @@ class Trainer:
         val_data: LoaderBundle | None,
         out_dir: str,
         status: StatusWriter,
+        dist: D.DistContext | None = None,
     ):
         self.cfg = cfg
         self.tcfg = cfg.train
@@ -76,7 +85,8 @@ class Trainer:
         self.val_data = val_data
         self.out_dir = out_dir
         self.status = status
-        self.device = select_device(self.tcfg.num_gpus, self.tcfg.gpu_ids)
+        self.dist = dist or D.setup_distributed(cfg.train)
+        self.device = self.dist.device
         self.precision = resolve_precision(self.tcfg.precision, self.device)
         self.state = TrainState()
         self.skipped = SkipCounter(train_data.scan_skipped)
@@ -86,24 +96,30 @@ class Trainer:
         self._freeze_towers()
         if self.tcfg.grad_checkpointing:
             self.model.set_grad_checkpointing(True)
-        self.steps_per_epoch = len(train_data.loader)
+        self.accumulate = self.tcfg.accumulate_grad_batches
+        self.batches_per_epoch = len(train_data.loader)
+        self.steps_per_epoch = self.batches_per_epoch // self.accumulate
+        if self.steps_per_epoch < 1:
+            raise ConfigError(
+                f"train.accumulate_grad_batches={self.accumulate} exceeds the {self.batches_per_epoch} batches "
+                "of an epoch: lower it"
+            )
         self.total_steps = self.steps_per_epoch * self.tcfg.num_epochs
+        # DDP/FSDP wrapping and the optimiser come in fit(), after resume() has loaded plain weights.
+        self.net: torch.nn.Module | None = None
         self.optimizer = build_optimizer(model, self.tcfg.optim)
         self.scheduler = build_scheduler(self.optimizer, self.tcfg.optim, self.total_steps)
+        self._resume_from: dict[str, Any] | None = None
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.precision.use_grad_scaler)
-        self.loss_fn = ContrastiveLoss(self.tcfg.loss_type)
+        self.loss_fn = ContrastiveLoss(self.tcfg.loss_type, self.dist.rank, self.dist.world_size)
         self.validation_every = self._validation_every()
-        self.tensorboard = self._open_tensorboard()
+        self.tensorboard = self._open_tensorboard() if self.dist.is_main else None
+        self.sample_log = self._open_sample_log()
 
     # -- set-up ---------------------------------------------------------------------------------
     def _check_config(self) -> None:
         t = self.tcfg
-        if t.num_gpus > 1 or t.num_nodes > 1:
-            raise NotAvailableError(
-                f"train.num_gpus={t.num_gpus}, train.num_nodes={t.num_nodes}: multi-GPU training is not "
-                "available in this version yet; set train.num_gpus=1 and train.num_nodes=1"
-            )
-        for key in ("num_epochs", "checkpoint_interval", "validation_interval"):
+        for key in ("num_epochs", "checkpoint_interval", "validation_interval", "accumulate_grad_batches"):
             if getattr(t, key) < 1:
                 raise ConfigError(f"train.{key}={getattr(t, key)} must be >= 1")
         if t.grad_clip_norm is not None and t.grad_clip_norm <= 0:
@@ -126,6 +142,9 @@ class Trainer:
         if self.cfg.model.freeze_text_encoder:
             for p in self.model.text_parameters():
                 p.requires_grad_(False)
+        if self.tcfg.loss_type == "clip":
+            # The softmax loss has no bias: a trainable parameter without gradients trips DDP's checks.
+            self.model.logit_bias.requires_grad_(False)
 
     def _open_tensorboard(self):
         try:
@@ -135,6 +154,15 @@ class Trainer:
             return None
         return SummaryWriter(os.path.join(self.out_dir, "tensorboard"))
 
+    def _open_sample_log(self):
+        path = self.tcfg.sample_log
+        if not path:
+            return None
+        if self.dist.rank:
+            path = f"{path}.rank{self.dist.rank}"
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        return open(path, "a", encoding="utf-8")  # noqa: SIM115 (open for the whole run)
+
     # -- resumption -----------------------------------------------------------------------------
     def load_start_weights(self, path: str) -> None:
         """``train.pretrained_model_path``: weights only; optimiser and schedule start fresh."""
@@ -142,7 +170,7 @@ class Trainer:
         log.info("start weights from %s", path)
 
     def resume(self, path: str) -> None:
-        """Continue a run from a training checkpoint with identical optimiser, schedule, scaler and RNG."""
+        """Continue a run from a training checkpoint with identical optimiser, schedule, scaler, RNG and data."""
         checkpoint = load_checkpoint(path)
         for key in ("optimizer", "scheduler", "epoch", "global_step"):
             if key not in checkpoint:
@@ -151,24 +179,81 @@ class Trainer:
                     "use train.pretrained_model_path to start from its weights"
                 )
         self.model.load_state_dict(model_state_from(checkpoint, path))
-        self.optimizer.load_state_dict(checkpoint["optimizer"])
-        self.scheduler.load_state_dict(checkpoint["scheduler"])
+        self._resume_from = checkpoint  # optimiser and schedule are loaded in fit(), after wrapping
         if checkpoint.get("scaler"):
             self.scaler.load_state_dict(checkpoint["scaler"])
         s = self.state
         s.epoch, s.global_step = checkpoint["epoch"], checkpoint["global_step"]
         s.batches_in_epoch = checkpoint.get("batches_in_epoch", 0)
+        s.worker_positions = self._data_position_from(checkpoint.get("data_position"))
         best = checkpoint.get("best", {})
         s.best_value = best.get("value", -math.inf)
         s.best_epoch = best.get("epoch")
         s.history = list(checkpoint.get("history", []))
         self.skipped.update(checkpoint.get("skipped", {}))
-        restore_rng_state(checkpoint["rng"])
+        rng = checkpoint["rng"]
+        if isinstance(rng, list):  # one state per rank
+            rng = rng[self.dist.rank] if self.dist.rank < len(rng) else rng[0]
+        restore_rng_state(rng)
+        self._truncate_sample_log(s.global_step)
         log.info("resumed from %s at epoch %d, step %d", path, s.epoch, s.global_step)
+
+    def _data_position_from(self, saved: dict | None) -> list[dict] | None:
+        """This rank's loader-worker positions for resuming mid-epoch (``None`` for custom data).
+
+        A position only carries over to the same data layout (ranks, workers, batch size, data); otherwise
+        the interrupted epoch is read again from its start for shards, or skips by batch count for folders.
+        """
+        s = self.state
+        if not s.batches_in_epoch:
+            return None
+        layout = self.train_data.layout()
+        if saved is not None and saved.get("layout") == layout:
+            return saved["ranks"][self.dist.rank]
+        log.warning(
+            "the checkpoint's data layout (%s) differs from this run's (%s): the rest of epoch %d is not the "
+            "exact continuation", saved.get("layout") if saved else "not recorded", layout, s.epoch,
+        )  # fmt: skip
+        if layout["kind"] == "wds":
+            s.batches_in_epoch = 0
+        return None
+
+    def _truncate_sample_log(self, step: int) -> None:
+        """Drop log lines of steps after the checkpoint (a killed run may have logged them)."""
+        if self.sample_log is None:
+            return
+        path = self.sample_log.name
+        self.sample_log.close()
+        with open(path, encoding="utf-8") as f:
+            kept = [line for line in f if int(line.split(" ", 1)[0]) < step]
+        with open(path, "w", encoding="utf-8") as f:
+            f.writelines(kept)
+        self.sample_log = open(path, "a", encoding="utf-8")  # noqa: SIM115
+
+    def _prepare(self) -> None:
+        """Wrap the model for DDP/FSDP, (re)build the optimiser for FSDP, load resumed optimiser state."""
+        self.net = D.wrap_for_training(self.model, self.dist, self.tcfg.distributed_strategy)
+        if D.is_fsdp(self.net):
+            # FSDP replaces parameters by sharded ones: the optimiser must be built on those.
+            self.optimizer = build_optimizer(self.model, self.tcfg.optim)
+            self.scheduler = build_scheduler(self.optimizer, self.tcfg.optim, self.total_steps)
+        checkpoint, self._resume_from = self._resume_from, None
+        if checkpoint is None:
+            return
+        if D.is_fsdp(self.net):
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+            set_optimizer_state_dict(
+                self.net, self.optimizer, checkpoint["optimizer"], options=StateDictOptions(full_state_dict=True)
+            )
+        else:
+            self.optimizer.load_state_dict(checkpoint["optimizer"])
+        self.scheduler.load_state_dict(checkpoint["scheduler"])
 
     # -- the loop -------------------------------------------------------------------------------
     def fit(self) -> TrainState:
         s, t = self.state, self.tcfg
+        self._prepare()
         if s.epoch >= t.num_epochs:
             log.info("training already finished %d of %d epochs: nothing to do", s.epoch, t.num_epochs)
         self.status.write("STARTED", "Starting training.", epoch=s.epoch, max_epoch=t.num_epochs)
@@ -177,10 +262,12 @@ class Trainer:
             started = time.time()
             train_loss = self._train_epoch(epoch)
             kpi: dict[str, Any] = {"train_loss": train_loss, "lr": self._lr(), "logit_scale": self._scale()}
-            s.epoch, s.batches_in_epoch = epoch + 1, 0
+            s.epoch, s.batches_in_epoch, s.worker_positions = epoch + 1, 0, None
             last = s.epoch == t.num_epochs
             if self.val_data is not None and (s.epoch % self.validation_every == 0 or last):
                 kpi.update(self.validate())
+            # Ranks skip different bad files; rank 0's view decides (only it writes), the others follow it.
+            kpi = D.broadcast_object(self.dist, kpi)
             kpi["skipped_files"] = sum(self.skipped.values())
             s.history.append({"epoch": epoch, **kpi})
             self._log_scalars({f"epoch/{k}": v for k, v in kpi.items()}, s.global_step)
@@ -203,62 +290,76 @@ class Trainer:
             )
         if self.tensorboard is not None:
             self.tensorboard.close()
+        if self.sample_log is not None:
+            self.sample_log.close()
         return s
 
     def _train_epoch(self, epoch: int) -> float:
         s, t = self.state, self.tcfg
-        self.model.train()
+        self.net.train()
         self.train_data.set_epoch(epoch)
-        # Resuming mid-epoch: the sampler's order is fixed by the epoch, so skip what was already seen.
+        # Resuming mid-epoch: the epoch's order is fixed, so the loader continues after what was consumed.
         skip_batches = s.batches_in_epoch
+        self.train_data.resume_at(skip_batches, s.worker_positions)
+        positions = list(s.worker_positions or [])
         bar = tqdm(
             total=self.steps_per_epoch,
-            initial=skip_batches,
+            initial=skip_batches // self.accumulate,
             desc=f"epoch {epoch}/{t.num_epochs - 1}",
             unit="step",
             dynamic_ncols=True,
+            disable=not self.dist.is_main,
         )
         loss_sum, loss_count, seen, window_start = 0.0, 0, 0, time.time()
-        for batch_index, batch in enumerate(self._batches(skip_batches), start=skip_batches):
-            self.skipped.update(batch["skipped"])
-            if "pixels" in batch and len(batch["indices"]) > 1:
-                loss = self._step(batch)
-                loss_sum += loss
-                loss_count += 1
-                seen += len(batch["indices"])
-            s.global_step += 1
-            s.batches_in_epoch = batch_index + 1
-            rate = seen / max(time.time() - window_start, 1e-9)
-            bar.update(1)
-            bar.set_postfix(loss=f"{loss_sum / max(loss_count, 1):.4f}", lr=f"{self._lr():.2e}", sps=f"{rate:.1f}")
-            if t.checkpoint_interval_unit == "step" and s.global_step % t.checkpoint_interval == 0:
-                self.save(epoch)
-        bar.close()
-        return loss_sum / max(loss_count, 1)
-
-    def _batches(self, skip_batches: int):
-        loader = self.train_data.loader
-        sampler = loader.sampler
-        if skip_batches:
-            sampler.start_index = skip_batches * loader.batch_size
+        end = self.steps_per_epoch * self.accumulate  # leftover batches (< accumulate) are not trained on
+        micro: list[dict] = []
         try:
-            yield from loader
+            for batch_index, batch in enumerate(self.train_data.loader, start=skip_batches):
+                if batch_index >= end:
+                    break
+                self.skipped.update(batch["skipped"])
+                if "position" in batch:
+                    _record_position(positions, batch["position"])
+                micro.append(batch)
+                if len(micro) < self.accumulate:
+                    continue
+                loss, count = self._step(micro)
+                micro = []
+                if loss is not None:
+                    loss_sum += loss
+                    loss_count += 1
+                    seen += count
+                s.global_step += 1
+                s.batches_in_epoch = batch_index + 1
+                s.worker_positions = positions or None
+                rate = seen * self.dist.world_size / max(time.time() - window_start, 1e-9)
+                bar.update(1)
+                bar.set_postfix(loss=f"{loss_sum / max(loss_count, 1):.4f}", lr=f"{self._lr():.2e}", sps=f"{rate:.1f}")
+                if t.checkpoint_interval_unit == "step" and s.global_step % t.checkpoint_interval == 0:
+                    self.save(epoch)
         finally:
-            sampler.start_index = 0
+            self.train_data.resume_at(0, None)
+        bar.close()
+        return D.all_reduce_mean(self.dist, loss_sum / max(loss_count, 1))
 
-    def _step(self, batch: dict) -> float:
-        pixels = batch["pixels"].to(self.device, non_blocking=True)
-        input_ids = batch["input_ids"].to(self.device, non_blocking=True)
-        with self.precision.autocast(self.device):
-            image_emb, text_emb = self.model(pixels, input_ids)
-            loss = self.loss_fn(image_emb.float(), text_emb.float(), self.model.logit_scale, self.model.logit_bias)
-        if not torch.isfinite(loss):
-            raise ModelError(
-                f"training loss became {loss.item()} at step {self.state.global_step}: lower train.optim.*_lr, "
-                "set train.grad_clip_norm, or use precision fp32/bf16"
-            )
+    def _step(self, micro: list[dict]) -> tuple[float | None, int]:
+        """One optimiser step over the micro-batches; ``(loss, samples)``, loss ``None`` when skipped."""
+        pairs = [(b["pixels"], b["input_ids"]) for b in micro if "pixels" in b and len(b["indices"]) > 0]
+        keys = [k for b in micro if "pixels" in b for k in b["keys"]]
+        if self.dist.distributed:
+            # Bad files make batches uneven across ranks; the collectives need equal sizes: trim to the smallest.
+            pairs, keys = _trim(pairs, keys, D.all_reduce_min(self.dist, sum(len(p) for p, _ in pairs)))
+        count = sum(len(p) for p, _ in pairs)
+        if count < 2:
+            self.scheduler.step()  # keep the schedule in step with global_step
+            return None, 0
         self.optimizer.zero_grad(set_to_none=True)
-        self.scaler.scale(loss).backward()
+        loss = contrastive_backward(
+            self.net, self.loss_fn, pairs, self.precision, self.device,
+            self.scaler if self.scaler.is_enabled() else None, self.state.global_step,
+        )  # fmt: skip
+        if self.dist.distributed:
+            D.sync_replicated_grads(self.net, self.dist.world_size)
         if self.tcfg.grad_clip_norm is not None:
             self.scaler.unscale_(self.optimizer)
             params = [p for group in self.optimizer.param_groups for p in group["params"]]
@@ -267,13 +368,29 @@ class Trainer:
         self.scaler.update()
         self.scheduler.step()
         self.model.clamp_logit_scale()
-        value = loss.item()
+        if self.sample_log is not None:
+            self.sample_log.writelines(f"{self.state.global_step} {k}\n" for k in keys)
+            self.sample_log.flush()
         if self.state.global_step % 10 == 0:
-            self._log_scalars({"train/loss": value, "train/lr": self._lr(), "train/logit_scale": self._scale()})
-        return value
+            self._log_scalars({"train/loss": loss, "train/lr": self._lr(), "train/logit_scale": self._scale()})
+        return loss, count
 
     def validate(self) -> dict[str, float]:
-        """Retrieval figures on ``dataset.val`` (both directions)."""
+        """Retrieval figures on ``dataset.val`` (both directions), computed by rank 0.
+
+        Under FSDP every rank takes part (the parameters are gathered while the towers run).
+        """
+        if self.net is not None and D.is_fsdp(self.net):
+            self.net.unshard()
+            try:
+                return self._validate_here()
+            finally:
+                self.net.reshard()
+        metrics = self._validate_here() if self.dist.is_main else {}
+        D.barrier(self.dist)
+        return metrics
+
+    def _validate_here(self) -> dict[str, float]:
         result = embed_loader(self.model, self.val_data.loader, self.device, self.precision, desc="validate")
         if result.image is None or len(result.image) < 2:
             log.warning("validation set has fewer than two usable samples: no validation figures")
@@ -283,39 +400,75 @@ class Trainer:
 
     # -- outputs --------------------------------------------------------------------------------
     def save(self, epoch: int) -> str:
-        """Write ``model_epoch_XXX_step_XXXXX.pth`` and point ``clip_latest.pth`` at it."""
+        """Write ``model_epoch_XXX_step_XXXXX.pth`` (rank 0) and point ``clip_latest.pth`` at it.
+
+        Called on every rank: the state is gathered from all of them.
+        """
         path = os.path.join(self.out_dir, checkpoint_name(epoch, self.state.global_step))
-        save_checkpoint(path, self._checkpoint_state())
-        link_or_copy(path, os.path.join(self.out_dir, LATEST_NAME))
-        log.info("saved %s", path)
+        state = self._checkpoint_state()
+        if self.dist.is_main:
+            save_checkpoint(path, state)
+            link_or_copy(path, os.path.join(self.out_dir, LATEST_NAME))
+            log.info("saved %s", path)
+        D.barrier(self.dist)
         return path
 
     def _save_best(self, saved: str | None) -> None:
         """``clip_best.pth``: the epoch's checkpoint when one was saved, else a checkpoint of its own."""
         best = os.path.join(self.out_dir, BEST_NAME)
-        if saved is None:
-            save_checkpoint(best, self._checkpoint_state())
-        else:
-            link_or_copy(saved, best)
-        log.info("new best %s=%.2f at epoch %d -> %s", BEST_METRIC, self.state.best_value, self.state.best_epoch, best)
+        state = self._checkpoint_state() if saved is None else None
+        if self.dist.is_main:
+            if saved is None:
+                save_checkpoint(best, state)
+            else:
+                link_or_copy(saved, best)
+            log.info("new best %s=%.2f at epoch %d -> %s", BEST_METRIC, self.state.best_value,
+                     self.state.best_epoch, best)  # fmt: skip
+        D.barrier(self.dist)
 
     def _checkpoint_state(self) -> dict[str, Any]:
+        """Everything to continue exactly, as plain data; collective (every rank must call it)."""
         s = self.state
+        model_state, optim_state = self._model_and_optimizer_state()
+        positions = D.gather_objects(self.dist, s.worker_positions)
+        rng = D.gather_objects(self.dist, capture_rng_state())
+        data_position = None
+        if s.batches_in_epoch:
+            data_position = {"layout": self.train_data.layout(), "batches_in_epoch": s.batches_in_epoch,
+                             "ranks": positions}  # fmt: skip
         return {
-            "model": self.model.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
+            "model": model_state,
+            "optimizer": optim_state,
             "scheduler": self.scheduler.state_dict(),
             "scaler": self.scaler.state_dict() if self.scaler.is_enabled() else {},
             "epoch": s.epoch,
             "global_step": s.global_step,
             "batches_in_epoch": s.batches_in_epoch,
+            "data_position": data_position,
+            "world_size": self.dist.world_size,
             "best": {"metric": BEST_METRIC, "value": s.best_value, "epoch": s.best_epoch},
             "history": s.history,
             "skipped": dict(self.skipped),
-            "rng": capture_rng_state(),
+            # One state per rank (each draws from its own generators); a single rank stores a plain dict.
+            "rng": rng if self.dist.distributed else rng[0],
             "model_type": self.model.model_type,
             "config": config_to_dict(self.cfg),
         }
+
+    def _model_and_optimizer_state(self) -> tuple[dict, dict]:
+        if self.net is not None and D.is_fsdp(self.net):
+            from torch.distributed.checkpoint.state_dict import (
+                StateDictOptions,
+                get_model_state_dict,
+                get_optimizer_state_dict,
+            )
+
+            options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+            model = get_model_state_dict(self.net, options=options)
+            optim = get_optimizer_state_dict(self.net, self.optimizer, options=options)
+            prefix = "model."
+            return {k.removeprefix(prefix): v for k, v in model.items()}, optim
+        return self.model.state_dict(), self.optimizer.state_dict()
 
     def _log_scalars(self, scalars: dict[str, Any], step: int | None = None) -> None:
         if self.tensorboard is None:
@@ -329,3 +482,22 @@ class Trainer:
 
     def _scale(self) -> float:
         return float(self.model.logit_scale.detach().exp())
+
+
+def _record_position(positions: list[dict], position: dict) -> None:
+    """Keep the latest position of each loader worker (``position["worker"]``)."""
+    worker = position["worker"]
+    while len(positions) <= worker:
+        positions.append({"pass": 0, "shard": 0, "offset": 0, "yielded": 0})
+    positions[worker] = {k: v for k, v in position.items() if k != "worker"}
+
+
+def _trim(pairs: list, keys: list, size: int) -> tuple[list, list]:
+    """The first ``size`` samples of the micro-batches."""
+    out, left = [], size
+    for pixels, ids in pairs:
+        if left <= 0:
+            break
+        out.append((pixels[:left], ids[:left]))
+        left -= len(pixels[:left])
+    return out, keys[:size]

@@ -6,11 +6,13 @@ import logging
 import os
 
 from clip_tao.config.schema import ExperimentConfig
-from clip_tao.data.loaders import build_eval_loader, build_train_loader
+from clip_tao.data.loaders import build_train_loader, build_val_loader
 from clip_tao.engine.device import seed_everything
+from clip_tao.engine.distributed import DistContext, barrier, cleanup_distributed, setup_distributed
 from clip_tao.engine.model_setup import build_model
 from clip_tao.engine.trainer import BEST_METRIC, BEST_NAME, LATEST_NAME, Trainer
 from clip_tao.io.atomic import write_json
+from clip_tao.io.status import StatusWriter
 from clip_tao.io.tables import format_retrieval_table, format_table
 from clip_tao.io.task_dir import prepare_task_dir
 
@@ -18,33 +20,37 @@ log = logging.getLogger(__name__)
 
 
 def run(cfg: ExperimentConfig) -> dict:
-    out_dir, status = prepare_task_dir(cfg, "train")
+    """Train in this process, or as one rank of a torchrun job (only rank 0 writes files)."""
+    dist = setup_distributed(cfg.train)
     try:
-        summary = _train(cfg, out_dir, status)
-    except Exception as exc:
-        status.write("FAILURE", f"Training failed: {exc}")
-        raise
-    status.write("SUCCESS", "Training finished.", kpi=summary["final"])
-    return summary
+        if dist.is_main:
+            out_dir, status = prepare_task_dir(cfg, "train")
+        barrier(dist)  # the folder exists before any rank opens files in it
+        if not dist.is_main:
+            out_dir, status = cfg.task_dir("train"), StatusWriter(cfg.task_dir("train"), enabled=False)
+        try:
+            summary = _train(cfg, out_dir, status, dist)
+        except Exception as exc:
+            status.write("FAILURE", f"Training failed: {exc}")
+            raise
+        status.write("SUCCESS", "Training finished.", kpi=summary["final"])
+        return summary
+    finally:
+        cleanup_distributed()
 
 
-def _train(cfg: ExperimentConfig, out_dir: str, status) -> dict:
+def _train(cfg: ExperimentConfig, out_dir: str, status, dist: DistContext) -> dict:
     t = cfg.train
+    # Same seed on every rank: identical initial weights (DDP also broadcasts rank 0's).
     seed_everything(t.seed, t.cudnn.benchmark, t.cudnn.deterministic)
     model = build_model(cfg)
-    train_data = build_train_loader(cfg.dataset, model.preprocess, model.tokenizer)
-    val_data = None
-    if cfg.dataset.val.datasets:
-        val = cfg.dataset.val
-        val_data = build_eval_loader(
-            val.datasets, "dataset.val.datasets", model.preprocess, model.tokenizer,
-            val.batch_size, val.num_workers, cfg.dataset.pin_memory,
-        )  # fmt: skip
+    train_data = build_train_loader(cfg.dataset, model.preprocess, model.tokenizer, dist.rank, dist.world_size)
+    val_data = build_val_loader(cfg.dataset, model.preprocess, model.tokenizer, cfg.dataset.pin_memory)
     log.info(
-        "%s: %d training samples, %d validation samples, %s",
-        model.model_type, len(train_data.samples), len(val_data.samples) if val_data else 0, out_dir,
+        "%s: %d training samples an epoch, %d validation samples, %d process(es), %s",
+        model.model_type, train_data.num_samples, val_data.num_samples if val_data else 0, dist.world_size, out_dir,
     )  # fmt: skip
-    trainer = Trainer(cfg, model, train_data, val_data, out_dir, status)
+    trainer = Trainer(cfg, model, train_data, val_data, out_dir, status, dist)
 
     latest = os.path.join(out_dir, LATEST_NAME)
     if t.resume_training_checkpoint_path:
@@ -65,8 +71,9 @@ def _train(cfg: ExperimentConfig, out_dir: str, status) -> dict:
         "best": {"metric": BEST_METRIC, "value": state.best_value, "epoch": state.best_epoch},
         "skipped_files": dict(trainer.skipped),
     }
-    write_json(os.path.join(out_dir, "training_summary.json"), summary)
-    _print_summary(summary, out_dir)
+    if dist.is_main:
+        write_json(os.path.join(out_dir, "training_summary.json"), summary)
+        _print_summary(summary, out_dir)
     return summary
 
 
