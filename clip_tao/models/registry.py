@@ -26,6 +26,7 @@ CONFIG_DIR = Path(__file__).parent / "configs"
 FAMILY_MODULES = {
     "openclip": "clip_tao.models.openclip_family",
     "siglip": "clip_tao.models.siglip_family",
+    "radio": "clip_tao.models.radio_family",
 }
 
 
@@ -51,6 +52,10 @@ class BuildOptions:
     pretrained_path: str | None = None  # a local file or folder instead of the hub
     image_size: int | None = None  # None: the type's own size
     canonicalize_text: bool = False
+    adaptor_name: str | None = None  # Radio-CLIP: which teacher's head and text tower
+    radio_repo_dir: str | None = None  # Radio-CLIP: a local clone of NVlabs/RADIO for torch.hub (source='local')
+    text_pretrained_path: str | None = None  # Radio-CLIP: the teacher text tower, local folder/file
+    tokenizer_path: str | None = None  # a local tokenizer folder instead of the hub (Gemma, BERT)
 
 
 Builder = Callable[[ModelInfo, BuildOptions], tuple[ClipModel, bool]]
@@ -83,7 +88,11 @@ def add_model_config(source: str | Path | dict[str, Any], name: str | None = Non
 
 
 def register_family(family: str) -> Callable[[Builder], Builder]:
-    """Decorator: ``builder(info, options) -> (model, loaded_weights)`` for every type of ``family``."""
+    """Decorator: ``builder(info, options) -> (model, loaded_weights)`` for every type of ``family``.
+
+    ``loaded_weights`` says that the logit scale/bias came with the weights; when False they start at
+    TAO's defaults for the loss (Radio-CLIP's checkpoints, for one, carry none).
+    """
 
     def decorate(builder: Builder) -> Builder:
         _BUILDERS[family] = builder
@@ -115,12 +124,18 @@ def create_model(
     loss_type: str = "siglip",
     init_logit_scale: float | None = None,
     init_logit_bias: float | None = None,
+    adaptor_name: str | None = None,
+    radio_repo_dir: str | None = None,
+    text_pretrained_path: str | None = None,
+    tokenizer_path: str | None = None,
 ) -> ClipModel:
     """Build ``model_type``: the one public entry point to every family.
 
     Weights: the type's published weights when ``pretrained`` (or the file/folder ``pretrained_path``),
     else random initialisation. The logit scale/bias start at TAO's defaults for ``loss_type`` when the
     model is randomly initialised; an explicit ``init_logit_scale``/``init_logit_bias`` always wins.
+    ``adaptor_name``, ``radio_repo_dir`` and ``text_pretrained_path`` are Radio-CLIP's;
+    ``tokenizer_path`` is a local tokenizer folder for families whose tokenizer lives on the hub.
     """
     if init_logit_scale is not None and not 0.0 <= init_logit_scale <= MAX_LOGIT_SCALE:
         raise ModelError(f"model.init_logit_scale={init_logit_scale} must lie in [0, ln 100 = 4.605]")
@@ -131,6 +146,10 @@ def create_model(
         pretrained_path=pretrained_path,
         image_size=image_size,
         canonicalize_text=canonicalize_text,
+        adaptor_name=adaptor_name,
+        radio_repo_dir=radio_repo_dir,
+        text_pretrained_path=text_pretrained_path,
+        tokenizer_path=tokenizer_path,
     )
     model, loaded_weights = builder(info, options)
     default_scale, default_bias = DEFAULT_LOGIT_INIT[loss_type]

@@ -86,7 +86,78 @@ class OpenClipBpeTokenizer(Tokenizer):
         shutil.copyfile(default_bpe(), os.path.join(folder, os.path.basename(default_bpe())))
 
 
-TOKENIZER_KINDS: dict[str, type[Tokenizer]] = {OpenClipBpeTokenizer.kind: OpenClipBpeTokenizer}
+class HfTokenizer(Tokenizer):
+    """A Hugging Face tokenizer (Gemma for SigLIP2, BERT-uncased for NV-CLIP) at a fixed length.
+
+    Texts are whitespace-cleaned (and canonicalised when asked), then padded to ``context_length`` and
+    truncated, as the families' own processors do. ``strip_sep_token`` replaces [SEP] by padding, as
+    open_clip's ``HFTokenizer`` does for the CLIPA / NV-CLIP text towers.
+    """
+
+    kind = "hf"
+    OPTIONS_FILE = "clip_tao_hf_options.json"
+
+    def __init__(self, source: str, context_length: int, canonicalize: bool = False, strip_sep_token: bool = False):
+        super().__init__(context_length, canonicalize)
+        self.source = source
+        self.strip_sep_token = strip_sep_token
+        self._tok = load_hf_tokenizer(source)
+
+    @property
+    def vocab_size(self) -> int:
+        return len(self._tok)
+
+    def _encode(self, texts: list[str]) -> torch.Tensor:
+        texts = [" ".join(t.split()) for t in texts]
+        ids = self._tok(
+            texts, return_tensors="pt", max_length=self.context_length, padding="max_length", truncation=True
+        ).input_ids
+        if self.strip_sep_token and self._tok.sep_token_id is not None:
+            ids = torch.where(ids == self._tok.sep_token_id, torch.zeros_like(ids), ids)
+        return ids.long()
+
+    def _save_files(self, folder: str) -> None:
+        self._tok.save_pretrained(folder)
+        with open(os.path.join(folder, self.OPTIONS_FILE), "w", encoding="utf-8") as f:
+            json.dump({"strip_sep_token": self.strip_sep_token, "source": self.source}, f, indent=2)
+
+    @classmethod
+    def _from_folder(cls, folder: str, context_length: int, canonicalize: bool) -> Tokenizer:
+        options = {}
+        path = os.path.join(folder, cls.OPTIONS_FILE)
+        if os.path.isfile(path):
+            with open(path, encoding="utf-8") as f:
+                options = json.load(f)
+        return cls(folder, context_length, canonicalize, strip_sep_token=options.get("strip_sep_token", False))
+
+
+def load_hf_tokenizer(source: str):
+    """``AutoTokenizer`` from a local folder or a hub id (the HF cache serves it offline)."""
+    from clip_tao.errors import ModelError
+
+    try:
+        from transformers import AutoTokenizer
+
+        return AutoTokenizer.from_pretrained(source)
+    except (OSError, ValueError) as exc:
+        if os.path.isdir(source):
+            raise ModelError(f"tokenizer folder {source!r} cannot be loaded: {_first_line(exc)}") from exc
+        raise ModelError(
+            f"tokenizer {source!r} is not reachable ({_first_line(exc)}): pre-fetch it with "
+            f"`huggingface-cli download {source}` (then HF_HUB_OFFLINE=1 works) or give a local folder "
+            "with model.tokenizer_path"
+        ) from exc
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+TOKENIZER_KINDS: dict[str, type[Tokenizer]] = {
+    OpenClipBpeTokenizer.kind: OpenClipBpeTokenizer,
+    HfTokenizer.kind: HfTokenizer,
+}
 
 
 def build_tokenizer(kind: str, context_length: int, canonicalize: bool = False) -> Tokenizer:
