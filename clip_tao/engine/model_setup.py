@@ -17,13 +17,15 @@ log = logging.getLogger(__name__)
 def build_model(cfg: ExperimentConfig, checkpoint: str | None = None) -> ClipModel:
     """``model.type`` with its published weights (or ``model.pretrained_path``), then ``checkpoint`` on top.
 
-    With a checkpoint the published weights are not fetched: the checkpoint replaces all of them.
+    With a checkpoint the published weights are not fetched from the hub: the checkpoint replaces all of
+    them. A local ``model.pretrained_path`` is still read, because for some families (Radio-CLIP, SigLIP2)
+    the architecture and the tokenizer come from those files.
     """
     m = cfg.model
     model = create_model(
         m.type,
         pretrained=checkpoint is None,
-        pretrained_path=None if checkpoint else m.pretrained_path,
+        pretrained_path=m.pretrained_path,
         image_size=m.image_size,
         canonicalize_text=m.canonicalize_text,
         loss_type=cfg.train.loss_type,
