@@ -1,0 +1,67 @@
+"""The real-size architectures, instantiated once each on the meta device (no memory, no download).
+
+Published sizes: SigLIP2 So400m ~400 M vision parameters; C-RADIOv3-B/L/H/g widths 768/1024/1280/1536
+(about 98 M / 320 M / 653 M / 1.1 B backbone parameters); NV-CLIP L/H vision towers ~304 M / ~632 M.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from clip_tao.models import list_models
+from clip_tao.models.registry import get_model_info
+
+
+def _count(module: torch.nn.Module) -> float:
+    return sum(p.numel() for p in module.parameters()) / 1e6
+
+
+@pytest.mark.parametrize("info", list_models("siglip2-so400m-*"), ids=lambda i: i.name)
+def test_siglip2_so400m_sizes(info):
+    from clip_tao.models.siglip_family import build_siglip_module
+
+    with torch.device("meta"):
+        model = build_siglip_module(info)
+    assert 400 <= _count(model.vision_model) <= 432
+    assert model.config.vision_config.hidden_size == info.embed_dim == 1152
+    assert model.config.text_config.max_position_embeddings == info.context_length == 64
+
+
+@pytest.mark.parametrize(
+    ("size", "width", "depth", "millions"),
+    [("b", 768, 12, 98), ("l", 1024, 24, 320), ("h", 1280, 32, 652), ("g", 1536, 40, 1160)],
+)
+def test_c_radio_v3_backbone_sizes(size, width, depth, millions):
+    from clip_tao.models.radio_backbone import RadioBackbone
+
+    info = get_model_info(f"c-radio_v3-{size}")
+    with torch.device("meta"):
+        backbone = RadioBackbone(info.config["args"], init_weights=False)
+    assert backbone.embed_dim == width and len(backbone.blocks) == depth
+    assert _count(backbone) == pytest.approx(millions, rel=0.01)
+    # One class token per teacher (4) padded with registers to a multiple of 8; the 2048-px CPE grid.
+    assert backbone.patch_generator.num_skip == 8 and backbone.patch_generator.grid == 128
+
+
+@pytest.mark.parametrize(
+    ("name", "vision_millions"), [("ViT-L-14-SigLIP-CLIPA-224", 304), ("ViT-H-14-SigLIP-CLIPA-224", 632)]
+)
+def test_nvclip_sizes(name, vision_millions):
+    from clip_tao.models.openclip_family import build_openclip_module
+
+    with torch.device("meta"):
+        clip = build_openclip_module(copy.deepcopy(get_model_info(name).config))
+    assert _count(clip.visual) == pytest.approx(vision_millions, rel=0.01)
+    assert clip.text_projection.shape[1] == get_model_info(name).embed_dim
+
+
+def test_every_family_type_is_registered():
+    names = {i.name for i in list_models()}
+    assert {f"siglip2-so400m-patch{p}" for p in ("14-224", "14-384", "16-256", "16-384", "16-512")} <= names
+    assert {f"c-radio_v3-{s}" for s in "blhg"} <= names
+    assert {
+        f"ViT-{v}-14-SigLIP-CLIPA-{r}" for v, r in [("L", 224), ("L", 336), ("H", 224), ("H", 336), ("H", 574)]
+    } <= names
