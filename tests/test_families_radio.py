@@ -204,3 +204,76 @@ def test_unreachable_published_weights_name_the_file(monkeypatch, tmp_path):
     monkeypatch.setattr(hub_constants, "HF_HUB_CACHE", str(tmp_path / "empty-cache"))
     with pytest.raises(ModelError, match=r"huggingface-cli download nvidia/C-RADIOv3-B c-radio_v3-b_half\.pth\.tar"):
         create_model("c-radio_v3-b", adaptor_name="siglip")
+
+
+HUBCONF = '''
+"""A local stand-in for a clone of NVlabs/RADIO: same entry point and output layout (dict of summaries)."""
+from types import SimpleNamespace
+
+import torch
+from torch import nn
+
+from clip_tao.models.radio_backbone import MlpHeadV2, RadioBackbone, head_state, load_backbone_weights, read_radio_checkpoint
+
+dependencies = ["torch", "timm"]
+
+
+class _Adaptor(nn.Module):
+    def __init__(self, head, index):
+        super().__init__()
+        self.head_mlp = head
+        self.head_idx = index
+        self.text_model = nn.Linear(2, 2)  # RADIO's adaptors carry the teacher's text model
+
+
+class _Radio(nn.Module):
+    patch_size = 16
+
+    def __init__(self, backbone, mean, std, adaptors):
+        super().__init__()
+        self.model = backbone
+        self.register_buffer("mean", mean)
+        self.register_buffer("std", std)
+        self.adaptors = nn.ModuleDict(adaptors)
+
+    def forward(self, x):
+        y = self.model((x - self.mean) / self.std)  # RADIO conditions its own input
+        out = {"backbone": SimpleNamespace(summary=y[:, 0], features=y[:, 8:])}
+        for name, adaptor in self.adaptors.items():
+            out[name] = SimpleNamespace(summary=adaptor.head_mlp(y[:, adaptor.head_idx]), features=None)
+        return out
+
+
+def radio_model(version="", progress=True, adaptor_names=None, **kwargs):
+    args, state = read_radio_checkpoint(version)
+    backbone = RadioBackbone(args, init_weights=False)
+    load_backbone_weights(backbone, state, version)
+    adaptors = {}
+    for index, teacher in enumerate(args.teachers):
+        if teacher["name"] in (adaptor_names or []):
+            weights = head_state(state, index, teacher["name"])
+            head = MlpHeadV2(**MlpHeadV2.shape_from_state(weights))
+            head.load_state_dict(weights)
+            adaptors[teacher["name"]] = _Adaptor(head, index)
+    return _Radio(backbone, state["input_conditioner.norm_mean"], state["input_conditioner.norm_std"], adaptors)
+'''
+
+
+def test_local_radio_repo_through_torch_hub(assets, tmp_path):
+    """model.radio_repo_dir: the image tower comes from torch.hub.load(dir, source='local'), fed [0, 1] pixels."""
+    repo = tmp_path / "RADIO"
+    repo.mkdir()
+    (repo / "hubconf.py").write_text(HUBCONF, encoding="utf-8")
+    hub = _build(assets, "siglip", radio_repo_dir=str(repo)).eval()
+    native = _build(assets, "siglip").eval()
+    assert hub.preprocess.mean == (0.0, 0.0, 0.0) and hub.preprocess.std == (1.0, 1.0, 1.0)
+    assert hub.visual.radio.adaptors["siglip2-g"].text_model is None  # our text tower replaces the adaptor's
+    raw = torch.rand(2, 3, 64, 64)
+    mean = torch.tensor(native.preprocess.mean).view(1, 3, 1, 1)
+    std = torch.tensor(native.preprocess.std).view(1, 3, 1, 1)
+    with torch.no_grad():
+        torch.testing.assert_close(hub.encode_image(raw), native.encode_image((raw - mean) / std), atol=1e-5, rtol=1e-5)
+        ids = hub.tokenizer(["a dog"])
+        torch.testing.assert_close(hub.encode_text(ids), native.encode_text(ids))
+    with pytest.raises(ModelError, match="holds no hubconf.py"):
+        _build(assets, "siglip", radio_repo_dir=str(tmp_path))
