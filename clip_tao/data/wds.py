@@ -189,17 +189,38 @@ def iter_raw_samples(shard: Shard, skipped: SkipCounter) -> Iterator[dict]:
     try:
         stream = open_shard(shard.url)
     except (OSError, DataError) as exc:
-        log.warning("shard %s cannot be opened (%s): skipped", shard.name, exc)
+        _warn_once(shard, f"shard {shard.name} cannot be opened ({exc}): skipped")
         skipped["unreadable_shard"] += 1
         return
+    read = 0
+
+    def members():
+        nonlocal read
+        for member in tar_file_iterator(stream, handler=reraise):
+            read += 1
+            yield {**member, "__url__": shard.url}
+
     try:
-        members = ({**m, "__url__": shard.url} for m in tar_file_iterator(stream, handler=reraise))
-        yield from group_by_keys(members, handler=reraise)
+        yield from group_by_keys(members(), handler=reraise)
     except SHARD_ERRORS as exc:
-        log.warning("shard %s is truncated or corrupt (%s): the rest of it is skipped", shard.name, exc)
-        skipped["truncated_shard"] += 1
+        if read == 0:  # not a tar file at all (or empty): the whole shard is unusable
+            _warn_once(shard, f"shard {shard.name} cannot be read as a tar file ({exc}): skipped")
+            skipped["unreadable_shard"] += 1
+        else:
+            _warn_once(shard, f"shard {shard.name} is truncated or corrupt ({exc}): the rest of it is skipped")
+            skipped["truncated_shard"] += 1
     finally:
         stream.close()
+
+
+_warned: set[str] = set()
+
+
+def _warn_once(shard: Shard, message: str) -> None:
+    """Log a shard's problem once a process (it is counted every time it is met)."""
+    if shard.url not in _warned:
+        _warned.add(shard.url)
+        log.warning("%s", message)
 
 
 def decode_pair(raw: dict) -> tuple[Image.Image | None, str | None, str | None]:
@@ -324,7 +345,8 @@ class WdsTrainStream(IterableDataset):
         info = get_worker_info()
         physical = info.id if info is not None else 0
         worker = (physical + self.rotation) % self.plan.slots_per_rank
-        start = self.resume[worker] if self.resume else None
+        # A worker with no recorded position had not delivered a batch yet: it starts at the beginning.
+        start = self.resume[worker] if self.resume and worker < len(self.resume) and self.resume[worker] else None
         yield from self._slot_batches(worker, start)
 
     def _slot_batches(self, worker: int, start: dict | None) -> Iterator[dict]:
@@ -350,7 +372,8 @@ class WdsTrainStream(IterableDataset):
                     position["yielded"] += 1
                     if len(pending) == self.plan.batch_size:
                         yield _collate(pending, skipped, {"worker": worker, **position})
-                        pending, skipped = [], SkipCounter()
+                        pending = []
+                        skipped.clear()  # the shard reader holds this counter: clear it, never replace it
                     if position["yielded"] >= quota:
                         return
                 position.update(shard=shard_index + 1, offset=0)
