@@ -50,6 +50,8 @@ class DatasetEntry:
     caption_dir: str | None = None
     caption_file_suffix: str = ".txt"
     image_list_file: str | None = None
+    # clip-tao: every non-empty line of a caption file is a caption of its image (COCO/Flickr style).
+    multi_caption: bool = False
 
 
 @dataclass
@@ -156,6 +158,10 @@ class EvaluateConfig:
     num_gpus: int = 1
     gpu_ids: list[int] = field(default_factory=lambda: [0])
     results_dir: str | None = None
+    # clip-tao: "retrieval" (TAO's) or zero-shot "classification" of a folder-per-class image tree.
+    mode: Literal["retrieval", "classification"] = "retrieval"
+    classnames_file: str | None = None  # one class name a line, in sorted folder order
+    templates_file: str | None = None  # prompt templates, one a line, "{}" marks the class name
 
 
 @dataclass
@@ -171,6 +177,12 @@ class InferenceConfig:
     num_gpus: int = 1
     gpu_ids: list[int] = field(default_factory=lambda: [0])
     results_dir: str | None = None
+    # clip-tao: "embed" (TAO's .h5 files) or "search": rank the images against each prompt / query image.
+    mode: Literal["embed", "search"] = "embed"
+    top_k: int = 5
+    image_embeddings_file: str | None = None  # search an existing image_embeddings.h5 instead of embedding
+    query_images: list[str] = field(default_factory=list)  # image files or folders for image-to-image search
+    faiss_min_images: int = 50000  # collections at least this large are searched through a FAISS index
 
 
 @dataclass

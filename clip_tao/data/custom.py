@@ -30,6 +30,12 @@ class Sample:
     image_path: str
     caption: str | None
     key: str  # "<dataset index>/<path relative to image_dir>": unique across concatenated datasets
+    extra_captions: tuple[str, ...] = ()  # further captions of a multi-caption entry
+
+    @property
+    def captions(self) -> tuple[str, ...]:
+        """Every caption of the image (one unless its entry has ``multi_caption: true``)."""
+        return () if self.caption is None else (self.caption, *self.extra_captions)
 
 
 class SkipCounter(Counter):
@@ -59,14 +65,16 @@ def scan_custom_datasets(
             raise DataError(f"{where}.caption_dir {caption_dir!r} does not exist: point it at the caption files")
         found = 0
         for rel in tqdm(image_paths, desc=f"scan {where}", unit="img", leave=False, disable=len(image_paths) < 5000):
-            caption = None
+            captions: tuple[str, ...] = ()
             if require_captions:
                 caption_path = os.path.join(caption_dir, os.path.splitext(rel)[0] + entry.caption_file_suffix)
-                caption, problem = read_caption(caption_path)
+                text, problem = read_caption(caption_path)
                 if problem:
                     skipped[problem] += 1
                     continue
-            samples.append(Sample(os.path.join(entry.image_dir, rel), caption, f"{index}/{rel}"))
+                captions = split_captions(text) if entry.multi_caption else (text,)
+            first, *rest = captions or (None,)
+            samples.append(Sample(os.path.join(entry.image_dir, rel), first, f"{index}/{rel}", tuple(rest)))
             found += 1
         log.info("%s: %d samples from %s", where, found, entry.image_dir)
     if not samples:
@@ -95,6 +103,11 @@ def read_caption(path: str) -> tuple[str | None, str | None]:
     if not text:
         return None, "empty_caption"
     return text, None
+
+
+def split_captions(text: str) -> tuple[str, ...]:
+    """The non-empty lines of a multi-caption file, each stripped."""
+    return tuple(line.strip() for line in text.splitlines() if line.strip())
 
 
 def _list_images(entry: DatasetEntry, where: str) -> list[str]:

@@ -1,52 +1,64 @@
-"""``clip-tao evaluate``: image-text retrieval figures in both directions on ``evaluate.datasets``."""
+"""``clip-tao evaluate``: image-text retrieval in both directions, or zero-shot classification.
+
+Retrieval (TAO's): ``evaluate.datasets`` (falling back to ``dataset.val``), one or many captions per image.
+Classification (``evaluate.mode: classification``): a folder per class, prompts from templates.
+"""
 
 from __future__ import annotations
 
+import csv
 import logging
 import os
 
+import torch
+
+from clip_tao.classification import DEFAULT_TEMPLATES, class_embeddings, classification_metrics
 from clip_tao.config.schema import ExperimentConfig
-from clip_tao.data.loaders import build_eval_loader
+from clip_tao.data.classes import build_image_loader, scan_labelled_images
+from clip_tao.data.loaders import build_eval_loader, build_val_loader
 from clip_tao.engine.device import resolve_precision
-from clip_tao.engine.embedding import embed_loader
+from clip_tao.engine.embedding import embed_loader, embed_texts
 from clip_tao.engine.model_setup import backend_name, build_encoder
 from clip_tao.errors import DataError
-from clip_tao.io.atomic import write_json
-from clip_tao.io.tables import format_retrieval_table
+from clip_tao.io import plots
+from clip_tao.io.atomic import atomic_path, write_json
+from clip_tao.io.tables import format_retrieval_table, format_table
 from clip_tao.io.task_dir import prepare_task_dir
-from clip_tao.metrics import retrieval_metrics
+from clip_tao.metrics import compute_retrieval
 
 log = logging.getLogger(__name__)
 
 
 def run(cfg: ExperimentConfig) -> dict:
     out_dir, status = prepare_task_dir(cfg, "evaluate")
-    status.write("STARTED", "Starting evaluation.")
+    status.write("STARTED", f"Starting evaluation ({cfg.evaluate.mode}).")
     try:
-        results = _evaluate(cfg, out_dir)
+        if cfg.evaluate.mode == "classification":
+            results = _classification(cfg, out_dir)
+        else:
+            results = _retrieval(cfg, out_dir)
     except Exception as exc:
         status.write("FAILURE", f"Evaluation failed: {exc}")
         raise
-    status.write("SUCCESS", "Evaluation finished.", kpi=results)
+    kpi = {k: v for k, v in results.items() if isinstance(v, (int, float))}
+    status.write("SUCCESS", "Evaluation finished.", kpi=kpi)
     return results
 
 
-def _evaluate(cfg: ExperimentConfig, out_dir: str) -> dict:
+def _retrieval(cfg: ExperimentConfig, out_dir: str) -> dict:
     e = cfg.evaluate
-    # TAO 7.0.1 falls back to the validation data when evaluate.datasets is not given.
-    entries, section = (
-        (e.datasets, "evaluate.datasets") if e.datasets else (cfg.dataset.val.datasets, "dataset.val.datasets")
-    )
-    if not entries:
-        raise DataError("nothing to evaluate: set evaluate.datasets (or dataset.val.datasets) to image/caption folders")
     model, device = build_encoder(cfg, "evaluate")
-    data = build_eval_loader(
-        entries, section, model.preprocess, model.tokenizer, e.batch_size, e.num_workers, cfg.dataset.pin_memory
-    )
-    embeddings = embed_loader(model, data.loader, device, resolve_precision("fp32", device), desc="evaluate")
+    if hasattr(model, "require"):  # a deployed backend must hold both encoders
+        model.require("vision")
+        model.require("text")
+    data, section = _retrieval_data(cfg, model)
+    precision = resolve_precision("fp32", device)
+    embeddings = embed_loader(model, data.loader, device, precision, desc="evaluate")
     if embeddings.image is None or len(embeddings.image) < 2:
         raise DataError(f"{section}: fewer than two decodable images; nothing to rank")
-    metrics = retrieval_metrics(embeddings.image, embeddings.text, device=device)
+    texts, owner = _all_captions(model, data, embeddings, device, precision, e.batch_size)
+    result = compute_retrieval(embeddings.image, texts, owner, device=device)
+    metrics = result.figures
     skipped = embeddings.skipped + data.scan_skipped
     results = {
         **metrics,
@@ -56,8 +68,125 @@ def _evaluate(cfg: ExperimentConfig, out_dir: str) -> dict:
         "skipped_files": dict(skipped),
     }
     write_json(os.path.join(out_dir, "results.json"), results)
+    ranks = {"i2t": result.i2t_ranks, "t2i": result.t2i_ranks}
+    plots.recall_at_k_png(ranks, os.path.join(out_dir, "recall_at_k.png"))
+    plots.rank_histogram_png(ranks, os.path.join(out_dir, "rank_histogram.png"))
     print(f"\nRetrieval on {metrics['num_images']} images / {metrics['num_texts']} captions ({model.model_type})")
     print(format_retrieval_table(metrics))
     if skipped:
         print(f"skipped: {skipped.summary()}")
     return results
+
+
+def _retrieval_data(cfg: ExperimentConfig, model):
+    e = cfg.evaluate
+    pin = cfg.dataset.pin_memory
+    if e.datasets:
+        loader = build_eval_loader(e.datasets, "evaluate.datasets", model.preprocess, model.tokenizer,
+                                   e.batch_size, e.num_workers, pin)  # fmt: skip
+        return loader, "evaluate.datasets"
+    # TAO 7.0.1 falls back to the validation data when evaluate.datasets is not given.
+    loader = build_val_loader(cfg.dataset, model.preprocess, model.tokenizer, pin)
+    if loader is None:
+        raise DataError("nothing to evaluate: set evaluate.datasets (or dataset.val.datasets) to image/caption folders")
+    return loader, "dataset.val"
+
+
+def _all_captions(model, data, embeddings, device, precision, batch_size) -> tuple[torch.Tensor, torch.Tensor]:
+    """Every caption of every embedded image and the image it belongs to.
+
+    The loader gives each image's first caption; multi-caption entries add the rest here.
+    """
+    count = len(embeddings.image)
+    owner = [torch.arange(count)]
+    texts = [embeddings.text]
+    if data.samples:
+        extra, extra_owner = [], []
+        for row, index in enumerate(embeddings.indices.tolist()):
+            for caption in data.samples[index].extra_captions:
+                extra.append(caption)
+                extra_owner.append(row)
+        if extra:
+            texts.append(embed_texts(model, extra, device, precision, batch_size))
+            owner.append(torch.tensor(extra_owner))
+    return torch.cat(texts), torch.cat(owner)
+
+
+def _classification(cfg: ExperimentConfig, out_dir: str) -> dict:
+    e = cfg.evaluate
+    entries, section = (
+        (e.datasets, "evaluate.datasets") if e.datasets else (cfg.dataset.val.datasets, "dataset.val.datasets")
+    )
+    samples, labels, folders = scan_labelled_images(entries, section)
+    classnames = (
+        _read_lines(e.classnames_file, "evaluate.classnames_file")
+        if e.classnames_file
+        else [f.replace("_", " ") for f in folders]
+    )
+    if len(classnames) != len(folders):
+        raise DataError(
+            f"evaluate.classnames_file has {len(classnames)} names for {len(folders)} classes ({', '.join(folders[:5])} ...)"
+        )
+    templates = (
+        _read_lines(e.templates_file, "evaluate.templates_file") if e.templates_file else list(DEFAULT_TEMPLATES)
+    )
+    if bad := [t for t in templates if "{}" not in t]:
+        raise DataError(f"evaluate.templates_file: template {bad[0]!r} has no {{}} where the class name goes")
+
+    model, device = build_encoder(cfg, "evaluate")
+    precision = resolve_precision("fp32", device)
+    classes = class_embeddings(
+        lambda texts: embed_texts(model, texts, device, precision, e.batch_size), classnames, templates
+    )
+    loader = build_image_loader(
+        samples, model.preprocess, e.batch_size, e.num_workers, "evaluate.num_workers", cfg.dataset.pin_memory
+    )
+    embeddings = embed_loader(model, loader, device, precision, desc="classify", texts=False)
+    if embeddings.image is None:
+        raise DataError(f"{section}: no decodable image")
+    kept = torch.tensor(labels)[embeddings.indices]
+    metrics = classification_metrics(embeddings.image @ classes.T, kept, len(classnames))
+    confusion, per_class = metrics.pop("confusion"), metrics.pop("per_class")
+
+    plots.confusion_matrix_png(confusion, classnames, os.path.join(out_dir, "confusion_matrix.png"))
+    _write_per_class_csv(os.path.join(out_dir, "per_class.csv"), folders, classnames, per_class)
+    results = {
+        **metrics,
+        "num_templates": len(templates),
+        "model_type": model.model_type,
+        "backend": backend_name(e),
+        "checkpoint": e.checkpoint,
+        "skipped_files": dict(embeddings.skipped),
+    }
+    write_json(os.path.join(out_dir, "results.json"), results)
+    print(
+        f"\nZero-shot classification of {metrics['num_images']} images into {len(classnames)} classes ({model.model_type})"
+    )
+    print(
+        format_table(
+            ["top-1 %", "top-5 %", "mean per-class recall %"],
+            [[metrics["top1"], metrics["top5"], metrics["mean_per_class_recall"]]],
+        )
+    )
+    if len(classnames) <= 20:
+        rows = [[name, row["support"], row["recall"], row["precision"]] for name, row in zip(classnames, per_class)]
+        print(format_table(["class", "images", "recall %", "precision %"], rows))
+    return results
+
+
+def _read_lines(path: str, key: str) -> list[str]:
+    if not os.path.isfile(path):
+        raise DataError(f"{key} {path!r} does not exist")
+    with open(path, encoding="utf-8-sig") as f:
+        lines = [line.strip() for line in f if line.strip()]
+    if not lines:
+        raise DataError(f"{key} {path!r} is empty")
+    return lines
+
+
+def _write_per_class_csv(path: str, folders: list[str], classnames: list[str], per_class: list[dict]) -> None:
+    with atomic_path(path) as tmp, open(tmp, "w", newline="", encoding="utf-8") as f:
+        writer = csv.writer(f)
+        writer.writerow(["class_index", "folder", "class_name", "images", "recall_percent", "precision_percent"])
+        for i, (folder, name, row) in enumerate(zip(folders, classnames, per_class)):
+            writer.writerow([i, folder, name, row["support"], f"{row['recall']:.4f}", f"{row['precision']:.4f}"])
