@@ -2,13 +2,13 @@
 """Speed and memory of clip-tao's hot paths, measured (never asserted by tests).
 
     python scripts/benchmark.py train --model tiny-clip --batch 32 --steps 30
-    python scripts/benchmark.py eval --n 20000 --dim 512
+    python scripts/benchmark.py eval --n 200000 --dim 1152 --dense-n 30000
 
 ``train``: training samples/s (forward + backward + optimiser step) on random inputs, against the bare
 forward+backward of the same model (the floor clip-tao's step adds to).
 ``eval``: wall time and peak memory of the exact chunked retrieval metrics against the bare similarity
-matrix product of the same size (the floor). Each measurement runs in a fresh process so its peak memory
-is its own.
+matrix product of the same size (the floor), and against the dense computation at a size where it fits.
+Each measurement runs in a fresh process so its peak memory is its own.
 """
 
 from __future__ import annotations
@@ -211,49 +211,56 @@ def _tensorrt_rate(folder: str, rate) -> dict:
 
 
 # -- eval -------------------------------------------------------------------------------------------
-def _eval_child(mode: str, n: int, dim: int, chunk: int) -> dict:
+def _eval_child(mode: str, n: int, dim: int, chunk: int, device: str) -> dict:
     import torch
 
-    from clip_tao.metrics import retrieval_metrics
+    from clip_tao import metrics
 
     g = torch.Generator().manual_seed(0)
-    images = torch.nn.functional.normalize(torch.randn(n, dim, generator=g), dim=-1)
-    texts = torch.nn.functional.normalize(images + 0.5 * torch.randn(n, dim, generator=g), dim=-1)
+    images = torch.nn.functional.normalize(torch.randn(n, dim, generator=g), dim=-1).to(device)
+    texts = torch.nn.functional.normalize(images.cpu() + 0.5 * torch.randn(n, dim, generator=g), dim=-1).to(device)
+    step = chunk or max(1, metrics.BLOCK_ELEMENTS // n)
     base = peak_rss_mb()
     start = time.perf_counter()
+    figures = {}
     if mode == "chunked":
-        metrics = retrieval_metrics(images, texts, chunk_size=chunk)
-    elif mode == "dense":
-        metrics = retrieval_metrics(images, texts, chunk_size=n)
-    else:  # the floor: the bare similarity product, block by block, result discarded
-        for s in range(0, n, chunk):
-            _ = images[s : s + chunk] @ texts.T
-        metrics = {}
+        figures = metrics.retrieval_metrics(images, texts, chunk_size=step)
+    elif mode == "dense":  # the whole similarity matrix at once
+        figures = metrics.retrieval_metrics(images, texts, chunk_size=n)
+    else:  # the floor: the bare similarity product, in the same blocks, result discarded
+        for s in range(0, n, step):
+            _ = texts[s : s + step] @ images.T
+    if device != "cpu":
+        torch.cuda.synchronize()
     seconds = time.perf_counter() - start
     return {
         "mode": mode,
-        "seconds": round(seconds, 3),
-        "extra_peak_mb": round(peak_rss_mb() - base),
-        "t2i_R@1": metrics.get("t2i_R@1"),
+        "n": n,
+        "seconds": round(seconds, 2),
+        "extra_peak_rss_mb": round(peak_rss_mb() - base),
+        "t2i_R@1": figures.get("t2i_R@1"),
     }
 
 
 def bench_eval(args) -> dict:
-    rows = []
-    for mode in ("product", "chunked", "dense"):
-        if mode == "dense" and args.n > args.dense_max:
-            rows.append({"mode": "dense", "skipped": f"n > --dense-max {args.dense_max}"})
-            continue
-        cmd = [sys.executable, __file__, "_eval_child", mode, str(args.n), str(args.dim), str(args.chunk)]
+    """Chunked metrics and the bare product at ``--n``; dense and chunked side by side at ``--dense-n``."""
+
+    def child(mode: str, n: int) -> dict:
+        cmd = [sys.executable, __file__, "_eval_child", mode, str(n), str(args.dim), str(args.chunk), args.device]
         out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
-        rows.append(json.loads(out.strip().splitlines()[-1]))
-    return {"benchmark": "eval", "n": args.n, "dim": args.dim, "chunk": args.chunk, "runs": rows}
+        return json.loads(out.strip().splitlines()[-1])
+
+    runs = [child("product", args.n), child("chunked", args.n)]
+    ratio = round(runs[1]["seconds"] / runs[0]["seconds"], 2)
+    if args.dense_n:
+        runs += [child("dense", args.dense_n), child("chunked", args.dense_n)]
+    return {"benchmark": "eval", "dim": args.dim, "device": args.device, "chunked_vs_product": ratio, "runs": runs}
 
 
 def main() -> None:
     if len(sys.argv) > 1 and sys.argv[1] == "_eval_child":
         mode, n, dim, chunk = sys.argv[2], *map(int, sys.argv[3:6])
-        print(json.dumps(_eval_child(mode, n, dim, chunk)))
+        print(json.dumps(_eval_child(mode, n, dim, chunk, sys.argv[6])))
         return
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="what", required=True)
@@ -271,11 +278,12 @@ def main() -> None:
     m.add_argument("--iters", type=int, default=20)
     m.add_argument("--warmup", type=int, default=3)
     m.add_argument("--cpu", action="store_true", help="stay on the CPU even when a GPU is present")
-    e = sub.add_parser("eval", help="chunked retrieval metrics: time and memory")
-    e.add_argument("--n", type=int, default=20000)
-    e.add_argument("--dim", type=int, default=512)
-    e.add_argument("--chunk", type=int, default=1024)
-    e.add_argument("--dense-max", type=int, default=20000, help="largest n for the dense (one block) run")
+    e = sub.add_parser("eval", help="exact chunked retrieval metrics: time and memory against the bare product")
+    e.add_argument("--n", type=int, default=20000, help="images = captions")
+    e.add_argument("--dim", type=int, default=1152)
+    e.add_argument("--chunk", type=int, default=0, help="captions a block (0: the library's default)")
+    e.add_argument("--dense-n", type=int, default=0, help="also run dense vs chunked at this size (0: skip)")
+    e.add_argument("--device", default="cpu")
     args = parser.parse_args()
     result = {"train": bench_train, "embed": bench_embed, "eval": bench_eval}[args.what](args)
     result["machine"] = machine()
