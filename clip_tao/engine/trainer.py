@@ -275,7 +275,8 @@ class Trainer:
             if improved:
                 s.best_value, s.best_epoch = kpi[BEST_METRIC], epoch
             saved = None
-            if t.checkpoint_interval_unit == "epoch" and (s.epoch % t.checkpoint_interval == 0 or last):
+            # The last epoch always ends with a checkpoint, whatever the unit of the interval.
+            if last or (t.checkpoint_interval_unit == "epoch" and s.epoch % t.checkpoint_interval == 0):
                 saved = self.save(epoch)
             if improved:
                 self._save_best(saved)

@@ -34,6 +34,7 @@ def run(cfg: ExperimentConfig) -> dict:
             status.write("FAILURE", f"Training failed: {exc}")
             raise
         status.write("SUCCESS", "Training finished.", kpi=summary["final"])
+        barrier(dist)  # on success only: a failed rank is torn down by torchrun instead
         return summary
     finally:
         cleanup_distributed()
