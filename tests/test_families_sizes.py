@@ -30,6 +30,14 @@ def test_siglip2_so400m_sizes(info):
     assert model.config.text_config.max_position_embeddings == info.context_length == 64
 
 
+def test_siglip2_naflex_size():
+    from clip_tao.models.naflex_family import build_naflex_module
+
+    with torch.device("meta"):
+        model = build_naflex_module(get_model_info("siglip2-so400m-patch16-naflex"))
+    assert 400 <= _count(model.vision_model) <= 432
+
+
 @pytest.mark.parametrize(
     ("size", "width", "depth", "millions"),
     [("b", 768, 12, 98), ("l", 1024, 24, 320), ("h", 1280, 32, 652), ("g", 1536, 40, 1160)],
@@ -61,7 +69,7 @@ def test_nvclip_sizes(name, vision_millions):
 def test_every_family_type_is_registered():
     names = {i.name for i in list_models()}
     assert {f"siglip2-so400m-patch{p}" for p in ("14-224", "14-384", "16-256", "16-384", "16-512")} <= names
-    assert {f"c-radio_v3-{s}" for s in "blhg"} <= names
+    assert {f"c-radio_v3-{s}" for s in "blhg"} | {"siglip2-so400m-patch16-naflex"} <= names
     assert {
         f"ViT-{v}-14-SigLIP-CLIPA-{r}" for v, r in [("L", 224), ("L", 336), ("H", 224), ("H", 336), ("H", 574)]
     } <= names

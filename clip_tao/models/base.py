@@ -51,6 +51,8 @@ class ClipModel(nn.Module, metaclass=ABCMeta):
     model_type: str
     tokenizer: Tokenizer
     preprocess: Preprocess
+    # False for models whose inputs an ONNX graph cannot express (NaFlex's variable-length patch sequences).
+    exportable: bool = True
 
     # -- what a family implements ---------------------------------------------------------------
     @abstractmethod

@@ -27,6 +27,7 @@ FAMILY_MODULES = {
     "openclip": "clip_tao.models.openclip_family",
     "siglip": "clip_tao.models.siglip_family",
     "radio": "clip_tao.models.radio_family",
+    "siglip2-naflex": "clip_tao.models.naflex_family",
 }
 
 
