@@ -188,7 +188,11 @@ def iter_raw_samples(shard: Shard, skipped: SkipCounter) -> Iterator[dict]:
 
     try:
         stream = open_shard(shard.url)
-    except (OSError, DataError) as exc:
+    except DataError as exc:  # already names the shard
+        _warn_once(shard, f"{exc}: shard skipped")
+        skipped["unreadable_shard"] += 1
+        return
+    except OSError as exc:
         _warn_once(shard, f"shard {shard.name} cannot be opened ({exc}): skipped")
         skipped["unreadable_shard"] += 1
         return

@@ -152,7 +152,13 @@ def _fully_shard(net: ContrastiveForward, ctx: DistContext) -> nn.Module:
     are averaged by :func:`sync_replicated_grads`.
     """
     from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import fully_shard
+
+    try:
+        from torch.distributed.fsdp import fully_shard
+    except ImportError as exc:  # PyTorch < 2.6
+        raise ConfigError(
+            "train.distributed_strategy=fsdp needs PyTorch >= 2.6 (fully_shard); upgrade torch or use ddp"
+        ) from exc
 
     mesh = init_device_mesh(ctx.device.type, (ctx.world_size,))
     for module in net.modules():
