@@ -180,6 +180,7 @@ def test_adaptor_is_required_and_checked(assets):
         create_model("c-radio_v3-b", pretrained=False, adaptor_name="dino")
 
 
+@pytest.mark.filterwarnings("ignore:Detected pickle protocol")
 def test_checkpoint_is_read_with_an_allow_list_only(assets, tmp_path):
     # Anything beyond argparse.Namespace in the pickle is refused (no blanket unpickling).
     class Evil:
