@@ -191,3 +191,30 @@ def test_validation_reads_every_sample_once(tmp_path, model):
     assert sorted(k for b in batches for k in b["keys"]) == [f"shard-{i // 4:06d}.tar/{i:06d}" for i in range(11)]
     indices = torch.cat([b["indices"] for b in batches])
     assert len(set(indices.tolist())) == 11
+
+
+def test_cli_trains_validates_and_evaluates_on_shards(tiny_spec, tmp_path):
+    import yaml
+
+    from clip_tao.cli import main
+
+    spec = tiny_spec(train={"num_epochs": 1})
+    write_shardwriter(tmp_path / "train_shards", 32, per_shard=8)
+    (tmp_path / "train_shards" / "shard-000003.tar").write_bytes(b"garbage")  # an unreadable shard
+    write_shardwriter(tmp_path / "val_shards", 12, per_shard=6, start=500)
+    data = yaml.safe_load(spec.read_text())
+    data["dataset"]["train"] = {"type": "wds", "batch_size": 8, "num_workers": 0,
+                                "wds": {"root_dir": str(tmp_path / "train_shards"), "samples_per_shard": 8}}  # fmt: skip
+    data["dataset"]["val"] = {"type": "wds", "batch_size": 8, "num_workers": 0,
+                              "wds": {"root_dir": str(tmp_path / "val_shards")}}  # fmt: skip
+    data["evaluate"] = {"batch_size": 8, "num_workers": 0}
+    spec.write_text(yaml.safe_dump(data))
+    assert main(["train", "-e", str(spec)]) == 0
+    train = tmp_path / "results" / "train"
+    lines = [json.loads(line) for line in (train / "status.json").read_text().splitlines()]
+    epoch = next(line for line in lines if line["status"] == "RUNNING")
+    assert epoch["skipped"]["unreadable_shard"] >= 1 and "t2i_mAP" in epoch["kpi"]
+    assert torch.load(train / "clip_latest.pth", weights_only=True)["global_step"] == 4  # 32 samples / 8
+    assert main(["evaluate", "-e", str(spec), f"evaluate.checkpoint={train / 'clip_latest.pth'}"]) == 0
+    results = json.loads((tmp_path / "results" / "evaluate" / "results.json").read_text())
+    assert results["num_images"] == 12
