@@ -22,6 +22,7 @@ CORPUS = [
 ] * 40
 
 TINY_SIGLIP_TEXT = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2}
+GEMMA_SPECIAL_IDS = {"pad_token_id": 0, "eos_token_id": 1, "bos_token_id": 2}
 TINY_SIGLIP_VISION = {
     "image_size": 32,
     "patch_size": 8,
@@ -94,7 +95,7 @@ def make_siglip_folder(folder: Path, tokenizer_folder: Path) -> Path:
     from transformers import AutoTokenizer, SiglipConfig, SiglipModel
 
     tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_folder))
-    text = {**TINY_SIGLIP_TEXT, "vocab_size": len(tokenizer), "max_position_embeddings": 64}
+    text = {**TINY_SIGLIP_TEXT, **GEMMA_SPECIAL_IDS, "vocab_size": len(tokenizer), "max_position_embeddings": 64}
     torch.manual_seed(1)
     model = SiglipModel(SiglipConfig(text_config=text, vision_config=TINY_SIGLIP_VISION))
     with torch.no_grad():  # published weights have a trained scale and bias, not the init's zeros

@@ -9,7 +9,7 @@ import torch
 
 from clip_tao.losses import ContrastiveLoss
 from clip_tao.models import create_model
-from tests.family_assets import TINY_SIGLIP_TEXT, make_gemma_tokenizer
+from tests.family_assets import GEMMA_SPECIAL_IDS, TINY_SIGLIP_TEXT, make_gemma_tokenizer
 
 TYPE = "siglip2-so400m-patch16-naflex"
 
@@ -21,7 +21,7 @@ def folder(tmp_path_factory):
     root = tmp_path_factory.mktemp("naflex")
     make_gemma_tokenizer(root / "gemma")
     tokenizer = AutoTokenizer.from_pretrained(str(root / "gemma"))
-    text = {**TINY_SIGLIP_TEXT, "vocab_size": len(tokenizer), "max_position_embeddings": 64}
+    text = {**TINY_SIGLIP_TEXT, **GEMMA_SPECIAL_IDS, "vocab_size": len(tokenizer), "max_position_embeddings": 64}
     vision = {**TINY_SIGLIP_TEXT, "patch_size": 8, "num_patches": 16}  # a 4x4 position-embedding grid
     torch.manual_seed(4)
     model = Siglip2Model(Siglip2Config(text_config=text, vision_config=vision))

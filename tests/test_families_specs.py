@@ -88,3 +88,32 @@ def test_radio_without_adaptor_is_one_line(weights, tmp_path, monkeypatch, capsy
     assert err[-1].endswith(
         "model.adaptor_name is required for c-radio_v3-b: set it to siglip or clip (aliases: dfn, dfn_clip)"
     )
+
+
+@pytest.mark.parametrize("spec", ["siglip2", "radio_clip", "nvclip"])
+def test_family_exports_to_onnx_and_embeds_the_same(spec, weights, tmp_path, monkeypatch):
+    """Each family's spec exports (its own encoder_type); ONNX Runtime embeds as PyTorch does."""
+    import h5py
+    import numpy as np
+
+    pytest.importorskip("onnxruntime")
+    monkeypatch.chdir(REPO)
+    overrides = _overrides(tmp_path, weights, spec)
+    size = next(o.split("=")[1] for o in overrides if o.startswith("model.image_size="))
+    onnx_file = tmp_path / "export" / f"{spec}.onnx"
+    export = ["export.checkpoint=null", f"export.onnx_file={onnx_file}", "export.on_cpu=true"]
+    export += [f"export.input_height={size}", f"export.input_width={size}"]
+    assert main(["export", "-e", f"specs/{spec}.yaml", *overrides, *export]) == 0
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red square on blue\nA Green Square, on yellow!\n", encoding="utf-8")
+    images = next(o for o in overrides if o.startswith("evaluate.datasets=")).split("=", 1)[1]
+    embeddings = {}
+    for backend, option in (("pytorch", "inference.checkpoint=null"), ("onnx", f"inference.onnx_file={onnx_file}")):
+        out = [f"results_dir={tmp_path / backend}", "inference.checkpoint=null", option, "inference.num_workers=0"]
+        out += [f"inference.text_file={prompts}", f"inference.datasets={images}"]
+        assert main(["inference", "-e", f"specs/{spec}.yaml", *overrides, *out]) == 0
+        for kind in ("image", "text"):
+            with h5py.File(tmp_path / backend / "inference" / f"{kind}_embeddings.h5") as f:
+                embeddings[backend, kind] = f["embeddings"][()]
+    for kind in ("image", "text"):
+        np.testing.assert_allclose(embeddings["onnx", kind], embeddings["pytorch", kind], atol=1e-5)
