@@ -61,8 +61,11 @@ def test_multi_caption_retrieval_follows_the_definition(tiny_spec, tmp_path):
     assert json.loads((tmp_path / "results" / "evaluate" / "results.json").read_text())["num_texts"] == 16
 
 
-def test_evaluate_writes_valid_pictures(tiny_spec, tmp_path):
-    assert main(["evaluate", "-e", str(tiny_spec())]) == 0  # evaluate.datasets unset: dataset.val is used
+def test_evaluate_and_train_write_valid_pictures(tiny_spec, tmp_path):
+    spec = tiny_spec(train={"num_epochs": 2})
+    assert main(["train", "-e", str(spec)]) == 0
+    _png_ok(tmp_path / "results" / "train" / "training_curves.png")
+    assert main(["evaluate", "-e", str(spec)]) == 0  # evaluate.datasets unset: dataset.val is used
     for name in ("recall_at_k.png", "rank_histogram.png"):
         _png_ok(tmp_path / "results" / "evaluate" / name)
 

@@ -12,6 +12,7 @@ from clip_tao.engine.distributed import DistContext, barrier, cleanup_distribute
 from clip_tao.engine.model_setup import build_model
 from clip_tao.engine.trainer import BEST_METRIC, BEST_NAME, LATEST_NAME, Trainer
 from clip_tao.io.atomic import write_json
+from clip_tao.io.plots import training_curves_png
 from clip_tao.io.status import StatusWriter
 from clip_tao.io.tables import format_retrieval_table, format_table
 from clip_tao.io.task_dir import prepare_task_dir
@@ -74,6 +75,8 @@ def _train(cfg: ExperimentConfig, out_dir: str, status, dist: DistContext) -> di
     }
     if dist.is_main:
         write_json(os.path.join(out_dir, "training_summary.json"), summary)
+        if state.history:
+            training_curves_png(state.history, os.path.join(out_dir, "training_curves.png"))
         _print_summary(summary, out_dir)
     return summary
 
