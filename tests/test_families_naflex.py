@@ -85,3 +85,19 @@ def test_training_step_and_state_dict_round_trip(folder, loss_type, tmp_path):
     again = create_model(TYPE, pretrained_path=folder, image_size=32)
     again.load_state_dict(torch.load(tmp_path / "m.pt", weights_only=True))
     assert all(torch.equal(v, again.state_dict()[k]) for k, v in model.state_dict().items())
+
+
+def test_variable_size_batch_helpers(folder):
+    from clip_tao.models.naflex_family import naflex_image_size, pad_to_canvas
+
+    # The processor's patch budget: aspect ratio kept, multiples of 16, at most 256 patches.
+    height, width = naflex_image_size(480, 640)
+    assert height % 16 == width % 16 == 0 and (height // 16) * (width // 16) <= 256 and width > height
+    model = create_model(TYPE, pretrained_path=folder, image_size=32).eval()
+    images = [torch.randn(3, 16, 32), torch.randn(3, 32, 24)]
+    canvas, sizes = pad_to_canvas(images)
+    assert canvas.shape == (2, 3, 32, 32) and sizes.tolist() == [[16, 32], [32, 24]]
+    with torch.no_grad():
+        batched = model.encode_image(canvas, sizes)
+        for i, image in enumerate(images):
+            torch.testing.assert_close(batched[i], model.encode_image(image[None])[0], atol=1e-5, rtol=1e-5)

@@ -34,6 +34,25 @@ def image_to_patches(images: torch.Tensor, patch_size: int) -> torch.Tensor:
     return patches.reshape(batch, rows * cols, patch_size * patch_size * channels)
 
 
+def naflex_image_size(height: int, width: int, patch_size: int = 16, max_num_patches: int = 256) -> tuple[int, int]:
+    """The size NaFlex's processor resizes an image to: aspect kept, multiples of the patch, at most N patches."""
+    from transformers.models.siglip2.image_processing_siglip2 import get_image_size_for_max_num_patches
+
+    return get_image_size_for_max_num_patches(height, width, patch_size, max_num_patches)
+
+
+def pad_to_canvas(images: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Images of different sizes -> ``([B, 3, H_max, W_max]`` zero-padded at the bottom/right, ``image_sizes [B, 2])``.
+
+    What a data loader's collate gives :meth:`NaFlexClipModel.encode_image` for variable-resolution batches.
+    """
+    height = max(image.shape[1] for image in images)
+    width = max(image.shape[2] for image in images)
+    canvas = torch.stack([F.pad(image, (0, width - image.shape[2], 0, height - image.shape[1])) for image in images])
+    sizes = torch.tensor([[image.shape[1], image.shape[2]] for image in images], dtype=torch.long)
+    return canvas, sizes
+
+
 class NaFlexClipModel(ClipModel):
     """Wraps ``transformers.Siglip2Model``; its state dict keys stay transformers' under ``model.``."""
 
@@ -46,6 +65,8 @@ class NaFlexClipModel(ClipModel):
         self.tokenizer = tokenizer
         self.preprocess = preprocess
         self.patch_size = hf_model.config.vision_config.patch_size
+        # The patch budget of NaFlex's processor, for data pipelines that resize with naflex_image_size().
+        self.max_num_patches = hf_model.config.vision_config.num_patches
 
     def naflex_inputs(
         self, pixels: torch.Tensor, image_sizes: torch.Tensor | None = None
