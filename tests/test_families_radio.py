@@ -278,3 +278,16 @@ def test_local_radio_repo_through_torch_hub(assets, tmp_path):
         torch.testing.assert_close(hub.encode_text(ids), native.encode_text(ids))
     with pytest.raises(ModelError, match="holds no hubconf.py"):
         _build(assets, "siglip", radio_repo_dir=str(tmp_path))
+
+
+def test_missing_head_or_wrong_text_source_is_one_clear_error(assets, tmp_path):
+    make_radio_checkpoint(tmp_path / "clip-only.pth.tar", {CLIP_INDEX: 24})
+    with pytest.raises(ModelError, match=r"has no adaptor head for its siglip2-g teacher \(_heads\.1\.\*\)"):
+        create_model("c-radio_v3-b", pretrained_path=str(tmp_path / "clip-only.pth.tar"), adaptor_name="siglip")
+    with pytest.raises(ModelError, match="siglip adaptor needs the teacher's save_pretrained folder"):
+        create_model(
+            "c-radio_v3-b",
+            pretrained_path=str(assets["root"] / "c-radio.pth.tar"),
+            adaptor_name="siglip",
+            text_pretrained_path=str(assets["root"] / "c-radio.pth.tar"),
+        )

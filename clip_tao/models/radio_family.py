@@ -162,6 +162,10 @@ def build_radio(info: ModelInfo, options: BuildOptions) -> tuple[RadioClipModel,
         backbone = RadioBackbone(args, init_weights=state is None)
         if state is not None:
             head_weights = head_state(state, index, teacher.get("name", ""))
+            if not head_weights:
+                raise ModelError(
+                    f"{where} has no adaptor head for its {teacher.get('name')} teacher (_heads.{index}.*)"
+                )
             head = MlpHeadV2(**MlpHeadV2.shape_from_state(head_weights))
         else:
             head_weights = None
@@ -199,7 +203,7 @@ def _text_tower(info: ModelInfo, options: BuildOptions, teacher: dict, teacher_t
     with seeded_init():
         if teacher_type == "siglip2":
             text_config = None if (source or fetch) else cfg["text_configs"]["siglip2"]
-            return siglip_text_tower(teacher, text_config, source, options.canonicalize_text, options.tokenizer_path)
+            return siglip_text_tower(teacher, text_config, source, options.tokenizer_path)
         if not (source or fetch):
             teacher = {**teacher, "pretrained": ""}  # architecture only, no download
         return openclip_text_tower(teacher, source, options.canonicalize_text)

@@ -61,20 +61,25 @@ class OpenClipTextTower(nn.Module):
 
 
 def siglip_text_tower(
-    teacher: dict, text_config: dict | None, source: str | None, canonicalize: bool, tokenizer_path: str | None
+    teacher: dict, text_config: dict | None, source: str | None, tokenizer_path: str | None
 ) -> tuple[SiglipTextTower, Tokenizer, bool]:
-    """The tower (loaded from ``source``, a folder or hub id, or random from ``text_config``) and its tokenizer."""
+    """The tower (from the folder ``source``, else the teacher's hub id, or random from ``text_config``) and its
+    tokenizer. RADIO's SigLIP2 adaptor always canonicalises text, so this tokenizer does too."""
     hub_id = SIGLIP_TEACHERS.get(teacher.get("model", ""), teacher.get("model", ""))
+    if source and not os.path.isdir(source):
+        raise ModelError(
+            f"model.text_pretrained_path {source!r} is not a folder: the siglip adaptor needs the teacher's "
+            "save_pretrained folder"
+        )
     if source is None and text_config is not None:
         from transformers import SiglipTextConfig, SiglipTextModel
 
         tower = SiglipTextModel(SiglipTextConfig(**text_config))
         loaded = False
     else:
-        tower = _load_siglip_text(source or hub_id, is_local=source is not None and os.path.isdir(source))
+        tower = _load_siglip_text(source or hub_id, is_local=source is not None)
         loaded = True
-    tokenizer_source = tokenizer_path or (source if source and os.path.isdir(source) else hub_id)
-    # RADIO's SigLIP2 adaptor always canonicalises (lower case, no punctuation) before tokenising.
+    tokenizer_source = tokenizer_path or source or hub_id
     tokenizer = HfTokenizer(tokenizer_source, SIGLIP_CONTEXT, canonicalize=True)
     return SiglipTextTower(tower), tokenizer, loaded
 
