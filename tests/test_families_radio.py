@@ -291,3 +291,18 @@ def test_missing_head_or_wrong_text_source_is_one_clear_error(assets, tmp_path):
             adaptor_name="siglip",
             text_pretrained_path=str(assets["root"] / "c-radio.pth.tar"),
         )
+
+
+def test_backbone_weights_the_args_do_not_describe_are_refused(assets, tmp_path):
+    """LayerScale stored but not in args.model_kwargs must not be dropped silently."""
+    args = radio_args()
+    args.model_kwargs = {"depth": 2}  # no init_values: the architecture has no LayerScale
+    torch.save({"args": args, "state_dict": assets["state"]}, tmp_path / "mismatch.pth.tar")
+    with pytest.raises(
+        ModelError, match=r"backbone weights its args do not describe \(e\.g\. \['blocks\.0\.ls1\.gamma'"
+    ):
+        create_model("c-radio_v3-b", pretrained_path=str(tmp_path / "mismatch.pth.tar"), adaptor_name="clip")
+    args.model_kwargs = {"depth": 2, "no_such_option": 1}
+    torch.save({"args": args, "state_dict": assets["state"]}, tmp_path / "unknown.pth.tar")
+    with pytest.raises(ModelError, match="cannot be built on timm"):
+        create_model("c-radio_v3-b", pretrained_path=str(tmp_path / "unknown.pth.tar"), adaptor_name="clip")

@@ -215,7 +215,13 @@ class RadioBackbone(nn.Module):
 
     def __init__(self, args: Any, init_weights: bool = True):
         super().__init__()
-        vit = create_timm_vit(args, init_weights)
+        try:
+            vit = create_timm_vit(args, init_weights)
+        except TypeError as exc:  # model_kwargs that timm's VisionTransformer does not take
+            raise ModelError(
+                f"RADIO backbone {_arg(args, 'model')!r} with model_kwargs {_arg(args, 'model_kwargs')} cannot be "
+                f"built on timm ({exc}): load it with model.radio_repo_dir (RADIO's own code)"
+            ) from exc
         teachers = _arg(args, "teachers") or []
         per_teacher = bool(_arg(args, "cls_token_per_teacher", False))
         max_size = _arg(args, "cpe_max_size")
@@ -341,7 +347,16 @@ def head_state(state: Mapping[str, torch.Tensor], index: int, name: str) -> dict
 def load_backbone_weights(backbone: RadioBackbone, state: Mapping[str, torch.Tensor], path: str) -> None:
     """Strictly for the parts RADIO runs; the classifier head and unused norms of the timm model are skipped."""
     wanted = backbone.state_dict()
-    weights = {k: v for k, v in backbone_state(state).items() if k in wanted}
+    stored = backbone_state(state)
+    weights = {k: v for k, v in stored.items() if k in wanted}
+    # Weights of the parts RADIO runs that this architecture has no place for (e.g. LayerScale that the
+    # args did not ask for) would be silently dropped: refuse instead.
+    extra = sorted(k for k in stored if k not in wanted and k.startswith(("blocks.", "norm.", "patch_generator.")))
+    if extra:
+        raise ModelError(
+            f"RADIO checkpoint {path!r} holds {len(extra)} backbone weights its args do not describe "
+            f"(e.g. {extra[:3]}): load it with model.radio_repo_dir (RADIO's own code)"
+        )
     missing = sorted(set(wanted) - set(weights))
     if missing:
         raise ModelError(
