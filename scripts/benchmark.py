@@ -3,12 +3,16 @@
 
     python scripts/benchmark.py train --model tiny-clip --batch 32 --steps 30
     python scripts/benchmark.py eval --n 200000 --dim 1152 --dense-n 30000
+    python scripts/benchmark.py data --n 1024 --size 224 --workers 0 1 2
 
 ``train``: training samples/s (forward + backward + optimiser step) on random inputs, against the bare
 forward+backward of the same model (the floor clip-tao's step adds to).
 ``eval``: wall time and peak memory of the exact chunked retrieval metrics against the bare similarity
 matrix product of the same size (the floor), and against the dense computation at a size where it fits.
 Each measurement runs in a fresh process so its peak memory is its own.
+``data``: samples/s of the training loaders (decode + augment + tokenize + collate) for custom folders and
+WebDataset shards with N workers, against the same pipeline written with plain PIL + torchvision in one
+process, on the same generated JPEGs.
 """
 
 from __future__ import annotations
@@ -257,6 +261,113 @@ def bench_eval(args) -> dict:
     return {"benchmark": "eval", "dim": args.dim, "device": args.device, "chunked_vs_product": ratio, "runs": runs}
 
 
+# -- data -------------------------------------------------------------------------------------------
+def _make_images(folder: str, n: int, source_size: int) -> list[str]:
+    """``n`` photo-like JPEGs (smooth gradients and noise) with captions, written once and reused."""
+    import numpy as np
+    from PIL import Image
+
+    os.makedirs(folder, exist_ok=True)
+    rng = np.random.default_rng(0)
+    paths = []
+    for i in range(n):
+        path = os.path.join(folder, f"img_{i:05d}.jpg")
+        paths.append(path)
+        if os.path.exists(path):
+            continue
+        y, x = np.mgrid[0:source_size, 0:source_size] / source_size
+        base = np.stack([x * rng.uniform(50, 255), y * rng.uniform(50, 255), (x + y) * rng.uniform(20, 120)], -1)
+        pixels = np.clip(base + rng.normal(0, 12, base.shape), 0, 255).astype(np.uint8)
+        Image.fromarray(pixels).save(path, quality=90)
+        with open(path[:-4] + ".txt", "w") as f:
+            f.write(f"a synthetic photo number {i} with a colour gradient")
+    return paths
+
+
+def _write_shards(folder: str, paths: list[str], per_shard: int) -> None:
+    import webdataset
+
+    if os.path.isdir(folder) and os.listdir(folder):
+        return
+    os.makedirs(folder, exist_ok=True)
+    with webdataset.ShardWriter(os.path.join(folder, "shard-%06d.tar"), maxcount=per_shard, verbose=0) as sink:
+        for path in paths:
+            with open(path, "rb") as f, open(path[:-4] + ".txt", "rb") as c:
+                sink.write({"__key__": os.path.basename(path)[:-4], "jpg": f.read(), "txt": c.read()})
+
+
+def _rate(batches, n_batches: int, batch: int) -> float:
+    """samples/s over ``n_batches`` batches after the first (which pays for worker start-up)."""
+    iterator = iter(batches)
+    next(iterator)
+    start = time.perf_counter()
+    count = 0
+    for _ in range(n_batches - 1):
+        count += len(next(iterator)["pixels"])
+    return count / (time.perf_counter() - start)
+
+
+def bench_data(args) -> dict:
+    import torch
+    from PIL import Image
+    from torchvision import transforms as T
+
+    from clip_tao.config.schema import DatasetConfig, DatasetEntry, WdsConfig
+    from clip_tao.data.loaders import build_train_loader
+    from clip_tao.data.transforms import build_train_transform
+    from clip_tao.models import create_model
+    from clip_tao.models.base import Preprocess
+
+    torch.set_num_threads(1)
+    root = args.dir
+    paths = _make_images(os.path.join(root, "images"), args.n, args.source_size)
+    _write_shards(os.path.join(root, "shards"), paths, args.per_shard)
+    tokenizer = create_model("tiny-clip", pretrained=False).tokenizer
+    preprocess = Preprocess(image_size=args.size)
+    n_batches = args.n // args.batch
+
+    # The baseline: the same augmentation written directly with PIL + torchvision, one process.
+    cfg = DatasetConfig()
+    probability, *jitter = cfg.augmentation.color_jitter
+    baseline = T.Compose([
+        T.RandomResizedCrop(args.size, scale=tuple(cfg.augmentation.scale), interpolation=T.InterpolationMode.BICUBIC),
+        T.RandomApply([T.ColorJitter(*jitter)], p=probability),
+        T.RandomGrayscale(p=cfg.augmentation.grayscale),
+        T.ToTensor(),
+        T.Normalize(preprocess.mean, preprocess.std),
+    ])  # fmt: skip
+    assert len(build_train_transform(preprocess, cfg.augmentation).transforms) == len(baseline.transforms)
+
+    def plain():
+        for start in range(0, len(paths) - args.batch + 1, args.batch):
+            images, captions = [], []
+            for path in paths[start : start + args.batch]:
+                with Image.open(path) as image:
+                    images.append(baseline(image.convert("RGB")))
+                with open(path[:-4] + ".txt") as f:
+                    captions.append(f.read().strip())
+            yield {"pixels": torch.stack(images), "input_ids": tokenizer(captions)}
+
+    result = {"benchmark": "data", "images": args.n, "source_size": args.source_size, "size": args.size,
+              "batch": args.batch, "baseline_samples_per_s": round(_rate(plain(), n_batches, args.batch), 1)}  # fmt: skip
+    for kind in ("custom", "wds"):
+        for workers in args.workers:
+            cfg = DatasetConfig(seed=0, pin_memory=False)
+            cfg.train.type = kind
+            cfg.train.batch_size = args.batch
+            cfg.train.num_workers = workers
+            cfg.train.datasets = [DatasetEntry(os.path.join(root, "images"))]
+            cfg.train.wds = WdsConfig(root_dir=os.path.join(root, "shards"), samples_per_shard=args.per_shard)
+            bundle = build_train_loader(cfg, preprocess, tokenizer)
+            bundle.set_epoch(0)
+            rate = _rate(bundle.loader, min(n_batches, len(bundle.loader)), args.batch)
+            result[f"{kind}_{workers}_workers_samples_per_s"] = round(rate, 1)
+            result[f"{kind}_{workers}_workers_per_worker_vs_baseline"] = round(
+                rate / max(workers, 1) / result["baseline_samples_per_s"], 2
+            )
+    return result
+
+
 def main() -> None:
     if len(sys.argv) > 1 and sys.argv[1] == "_eval_child":
         mode, n, dim, chunk = sys.argv[2], *map(int, sys.argv[3:6])
@@ -284,8 +395,16 @@ def main() -> None:
     e.add_argument("--chunk", type=int, default=0, help="captions a block (0: the library's default)")
     e.add_argument("--dense-n", type=int, default=0, help="also run dense vs chunked at this size (0: skip)")
     e.add_argument("--device", default="cpu")
+    d = sub.add_parser("data", help="training loaders (custom, wds) against plain PIL + torchvision, samples/s")
+    d.add_argument("--n", type=int, default=1024, help="generated images")
+    d.add_argument("--source-size", type=int, default=384, help="side of the generated JPEGs")
+    d.add_argument("--size", type=int, default=224, help="the model's input size")
+    d.add_argument("--batch", type=int, default=32)
+    d.add_argument("--per-shard", type=int, default=128)
+    d.add_argument("--workers", type=int, nargs="+", default=[0, 1, 2])
+    d.add_argument("--dir", default="/tmp/clip_tao_bench_data", help="where the images and shards are written")
     args = parser.parse_args()
-    result = {"train": bench_train, "embed": bench_embed, "eval": bench_eval}[args.what](args)
+    result = {"train": bench_train, "embed": bench_embed, "eval": bench_eval, "data": bench_data}[args.what](args)
     result["machine"] = machine()
     print(json.dumps(result, indent=2))
 

@@ -52,11 +52,13 @@ class ImageTextDataset(Dataset):
         transform: Callable,
         tokenizer: Callable | None,
         augment_seed: int | None = None,
+        draft_side: int | None = None,
     ):
         self.samples = list(samples)
         self.transform = transform
         self.tokenizer = tokenizer
         self.augment_seed = augment_seed
+        self.draft_side = draft_side  # see wds.open_rgb
         self.epoch = 0  # set before an epoch's workers start; they take a copy
 
     def __len__(self) -> int:
@@ -66,8 +68,8 @@ class ImageTextDataset(Dataset):
         sample = self.samples[index]
         seed = None if self.augment_seed is None else wds.sample_seed(self.augment_seed, self.epoch, index)
         try:
-            with Image.open(sample.image_path) as image:
-                pixels = wds.seeded_transform(self.transform, image.convert("RGB"), seed)
+            image = wds.open_rgb(sample.image_path, self.draft_side)
+            pixels = wds.seeded_transform(self.transform, image, seed)
         except (OSError, UnidentifiedImageError, ValueError, Image.DecompressionBombError):
             return _Bad("undecodable_image")
         item = {"pixels": pixels, "index": index, "key": sample.key}
@@ -196,17 +198,18 @@ def build_train_loader(
     transform = build_train_transform(preprocess, data_cfg.augmentation)
     workers = effective_workers(train.num_workers, "dataset.train.num_workers")
     pin = data_cfg.pin_memory and torch.cuda.is_available()
+    draft = wds.draft_side_for(preprocess.image_size, data_cfg.augmentation.scale[0])
     if train.type == "wds":
         shards = wds.list_shards(train.wds, "dataset.train.wds")
         total = wds.epoch_samples(shards, train.wds.samples_per_shard)
         plan = wds.plan_slots(shards, total, train.batch_size, world_size, workers, "dataset.train.wds")
-        stream = wds.WdsTrainStream(shards, plan, rank, transform, tokenizer, data_cfg.seed)
+        stream = wds.WdsTrainStream(shards, plan, rank, transform, tokenizer, data_cfg.seed, draft)
         loader = DataLoader(stream, batch_size=None, num_workers=plan.workers, pin_memory=pin)
         log.info("dataset.train.wds: %d shards, %d samples an epoch, %d steps a rank", len(shards), total,
                  plan.batches_per_rank)  # fmt: skip
         return LoaderBundle(loader, [], SkipCounter(), kind="wds", num_samples=total)
     samples, skipped = scan_custom_datasets(train.datasets, "dataset.train.datasets")
-    dataset = ImageTextDataset(samples, transform, tokenizer, augment_seed=data_cfg.seed)
+    dataset = ImageTextDataset(samples, transform, tokenizer, augment_seed=data_cfg.seed, draft_side=draft)
     dataset.seed = data_cfg.seed
     sampler = EpochShuffleSampler(len(dataset), data_cfg.seed, rank, world_size)
     if sampler.per_rank < 1:
