@@ -306,3 +306,25 @@ def test_backbone_weights_the_args_do_not_describe_are_refused(assets, tmp_path)
     torch.save({"args": args, "state_dict": assets["state"]}, tmp_path / "unknown.pth.tar")
     with pytest.raises(ModelError, match="cannot be built on timm"):
         create_model("c-radio_v3-b", pretrained_path=str(tmp_path / "unknown.pth.tar"), adaptor_name="clip")
+
+
+def test_published_checkpoint_is_read_from_the_hf_cache_offline(assets, tmp_path, monkeypatch):
+    """What `huggingface-cli download nvidia/C-RADIOv3-B c-radio_v3-b_half.pth.tar` leaves, read offline."""
+    import shutil
+
+    import huggingface_hub.constants as hub_constants
+
+    commit = "1" * 40
+    repo = tmp_path / "cache" / "models--nvidia--C-RADIOv3-B"
+    (repo / "snapshots" / commit).mkdir(parents=True)
+    shutil.copyfile(assets["root"] / "c-radio.pth.tar", repo / "snapshots" / commit / "c-radio_v3-b_half.pth.tar")
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(hub_constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(hub_constants, "HF_HUB_CACHE", str(tmp_path / "cache"))
+    cached = create_model("c-radio_v3-b", adaptor_name="siglip", text_pretrained_path=str(assets["root"] / "siglip"))
+    local = _build(assets, "siglip")
+    pixels = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(cached.eval().encode_image(pixels), local.eval().encode_image(pixels))
