@@ -44,10 +44,11 @@ def full_gradients(model) -> dict[str, torch.Tensor]:
     return grads
 
 
-def main(out: str, strategy: str, micro: int) -> None:
+def main(out: str, strategy: str) -> None:
     ctx = D.setup_distributed(TrainConfig(num_gpus=0))
     results = {}
-    for loss_type in ("siglip", "clip"):
+    runs = [(loss, micro) for micro in ((1, 2) if strategy == "ddp" else (1,)) for loss in ("siglip", "clip")]
+    for loss_type, micro in runs:
         model = fresh_model(loss_type)
         pixels, ids = fixed_batch(model)
         share = BATCH // ctx.world_size
@@ -59,7 +60,7 @@ def main(out: str, strategy: str, micro: int) -> None:
         parts = [(pixels[k : k + size], ids[k : k + size]) for k in range(0, share, size)]
         loss = contrastive_backward(net, loss_fn, parts, resolve_precision("fp32", ctx.device), ctx.device)
         D.sync_replicated_grads(net, ctx.world_size)
-        results[loss_type] = {"loss": D.all_reduce_mean(ctx, loss), "grads": full_gradients(model)}
+        results[f"{loss_type}/{micro}"] = {"loss": D.all_reduce_mean(ctx, loss), "grads": full_gradients(model)}
     if ctx.is_main:
         torch.save(results, out)
     D.barrier(ctx)  # no process leaves while another still talks to it
@@ -67,4 +68,4 @@ def main(out: str, strategy: str, micro: int) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], sys.argv[2], int(sys.argv[3]))
+    main(sys.argv[1], sys.argv[2])
