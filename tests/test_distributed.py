@@ -115,3 +115,20 @@ def test_two_process_cli_training(tiny_spec, tmp_path, strategy, loss_type, extr
     ranks = [(tmp_path / "keys").read_text().split(), (tmp_path / "keys.rank1").read_text().split()]
     epoch0 = [{k for s, k in zip(r[::2], r[1::2]) if int(s) < 6} for r in ranks]
     assert len(epoch0[0]) == len(epoch0[1]) == 24 and not epoch0[0] & epoch0[1]  # disjoint halves
+
+
+def test_launch_decisions_without_gpus(monkeypatch, caplog):
+    from clip_tao.config.schema import TrainConfig
+    from clip_tao.engine.distributed import relaunch_command, setup_distributed
+    from clip_tao.errors import ConfigError
+
+    for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # as on a GPU-less machine, also on a GPU CI
+    ctx = setup_distributed(TrainConfig())
+    assert (ctx.rank, ctx.world_size, ctx.device.type) == (0, 1, "cpu")
+    with pytest.raises(ConfigError, match="start multi-node training with torchrun on every node"):
+        setup_distributed(TrainConfig(num_nodes=2))
+    assert relaunch_command(TrainConfig(num_gpus=1), ["train"]) is None
+    assert relaunch_command(TrainConfig(num_gpus=2), ["train"]) is None  # no GPU: one process, with a warning
+    assert "no GPU is visible" in caplog.text and "torchrun --standalone --nproc_per_node" in caplog.text
