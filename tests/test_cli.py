@@ -153,12 +153,6 @@ def test_user_errors_are_one_line(tiny_spec, tmp_path, capsys):
     assert lines[-1]["status"] == "FAILURE"
 
 
-@pytest.mark.parametrize("task", ["export", "gen_trt_engine"])
-def test_tasks_not_built_yet_say_so(tiny_spec, task, capsys):
-    assert main([task, "-e", str(tiny_spec())]) == 1
-    assert "not available in this version yet" in capsys.readouterr().err
-
-
 def test_console_script_help_and_list_models():
     run = subprocess.run([sys.executable, "-m", "clip_tao", "list-models"], capture_output=True, text=True, check=True)
     assert "tiny-clip" in run.stdout and "tiny-siglip2" in run.stdout and "embed dim" in run.stdout

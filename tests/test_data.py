@@ -107,6 +107,12 @@ def test_transforms_follow_model_and_augmentation():
     preprocess = Preprocess(image_size=48, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))
     image = Image.new("RGB", (100, 60), (255, 255, 255))
     assert build_eval_transform(preprocess)(image).shape == (3, 48, 48)
+    # squash (SigLIP's processor) keeps the whole image: a stripe at the far left survives, a crop would cut it.
+    striped = Image.new("RGB", (100, 60), (255, 255, 255))
+    striped.paste((0, 0, 0), (0, 0, 10, 60))
+    squashed = build_eval_transform(Preprocess(48, (0.5,) * 3, (0.5,) * 3, "bilinear", "squash"))(striped)
+    cropped = build_eval_transform(preprocess)(striped)
+    assert squashed.shape == (3, 48, 48) and squashed[:, :, 0].mean() < -0.9 and cropped[:, :, 0].mean() > 0.9
     aug = AugmentationConfig(scale=[0.5, 1.0], color_jitter=[1.0, 0.4, 0.4, 0.4, 0.1], grayscale=1.0)
     out = build_train_transform(preprocess, aug)(Image.new("RGB", (100, 60), (255, 0, 0)))
     assert out.shape == (3, 48, 48)

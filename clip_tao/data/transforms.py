@@ -14,16 +14,15 @@ def _interpolation(preprocess: Preprocess) -> T.InterpolationMode:
 
 
 def build_eval_transform(preprocess: Preprocess) -> T.Compose:
-    """Resize the short side to the model's size, center-crop, normalise."""
+    """Resize to the model's size as the model was trained — the short side then a center crop
+    (``resize_mode: shortest``, CLIP), or both sides without a crop (``squash``, SigLIP's processor) —
+    and normalise."""
     size = preprocess.image_size
-    return T.Compose(
-        [
-            T.Resize(size, interpolation=_interpolation(preprocess)),
-            T.CenterCrop(size),
-            T.ToTensor(),
-            T.Normalize(preprocess.mean, preprocess.std),
-        ]
-    )
+    if preprocess.resize_mode == "squash":
+        resize = [T.Resize((size, size), interpolation=_interpolation(preprocess))]
+    else:
+        resize = [T.Resize(size, interpolation=_interpolation(preprocess)), T.CenterCrop(size)]
+    return T.Compose([*resize, T.ToTensor(), T.Normalize(preprocess.mean, preprocess.std)])
 
 
 def build_train_transform(preprocess: Preprocess, aug: AugmentationConfig) -> T.Compose:
