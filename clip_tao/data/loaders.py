@@ -13,6 +13,7 @@ number of loader workers gives the same batches, and a resumed run continues exa
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 from collections.abc import Callable, Sequence
@@ -53,10 +54,13 @@ class ImageTextDataset(Dataset):
         tokenizer: Callable | None,
         augment_seed: int | None = None,
         draft_side: int | None = None,
+        tokenize_in_collate: bool = False,
     ):
         self.samples = list(samples)
         self.transform = transform
         self.tokenizer = tokenizer
+        # Tokenizing a whole batch in the collate function is cheaper than one caption at a time.
+        self.tokenize_in_collate = tokenize_in_collate
         self.augment_seed = augment_seed
         self.draft_side = draft_side  # see wds.open_rgb
         self.epoch = 0  # set before an epoch's workers start; they take a copy
@@ -74,12 +78,15 @@ class ImageTextDataset(Dataset):
             return _Bad("undecodable_image")
         item = {"pixels": pixels, "index": index, "key": sample.key}
         if self.tokenizer is not None and sample.caption is not None:
-            item["input_ids"] = self.tokenizer([sample.caption])[0]
+            if self.tokenize_in_collate:
+                item["caption"] = sample.caption
+            else:
+                item["input_ids"] = self.tokenizer([sample.caption])[0]
         return item
 
 
-def collate_skipping_bad(items: list) -> dict:
-    """Stack the good items; count the bad ones in ``batch["skipped"]``."""
+def collate_skipping_bad(items: list, tokenizer: Callable | None = None) -> dict:
+    """Stack the good items; count the bad ones in ``batch["skipped"]``; tokenize ``caption`` items together."""
     skipped = SkipCounter(item.reason for item in items if isinstance(item, _Bad))
     good = [item for item in items if not isinstance(item, _Bad)]
     batch: dict = {
@@ -91,6 +98,8 @@ def collate_skipping_bad(items: list) -> dict:
         batch["pixels"] = torch.stack([item["pixels"] for item in good])
         if "input_ids" in good[0]:
             batch["input_ids"] = torch.stack([item["input_ids"] for item in good])
+        elif "caption" in good[0] and tokenizer is not None:
+            batch["input_ids"] = tokenizer([item["caption"] for item in good])
     return batch
 
 
@@ -209,7 +218,7 @@ def build_train_loader(
                  plan.batches_per_rank)  # fmt: skip
         return LoaderBundle(loader, [], SkipCounter(), kind="wds", num_samples=total)
     samples, skipped = scan_custom_datasets(train.datasets, "dataset.train.datasets")
-    dataset = ImageTextDataset(samples, transform, tokenizer, augment_seed=data_cfg.seed, draft_side=draft)
+    dataset = ImageTextDataset(samples, transform, tokenizer, data_cfg.seed, draft, tokenize_in_collate=True)
     dataset.seed = data_cfg.seed
     sampler = EpochShuffleSampler(len(dataset), data_cfg.seed, rank, world_size)
     if sampler.per_rank < 1:
@@ -219,7 +228,7 @@ def build_train_loader(
         batch_size=train.batch_size,
         sampler=sampler,
         num_workers=workers,
-        collate_fn=collate_skipping_bad,
+        collate_fn=functools.partial(collate_skipping_bad, tokenizer=tokenizer),
         pin_memory=pin,
         # Contrastive batches lose their point when tiny; keep every sample only if there is one batch.
         drop_last=sampler.per_rank > train.batch_size,

@@ -403,7 +403,7 @@ class WdsTrainStream(IterableDataset):
                     pending.append(item)
                     position["yielded"] += 1
                     if len(pending) == self.plan.batch_size:
-                        yield _collate(pending, skipped, {"worker": worker, **position})
+                        yield _collate(pending, skipped, {"worker": worker, **position}, self.tokenizer)
                         pending = []
                         skipped.clear()  # the shard reader holds this counter: clear it, never replace it
                     if position["yielded"] >= quota:
@@ -422,17 +422,13 @@ class WdsTrainStream(IterableDataset):
             return None
         key = f"{os.path.basename(shard.name)}/{raw['__key__']}"
         seed = sample_seed(self.seed, self.epoch, pass_index, shard.name, raw["__key__"])
-        return {
-            "pixels": seeded_transform(self.transform, image, seed),
-            "input_ids": self.tokenizer([caption])[0],
-            "key": key,
-        }
+        return {"pixels": seeded_transform(self.transform, image, seed), "caption": caption, "key": key}
 
 
-def _collate(items: list[dict], skipped: SkipCounter, position: dict) -> dict:
+def _collate(items: list[dict], skipped: SkipCounter, position: dict, tokenizer: Callable) -> dict:
     return {
         "pixels": torch.stack([i["pixels"] for i in items]),
-        "input_ids": torch.stack([i["input_ids"] for i in items]),
+        "input_ids": tokenizer([i["caption"] for i in items]),  # a batch at once: cheaper than one by one
         "keys": [i["key"] for i in items],
         "indices": torch.arange(position["yielded"] - len(items), position["yielded"]),
         "skipped": SkipCounter(skipped),
