@@ -115,6 +115,10 @@ def test_two_process_cli_training(tiny_spec, tmp_path, strategy, loss_type, extr
     ranks = [(tmp_path / "keys").read_text().split(), (tmp_path / "keys.rank1").read_text().split()]
     epoch0 = [{k for s, k in zip(r[::2], r[1::2]) if int(s) < 6} for r in ranks]
     assert len(epoch0[0]) == len(epoch0[1]) == 24 and not epoch0[0] & epoch0[1]  # disjoint halves
+    if strategy == "fsdp":  # the same command with one more epoch resumes from clip_latest.pth (sharded optimiser)
+        torchrun("-m", "clip_tao", "train", "-e", str(spec), "train.num_epochs=3")
+        latest = torch.load(train / "clip_latest.pth", weights_only=True)
+        assert latest["epoch"] == 3 and latest["global_step"] == 18
 
 
 def test_launch_decisions_without_gpus(monkeypatch, caplog):
