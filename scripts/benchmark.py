@@ -41,35 +41,41 @@ def peak_rss_mb() -> float:
 
 # -- train ------------------------------------------------------------------------------------------
 def bench_train(args) -> dict:
+    """clip-tao's own training step (the trainer's ``contrastive_backward``) against a bare forward+backward."""
     import torch
 
     from clip_tao.config.schema import OptimConfig
     from clip_tao.engine.device import resolve_precision
+    from clip_tao.engine.distributed import ContrastiveForward
     from clip_tao.engine.optim import build_optimizer
+    from clip_tao.engine.step import contrastive_backward
     from clip_tao.losses import ContrastiveLoss
     from clip_tao.models import create_model
 
     device = torch.device("cuda" if torch.cuda.is_available() and not args.cpu else "cpu")
     precision = resolve_precision(args.precision, device)
     model = create_model(args.model, pretrained=False).to(device)
+    net = ContrastiveForward(model)
     size = model.image_size
     pixels = torch.randn(args.batch, 3, size, size, device=device)
     ids = model.tokenizer([f"caption number {i}" for i in range(args.batch)]).to(device)
+    micro = args.batch // args.accumulate
+    parts = [(pixels[k : k + micro], ids[k : k + micro]) for k in range(0, args.batch, micro)]
     loss_fn = ContrastiveLoss(args.loss)
     optimizer = build_optimizer(model, OptimConfig())
     scaler = torch.amp.GradScaler(device.type, enabled=precision.use_grad_scaler)
 
     def step(full: bool) -> None:
-        with precision.autocast(device):
-            image, text = model(pixels, ids)
-            loss = loss_fn(image.float(), text.float(), model.logit_scale, model.logit_bias)
         if full:
             optimizer.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
+            contrastive_backward(net, loss_fn, parts, precision, device, scaler if scaler.is_enabled() else None)
             scaler.step(optimizer)
             scaler.update()
             model.clamp_logit_scale()
         else:
+            with precision.autocast(device):
+                image, text, scale, bias = net(pixels, ids)
+                loss = loss_fn(image.float(), text.float(), scale, bias)
             loss.backward()
 
     def timed(full: bool) -> float:
@@ -88,6 +94,7 @@ def bench_train(args) -> dict:
         "benchmark": "train",
         "model": args.model,
         "batch": args.batch,
+        "accumulate": args.accumulate,
         "precision": precision.name,
         "device": str(device),
         "train_samples_per_s": round(timed(True), 1),
@@ -380,6 +387,7 @@ def main() -> None:
     t.add_argument("--batch", type=int, default=32)
     t.add_argument("--steps", type=int, default=20)
     t.add_argument("--loss", default="siglip", choices=["siglip", "clip"])
+    t.add_argument("--accumulate", type=int, default=1, help="micro-batches a step (features cached, as training)")
     t.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"])
     t.add_argument("--cpu", action="store_true", help="stay on the CPU even when a GPU is present")
     m = sub.add_parser("embed", help="embedding throughput: PyTorch eager, torch.compile, ONNX Runtime, TensorRT")
