@@ -136,3 +136,19 @@ def test_launch_decisions_without_gpus(monkeypatch, caplog):
     assert relaunch_command(TrainConfig(num_gpus=1), ["train"]) is None
     assert relaunch_command(TrainConfig(num_gpus=2), ["train"]) is None  # no GPU: one process, with a warning
     assert "no GPU is visible" in caplog.text and "torchrun --standalone --nproc_per_node" in caplog.text
+
+
+def test_custom_data_is_split_evenly_over_ranks():
+    from clip_tao.data.loaders import EpochShuffleSampler
+
+    shares = []
+    for rank in range(3):
+        sampler = EpochShuffleSampler(20, seed=4, rank=rank, world_size=3)
+        sampler.set_epoch(1)
+        shares.append(list(sampler))
+    assert [len(s) for s in shares] == [6, 6, 6]  # 20 // 3 each: equal steps on every rank
+    assert len(set().union(*map(set, shares))) == 18  # disjoint
+    sampler = EpochShuffleSampler(20, seed=4, rank=1, world_size=3)
+    sampler.set_epoch(1)
+    sampler.start_index = 4
+    assert list(sampler) == shares[1][4:]  # resuming a rank mid-epoch
