@@ -265,7 +265,8 @@ def _finalise(path: str, embed_dim: int, threshold: int) -> bool:
     for stale in os.listdir(folder):  # the exporter's own per-tensor files, if any
         if stale != os.path.basename(path):
             os.remove(os.path.join(folder, stale))
-    external = model.ByteSize() > threshold
+    # ByteSize() itself fails past protobuf's 2 GB limit, so add up the weights instead.
+    external = sum(len(t.raw_data) for t in model.graph.initializer) > threshold
     if external:
         location = os.path.basename(path) + ".data"
         onnx.save_model(model, path, save_as_external_data=True, all_tensors_to_one_file=True, location=location)
