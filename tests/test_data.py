@@ -150,3 +150,16 @@ def test_train_loader_batches(tmp_path):
     assert batches[0]["pixels"].shape == (8, 3, 64, 64) and batches[0]["input_ids"].shape == (8, 64)
     bundle.set_epoch(0)
     assert torch.equal(next(iter(bundle.loader))["pixels"], batches[0]["pixels"])  # same augmentation per epoch
+
+
+def test_training_draws_every_caption_of_a_multi_caption_image(tmp_path):
+    from clip_tao.data.loaders import ImageTextDataset
+
+    root = tmp_path / "d"
+    _image(root / "a.jpg")
+    _write(root / "a.txt", "first\nsecond\n\nthird\n")
+    samples, _ = scan_custom_datasets([DatasetEntry(str(root), multi_caption=True)], "dataset.train.datasets")
+    assert samples[0].captions == ("first", "second", "third")
+    drawn = {ImageTextDataset._caption(samples[0], seed) for seed in range(30)}
+    assert drawn == {"first", "second", "third"}
+    assert ImageTextDataset._caption(samples[0], None) == "first"  # evaluation: the first caption

@@ -100,3 +100,15 @@ def test_failed_write_keeps_the_previous_file(tmp_path):
         write_json(path, {"bad": object()})
     assert path.read_text().strip().startswith("{") and '"ok": 1' in path.read_text()
     assert [p.name for p in tmp_path.iterdir()] == ["results.json"]  # no temporary file left behind
+
+
+def test_safetensors_and_namespace_checkpoints_load(tmp_path):
+    import argparse
+
+    from safetensors.torch import save_file
+
+    save_file({"w": torch.ones(2)}, str(tmp_path / "w.safetensors"))
+    assert torch.equal(load_checkpoint(str(tmp_path / "w.safetensors"))["w"], torch.ones(2))
+    # RADIO's layout: its training arguments as an argparse.Namespace beside the weights.
+    torch.save({"args": argparse.Namespace(model="vit"), "state_dict": {"w": torch.zeros(1)}}, tmp_path / "r.pth.tar")
+    assert load_checkpoint(str(tmp_path / "r.pth.tar"))["args"].model == "vit"

@@ -78,11 +78,21 @@ class ImageTextDataset(Dataset):
             return _Bad("undecodable_image")
         item = {"pixels": pixels, "index": index, "key": sample.key}
         if self.tokenizer is not None and sample.caption is not None:
+            caption = self._caption(sample, seed)
             if self.tokenize_in_collate:
-                item["caption"] = sample.caption
+                item["caption"] = caption
             else:
-                item["input_ids"] = self.tokenizer([sample.caption])[0]
+                item["input_ids"] = self.tokenizer([caption])[0]
         return item
+
+    @staticmethod
+    def _caption(sample: Sample, seed: int | None) -> str:
+        """The first caption, or in training (seeded) one of a multi-caption image's captions, drawn from
+        the sample's own seed: every caption gets used, and a resumed run draws the same ones."""
+        if seed is None or not sample.extra_captions:
+            return sample.caption
+        captions = sample.captions
+        return captions[seed % len(captions)]
 
 
 def collate_skipping_bad(items: list, tokenizer: Callable | None = None) -> dict:

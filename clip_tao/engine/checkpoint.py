@@ -9,6 +9,7 @@ data). Files are written atomically, by rank 0 only.
 
 from __future__ import annotations
 
+import argparse
 import os
 import random
 from typing import Any
@@ -37,7 +38,14 @@ def load_checkpoint(path: str) -> dict[str, Any]:
     if not os.path.isfile(path):
         raise ModelError(f"checkpoint {path!r} does not exist")
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        if path.endswith(".safetensors"):
+            from safetensors.torch import load_file
+
+            return load_file(path)
+        # RADIO's published checkpoints carry their training arguments as an argparse.Namespace:
+        # allow exactly that class, nothing else.
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises many types for corrupt or foreign files
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ModelError(f"checkpoint {path!r} cannot be read safely: {first}") from exc
