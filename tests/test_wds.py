@@ -218,3 +218,23 @@ def test_cli_trains_validates_and_evaluates_on_shards(tiny_spec, tmp_path):
     assert main(["evaluate", "-e", str(spec), f"evaluate.checkpoint={train / 'clip_latest.pth'}"]) == 0
     results = json.loads((tmp_path / "results" / "evaluate" / "results.json").read_text())
     assert results["num_images"] == 12
+
+
+def test_shards_without_a_usable_sample_stop_training_with_one_line(tiny_spec, tmp_path, capsys):
+    import yaml
+
+    from clip_tao.cli import main
+
+    spec = tiny_spec(train={"num_epochs": 1})
+    (tmp_path / "bad").mkdir()
+    for i in range(2):
+        (tmp_path / "bad" / f"b{i}.tar").write_bytes(b"not a tar" * 10)
+    data = yaml.safe_load(spec.read_text())
+    data["dataset"]["train"] = {"type": "wds", "batch_size": 4, "num_workers": 2,
+                                "wds": {"root_dir": str(tmp_path / "bad"), "samples_per_shard": 8}}  # fmt: skip
+    spec.write_text(yaml.safe_dump(data))
+    assert main(["train", "-e", str(spec)]) == 1
+    err = capsys.readouterr().err
+    line = err[err.index("clip-tao train: error:") :].splitlines()[0]  # after the progress bar's output
+    assert line.startswith("clip-tao train: error: no usable sample in shard(s)") and line.endswith(".tar")
+    assert "Traceback" not in err

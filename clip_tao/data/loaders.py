@@ -196,6 +196,18 @@ class LoaderBundle:
             self.loader.sampler.start_index = batches_done * self.loader.batch_size
 
 
+def iterate_batches(loader: DataLoader):
+    """``iter(loader)``, with a :class:`DataError` raised in a worker process turned back into its one line
+    (the DataLoader re-raises it with the worker's whole traceback as the message)."""
+    try:
+        yield from loader
+    except DataError as exc:
+        message = str(exc).strip().splitlines()
+        if len(message) > 1 and message[0].startswith("Caught DataError"):
+            raise DataError(message[-1].split("DataError: ", 1)[-1]) from exc
+        raise
+
+
 def effective_workers(requested: int, key: str) -> int:
     """``requested`` capped at the CPU count (TAO's default of 8 oversubscribes small machines)."""
     if requested < 0:

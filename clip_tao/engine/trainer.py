@@ -24,7 +24,7 @@ from tqdm import tqdm
 from clip_tao.config.loader import config_to_dict
 from clip_tao.config.schema import ExperimentConfig
 from clip_tao.data.custom import SkipCounter
-from clip_tao.data.loaders import LoaderBundle
+from clip_tao.data.loaders import LoaderBundle, iterate_batches
 from clip_tao.engine import distributed as D
 from clip_tao.engine.checkpoint import (
     capture_rng_state,
@@ -315,7 +315,7 @@ class Trainer:
         end = self.steps_per_epoch * self.accumulate  # leftover batches (< accumulate) are not trained on
         micro: list[dict] = []
         try:
-            for batch_index, batch in enumerate(self.train_data.loader, start=skip_batches):
+            for batch_index, batch in enumerate(iterate_batches(self.train_data.loader), start=skip_batches):
                 if batch_index >= end:
                     break
                 self.skipped.update(batch["skipped"])
@@ -340,7 +340,7 @@ class Trainer:
                     self.save(epoch)
         finally:
             self.train_data.resume_at(0, None)
-        bar.close()
+            bar.close()
         return D.all_reduce_mean(self.dist, loss_sum / max(loss_count, 1))
 
     def _step(self, micro: list[dict]) -> tuple[float | None, int]:
