@@ -11,16 +11,15 @@ aligned) and only their own patches are attended to. Not exportable (the ONNX gr
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from clip_tao.errors import ModelError
-from clip_tao.models.base import ClipModel, Preprocess, checked_image_size, preprocess_from_config, seeded_init
+from clip_tao.models.base import Preprocess, checked_image_size, preprocess_from_config, seeded_init
 from clip_tao.models.registry import BuildOptions, ModelInfo, register_family
-from clip_tao.models.siglip_family import quiet_hf_loading, set_hf_grad_checkpointing, tokenizer_source
+from clip_tao.models.siglip_family import SiglipClipModel, quiet_hf_loading, tokenizer_source
 from clip_tao.models.tokenizer import HfTokenizer, Tokenizer
 
 log = logging.getLogger(__name__)
@@ -53,17 +52,16 @@ def pad_to_canvas(images: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tenso
     return canvas, sizes
 
 
-class NaFlexClipModel(ClipModel):
-    """Wraps ``transformers.Siglip2Model``; its state dict keys stay transformers' under ``model.``."""
+class NaFlexClipModel(SiglipClipModel):
+    """Wraps ``transformers.Siglip2Model``; its state dict keys stay transformers' under ``model.``.
+
+    Text tower, logit parameters and checkpointing are SigLIP's; only the image input differs.
+    """
 
     exportable = False
 
     def __init__(self, model_type: str, hf_model: nn.Module, tokenizer: Tokenizer, preprocess: Preprocess):
-        super().__init__()
-        self.model_type = model_type
-        self.model = hf_model
-        self.tokenizer = tokenizer
-        self.preprocess = preprocess
+        super().__init__(model_type, hf_model, tokenizer, preprocess)
         self.patch_size = hf_model.config.vision_config.patch_size
         # The patch budget of NaFlex's processor, for data pipelines that resize with naflex_image_size().
         self.max_num_patches = hf_model.config.vision_config.num_patches
@@ -103,30 +101,6 @@ class NaFlexClipModel(ClipModel):
         self, pixels: torch.Tensor, input_ids: torch.Tensor, image_sizes: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
         return self.encode_image(pixels, image_sizes), self.encode_text(input_ids)
-
-    def text_features(self, input_ids: torch.Tensor) -> torch.Tensor:
-        return self.model.text_model(input_ids=input_ids).pooler_output
-
-    def vision_parameters(self) -> Iterator[nn.Parameter]:
-        return self.model.vision_model.parameters()
-
-    def text_parameters(self) -> Iterator[nn.Parameter]:
-        return self.model.text_model.parameters()
-
-    def set_grad_checkpointing(self, enable: bool = True) -> None:
-        set_hf_grad_checkpointing(self.model, enable)
-
-    @property
-    def logit_scale(self) -> nn.Parameter:
-        return self.model.logit_scale
-
-    @property
-    def logit_bias(self) -> nn.Parameter:
-        return self.model.logit_bias
-
-    @property
-    def embed_dim(self) -> int:
-        return self.model.config.vision_config.hidden_size
 
 
 def build_naflex_module(info: ModelInfo) -> nn.Module:
