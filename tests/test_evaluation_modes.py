@@ -124,7 +124,11 @@ def test_zero_shot_classification(tiny_spec, tmp_path):
         paths += found
         labels += [label] * len(found)
     with torch.no_grad():
-        prompts = [t.replace("{}", n) for n in ("blue thing", "green thing", "red thing") for t in ("a photo of a {}.", "a {} on a table")]
+        prompts = [
+            t.replace("{}", n)
+            for n in ("blue thing", "green thing", "red thing")
+            for t in ("a photo of a {}.", "a {} on a table")
+        ]
         per_prompt = model.encode_text(model.tokenizer(prompts)).reshape(3, 2, -1)
         classes = torch.nn.functional.normalize(per_prompt.mean(1), dim=-1)
     predicted = (_embed_images(model, paths) @ classes.T).argmax(1)
@@ -147,7 +151,9 @@ def test_classification_from_a_label_list_and_bad_templates(tiny_spec, tmp_path,
     assert results["num_images"] == 3 and results["num_templates"] == len(DEFAULT_TEMPLATES)
     bad = tmp_path / "bad.txt"
     bad.write_text("a photo of something\n")
-    assert main(["evaluate", "-e", str(spec), "evaluate.mode=classification", data, f"evaluate.templates_file={bad}"]) == 1
+    assert (
+        main(["evaluate", "-e", str(spec), "evaluate.mode=classification", data, f"evaluate.templates_file={bad}"]) == 1
+    )
     assert "has no {} where the class name goes" in capsys.readouterr().err
 
 
@@ -207,9 +213,24 @@ def test_search_refuses_mismatched_embeddings(tiny_spec, tmp_path, capsys):
     spec = tiny_spec()
     prompts = tmp_path / "p.txt"
     prompts.write_text("x\n")
-    assert main(["inference", "-e", str(spec), f"inference.text_file={prompts}", f"inference.datasets=[{{image_dir: {tmp_path / 'data' / 'val'}}}]"]) == 0
+    assert (
+        main(
+            [
+                "inference",
+                "-e",
+                str(spec),
+                f"inference.text_file={prompts}",
+                f"inference.datasets=[{{image_dir: {tmp_path / 'data' / 'val'}}}]",
+            ]
+        )
+        == 0
+    )
     h5 = tmp_path / "results" / "inference" / "image_embeddings.h5"
-    args = ["inference.mode=search", f"inference.image_embeddings_file={h5}", f"inference.text_file={prompts}", "model.type=tiny-siglip2"]
+    args = [
+        "inference.mode=search",
+        f"inference.image_embeddings_file={h5}",
+        f"inference.text_file={prompts}",
+        "model.type=tiny-siglip2",
+    ]
     assert main(["inference", "-e", str(spec), *args]) == 1
     assert "64-d embeddings but tiny-siglip2 makes 32-d ones" in capsys.readouterr().err
-

@@ -63,5 +63,7 @@ def find_files(path: str, ext: str, key: str) -> DeployFiles:
         return DeployFiles(base, ext, {"combined": path})
     found = {e: f"{base}_{e}{ext}" for e in ENCODERS if os.path.isfile(f"{base}_{e}{ext}")}
     if not found:
-        raise DataError(f"{key}={path!r}: no such file, and no {os.path.basename(base)}_vision{ext} / _text{ext} beside it")
+        raise DataError(
+            f"{key}={path!r}: no such file, and no {os.path.basename(base)}_vision{ext} / _text{ext} beside it"
+        )
     return DeployFiles(base, ext, found)

@@ -131,7 +131,9 @@ def check_exportable(model: ClipModel, height: int, width: int, channels: int) -
         )
 
 
-def example_inputs(model: ClipModel, batch: int, height: int, width: int, device: torch.device) -> dict[str, torch.Tensor]:
+def example_inputs(
+    model: ClipModel, batch: int, height: int, width: int, device: torch.device
+) -> dict[str, torch.Tensor]:
     generator = torch.Generator().manual_seed(0)
     texts = [f"a photo of item number {i}, seen from the left" for i in range(batch)]
     input_ids = model.tokenizer(texts)
@@ -172,7 +174,9 @@ def export_onnx(
     targets = [*files.encoders.values(), files.config, files.tokenizer]
     existing = [p for p in targets if os.path.exists(p)]
     if existing and not overwrite:
-        raise ConfigError(f"{existing[0]} already exists: export never overwrites; choose another export.onnx_file or set export.overwrite=true")
+        raise ConfigError(
+            f"{existing[0]} already exists: export never overwrites; choose another export.onnx_file or set export.overwrite=true"
+        )
 
     device = torch.device(device)
     model = model.to(device).eval()
@@ -193,12 +197,17 @@ def export_onnx(
             if _finalise(staged, model.embed_dim, external_data_threshold):
                 report.external_data.append(final_path + ".data")
             report.max_abs_diff[encoder] = verify_onnx(staged, encoder_spec, model, inputs)
-            log.info("%s: max |ONNX Runtime - PyTorch| = %.2e", os.path.basename(final_path), report.max_abs_diff[encoder])
+            log.info(
+                "%s: max |ONNX Runtime - PyTorch| = %.2e", os.path.basename(final_path), report.max_abs_diff[encoder]
+            )
             for name in os.listdir(own):
                 os.replace(os.path.join(own, name), os.path.join(staging, name))
             os.rmdir(own)
         model.tokenizer.save_pretrained(os.path.join(staging, os.path.basename(files.tokenizer)))
-        write_yaml(os.path.join(staging, os.path.basename(files.config)), deploy_config(model, spec or {}, encoder_type, opset_version))
+        write_yaml(
+            os.path.join(staging, os.path.basename(files.config)),
+            deploy_config(model, spec or {}, encoder_type, opset_version),
+        )
         _move_into_place(staging, parent, overwrite)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
@@ -209,7 +218,9 @@ def deploy_config(model: ClipModel, spec: dict, encoder_type: str, opset_version
     """The spec with the learned logit scale/bias, plus what a runtime needs to feed the files."""
     config = copy.deepcopy(spec)
     scale, bias = float(model.logit_scale.detach().reshape(-1)[0]), float(model.logit_bias.detach().reshape(-1)[0])
-    config.setdefault("model", {}).update({"type": model.model_type, "init_logit_scale": scale, "init_logit_bias": bias})
+    config.setdefault("model", {}).update(
+        {"type": model.model_type, "init_logit_scale": scale, "init_logit_bias": bias}
+    )
     p = model.preprocess
     config["deploy"] = {
         "model_type": model.model_type,
@@ -283,7 +294,9 @@ def verify_onnx(path: str, spec: _EncoderSpec, model: ClipModel, inputs: dict[st
     try:
         onnx.checker.check_model(path, full_check=True)
     except onnx.checker.ValidationError as exc:
-        raise ModelError(f"exported file {os.path.basename(path)} fails onnx.checker: {str(exc).splitlines()[0]}") from exc
+        raise ModelError(
+            f"exported file {os.path.basename(path)} fails onnx.checker: {str(exc).splitlines()[0]}"
+        ) from exc
     session = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
     feed = {name: inputs[name].cpu().numpy() for name in spec.inputs}
     got = session.run(list(spec.outputs), feed)

@@ -50,7 +50,11 @@ class OnnxRuntimeEncoder(DeployedEncoder):
     def _dummy_inputs(self) -> dict[str, np.ndarray]:
         size = self.preprocess.image_size
         ids = np.zeros((1, self.context_length), dtype=np.int64)
-        return {"image": np.zeros((1, 3, size, size), np.float32), "input_ids": ids, "attention_mask": np.ones_like(ids)}
+        return {
+            "image": np.zeros((1, 3, size, size), np.float32),
+            "input_ids": ids,
+            "attention_mask": np.ones_like(ids),
+        }
 
     def encode_image(self, pixels: torch.Tensor) -> torch.Tensor:
         return self._run("vision", "image_embedding", {"image": pixels.detach().float().cpu().numpy()})

@@ -28,7 +28,9 @@ class DeployedEncoder:
         self.files = files
         self.key = key
         if not os.path.isfile(files.config):
-            raise ModelError(f"{key}: {files.config} is missing; it is written by clip-tao export beside the model file")
+            raise ModelError(
+                f"{key}: {files.config} is missing; it is written by clip-tao export beside the model file"
+            )
         info = read_spec_file(files.config).get("deploy") or {}
         self.info = DeployInfo(**info)
         if not self.info.image_size:
@@ -53,7 +55,9 @@ class DeployedEncoder:
         if not self.has(encoder):
             present = ", ".join(os.path.basename(p) for p in self.files.encoders.values())
             missing = f"{os.path.basename(self.files.base)}_{encoder}{self.files.ext}"
-            raise ModelError(f"{self.key}: this task needs the {encoder} encoder, but only {present} exists; add {missing}")
+            raise ModelError(
+                f"{self.key}: this task needs the {encoder} encoder, but only {present} exists; add {missing}"
+            )
 
     # The embedding loops treat backends like PyTorch models.
     def eval(self):

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 from clip_tao.errors import NotAvailableError
 
-CPU_ALTERNATIVE = "the ONNX Runtime backend (evaluate.onnx_file / inference.onnx_file) runs the exported files on the CPU"
+CPU_ALTERNATIVE = (
+    "the ONNX Runtime backend (evaluate.onnx_file / inference.onnx_file) runs the exported files on the CPU"
+)
 
 
 def import_tensorrt():

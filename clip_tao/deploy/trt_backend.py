@@ -31,7 +31,9 @@ class TensorRTEncoder(DeployedEncoder):
             if engine is None:
                 from clip_tao.errors import ModelError
 
-                raise ModelError(f"{key}: {path} is not a TensorRT engine for this TensorRT version and GPU; rebuild it")
+                raise ModelError(
+                    f"{key}: {path} is not a TensorRT engine for this TensorRT version and GPU; rebuild it"
+                )
             self.engines[name] = engine
             self.contexts[name] = engine.create_execution_context()
         log.info("TensorRT: %s", ", ".join(self.files.encoders.values()))
@@ -49,7 +51,10 @@ class TensorRTEncoder(DeployedEncoder):
         engine, context = self.engines[key], self.contexts[key]
         first = next(iter(inputs))
         total, step = inputs[first].shape[0], self._max_batch(engine, first)
-        pieces = [self._run_chunk(engine, context, output, {k: v[s : s + step] for k, v in inputs.items()}) for s in range(0, total, step)]
+        pieces = [
+            self._run_chunk(engine, context, output, {k: v[s : s + step] for k, v in inputs.items()})
+            for s in range(0, total, step)
+        ]
         return torch.cat(pieces).float().cpu()
 
     def _run_chunk(self, engine, context, output: str, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -64,7 +69,9 @@ class TensorRTEncoder(DeployedEncoder):
         outputs = {}
         for name in self._io_names(engine, trt.TensorIOMode.OUTPUT):
             shape = tuple(context.get_tensor_shape(name))
-            outputs[name] = torch.empty(shape, dtype=_torch_dtype(trt, engine.get_tensor_dtype(name)), device=self.device)
+            outputs[name] = torch.empty(
+                shape, dtype=_torch_dtype(trt, engine.get_tensor_dtype(name)), device=self.device
+            )
             context.set_tensor_address(name, outputs[name].data_ptr())
         stream = torch.cuda.current_stream(self.device)
         if not context.execute_async_v3(stream.cuda_stream):

@@ -85,7 +85,9 @@ def _build_one(trt, onnx_file, engine_file, cfg: TensorRTConfig, batch_size, tim
     cache = _load_timing_cache(config, timing_cache)
     serialized = builder.build_serialized_network(network, config)
     if serialized is None:
-        raise ModelError(f"TensorRT could not build an engine from {onnx_file}; run with gen_trt_engine.verbose=true for details")
+        raise ModelError(
+            f"TensorRT could not build an engine from {onnx_file}; run with gen_trt_engine.verbose=true for details"
+        )
     with atomic_path(engine_file) as tmp, open(tmp, "wb") as f:
         f.write(serialized)
     if timing_cache and cache is not None:
@@ -122,7 +124,9 @@ def _keep_sensitive_layers_fp32(trt, network) -> int:
         if layer is None or layer.type in stop or layer.name in marked:
             continue
         marked.add(layer.name)
-        stack.extend(producers.get(layer.get_input(k).name) for k in range(layer.num_inputs) if layer.get_input(k) is not None)
+        stack.extend(
+            producers.get(layer.get_input(k).name) for k in range(layer.num_inputs) if layer.get_input(k) is not None
+        )
     count = 0
     for i in range(network.num_layers):
         layer = network.get_layer(i)
@@ -145,7 +149,9 @@ def _apply_layer_precisions(trt, network, entries: list[str]) -> None:
     for entry in entries:
         pattern, _, name = entry.rpartition(":")
         if not pattern or name not in types:
-            raise ConfigError(f"gen_trt_engine.tensorrt.layers_precision entry {entry!r} must look like 'layer_name:fp32'")
+            raise ConfigError(
+                f"gen_trt_engine.tensorrt.layers_precision entry {entry!r} must look like 'layer_name:fp32'"
+            )
         hits = 0
         for i in range(network.num_layers):
             layer = network.get_layer(i)

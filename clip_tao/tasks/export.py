@@ -59,8 +59,18 @@ def _export(cfg: ExperimentConfig) -> dict:
     for encoder, path in report.files.encoders.items():
         spec = ENCODER_SPECS[encoder]
         size_mb = os.path.getsize(path) / 2**20
-        rows.append([os.path.basename(path), ", ".join(spec.inputs), ", ".join(spec.outputs), f"{size_mb:.1f} MB", f"{report.max_abs_diff[encoder]:.1e}"])
-    print(f"\nExported {model.model_type} ({'dynamic' if x.batch_size <= 0 else x.batch_size} batch, opset {x.opset_version})")
+        rows.append(
+            [
+                os.path.basename(path),
+                ", ".join(spec.inputs),
+                ", ".join(spec.outputs),
+                f"{size_mb:.1f} MB",
+                f"{report.max_abs_diff[encoder]:.1e}",
+            ]
+        )
+    print(
+        f"\nExported {model.model_type} ({'dynamic' if x.batch_size <= 0 else x.batch_size} batch, opset {x.opset_version})"
+    )
     print(format_table(["file", "inputs", "outputs", "size", "max |ORT - PyTorch|"], rows))
     print(f"beside it: {os.path.basename(report.files.config)}, {os.path.basename(report.files.tokenizer)}/")
     return {
