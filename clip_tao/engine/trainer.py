@@ -401,7 +401,7 @@ class Trainer:
 
     # -- outputs --------------------------------------------------------------------------------
     def save(self, epoch: int) -> str:
-        """Write ``model_epoch_XXX_step_XXXXX.pth`` (rank 0) and point ``clip_latest.pth`` at it.
+        """Write ``model_epoch_{epoch:03d}_step_{step:05d}.pth`` (rank 0) and point ``clip_latest.pth`` at it.
 
         Called on every rank: the state is gathered from all of them.
         """
