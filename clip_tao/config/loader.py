@@ -20,6 +20,7 @@ import yaml
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from clip_tao.config.checks import check_peft_and_regularization
 from clip_tao.config.schema import ExperimentConfig
 from clip_tao.errors import ConfigError
 
@@ -93,6 +94,7 @@ _MISSING = object()
 def build_config(raw: dict, source: str = "spec") -> ExperimentConfig:
     """Validate a plain dict against the schema and build the dataclasses."""
     cfg = _build_dataclass(ExperimentConfig, raw, path="")
+    check_peft_and_regularization(cfg)
     if not cfg.results_dir:
         raise ConfigError(f"{source}: results_dir is required: set it in the spec or pass results_dir=/path")
     return cfg

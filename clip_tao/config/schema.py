@@ -15,11 +15,50 @@ Precision = Literal["fp16", "bf16", "fp32"]
 
 @dataclass
 class WandbConfig:
-    enable: bool = False
-    project: str | None = None
-    entity: str | None = None
-    name: str | None = None
-    tags: list[str] = field(default_factory=list)
+    # TAO's defaults (CommonExperimentConfig). enable=true without a usable wandb (not installed, not logged
+    # in, no WANDB_MODE=offline) logs one warning and goes on with TensorBoard only.
+    enable: bool = True
+    project: str = "TAO Toolkit"
+    entity: str | None = ""
+    group: str | None = ""
+    tags: list[str] = field(default_factory=lambda: ["training", "tao-toolkit"])
+    reinit: bool = False
+    sync_tensorboard: bool = False
+    save_code: bool = False
+    name: str = "TAO Toolkit training experiment"
+    run_id: str = ""
+
+
+@dataclass
+class LoraTargetConfig:
+    """LoRA for one tower (TAO 7.0.1's ``peft.vision`` / ``peft.text``)."""
+
+    enabled: bool = False
+    # Substrings of module names inside a transformer block (SigLIP2: q_proj k_proj v_proj out_proj;
+    # RADIO/OpenCLIP fused attention: qkv proj).
+    target_modules: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "out_proj"])
+    num_last_blocks: int = 3  # 0 = every block
+    rank: int = 8
+    alpha: int = 16
+    dropout: float = 0.05
+
+
+@dataclass
+class PeftConfig:
+    enabled: bool = False
+    method: Literal["lora"] = "lora"
+    vision: LoraTargetConfig = field(default_factory=LoraTargetConfig)
+    text: LoraTargetConfig = field(default_factory=LoraTargetConfig)
+
+
+@dataclass
+class RegularizationConfig:
+    """Geometry-preserving fine-tuning: losses against a frozen copy of the starting model."""
+
+    enabled: bool = False
+    embedding_mse_weight: float = 0.05
+    cosine_weight: float = 0.05
+    similarity_weight: float = 0.10
 
 
 @dataclass
@@ -158,6 +197,8 @@ class EvaluateConfig:
     num_gpus: int = 1
     gpu_ids: list[int] = field(default_factory=lambda: [0])
     results_dir: str | None = None
+    # TAO 7.0.1 shares one dataclass between evaluate and inference, so evaluate has it too; unused here.
+    text_file: str | None = None
     # clip-tao: "retrieval" (TAO's) or zero-shot "classification" of a folder-per-class image tree.
     mode: Literal["retrieval", "classification"] = "retrieval"
     classnames_file: str | None = None  # one class name a line, in sorted folder order
@@ -206,8 +247,8 @@ class ExportConfig:
 
 @dataclass
 class TensorRTConfig:
-    data_type: Literal["fp16", "fp32"] = "fp16"
-    workspace_size: int = 4096
+    data_type: Literal["fp16", "fp32"] = "fp32"
+    workspace_size: int = 1024
     min_batch_size: int = 1
     opt_batch_size: int = 1
     max_batch_size: int = 16
@@ -251,6 +292,8 @@ class ExperimentConfig:
     encryption_key: str | None = None  # TAO legacy: accepted and ignored
     model_name: str = "clip"
     wandb: WandbConfig = field(default_factory=WandbConfig)
+    peft: PeftConfig = field(default_factory=PeftConfig)
+    regularization: RegularizationConfig = field(default_factory=RegularizationConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     dataset: DatasetConfig = field(default_factory=DatasetConfig)
     train: TrainConfig = field(default_factory=TrainConfig)

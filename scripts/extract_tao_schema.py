@@ -1,0 +1,117 @@
+"""Write TAO's CLIP spec schema (every key with its default and type) from a TAO source checkout.
+
+Runs TAO's own config dataclasses, so the key list is TAO's, not a transcription::
+
+    git clone -b 7.0.1 https://github.com/NVIDIA-TAO/tao-pytorch /tmp/tao-pytorch
+    python scripts/extract_tao_schema.py /tmp/tao-pytorch > tests/data/tao_7.0.1_clip_schema.json
+
+Only four files are executed (``config/utils/types.py``, ``config/common/mlops.py``,
+``config/common/common_config.py``, ``config/clip/default_config.py``); they need nothing but
+``dataclasses`` and ``omegaconf``, so TAO itself need not be installed. The output holds
+``default_spec`` (all defaults as the JSON a remote client sends; TAO's required ``???`` values as null)
+and ``keys`` (dotted key -> TAO's type annotation).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import importlib.util
+import json
+import os
+import sys
+import types
+import typing
+
+from omegaconf import OmegaConf
+
+MODULES = (
+    "nvidia_tao_pytorch.config.utils.types",
+    "nvidia_tao_pytorch.config.common.mlops",
+    "nvidia_tao_pytorch.config.common.common_config",
+    "nvidia_tao_pytorch.config.clip.default_config",
+)
+
+
+def load_tao_config(root: str):
+    """Import TAO's config modules from ``root`` without importing the rest of its package."""
+    for name in MODULES:
+        parts = name.split(".")
+        for i in range(1, len(parts)):
+            pkg = ".".join(parts[:i])
+            if pkg not in sys.modules:
+                module = types.ModuleType(pkg)
+                module.__path__ = []
+                sys.modules[pkg] = module
+        path = os.path.join(root, *parts) + ".py"
+        spec = importlib.util.spec_from_file_location(name, path)
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module
+        spec.loader.exec_module(module)
+    return sys.modules[MODULES[-1]].CLIPExperimentConfig
+
+
+def key_types(cls, prefix: str = "") -> dict[str, str]:
+    out = {}
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        hint = hints[f.name]
+        dotted = prefix + f.name
+        out[dotted] = _type_name(hint)
+        inner = _dataclass_in(hint)
+        if inner is not None:
+            out.update(key_types(inner, dotted + ("[]." if _is_list(hint) else ".")))
+    return out
+
+
+def _is_list(hint) -> bool:
+    return typing.get_origin(hint) in (list, typing.List)  # noqa: UP006 (TAO's annotations)
+
+
+def _dataclass_in(hint):
+    if dataclasses.is_dataclass(hint):
+        return hint
+    for arg in typing.get_args(hint):
+        found = _dataclass_in(arg)
+        if found is not None:
+            return found
+    return None
+
+
+def _type_name(hint) -> str:
+    if dataclasses.is_dataclass(hint):
+        return "section"
+    origin = typing.get_origin(hint)
+    args = typing.get_args(hint)
+    if origin is typing.Union:
+        names = [_type_name(a) for a in args if a is not type(None)]
+        return f"optional[{names[0]}]" if len(names) == 1 else "|".join(names)
+    if _is_list(hint):
+        return f"list[{_type_name(args[0])}]" if args else "list"
+    return getattr(hint, "__name__", str(hint))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument(
+        "tao_root", help="a checkout of NVIDIA-TAO/tao-pytorch (the folder holding nvidia_tao_pytorch/)"
+    )
+    args = parser.parse_args()
+    cls = load_tao_config(args.tao_root)
+    cfg = OmegaConf.structured(cls)
+    spec = OmegaConf.to_container(cfg, resolve=False, throw_on_missing=False)
+    spec = _missing_to_null(spec)
+    json.dump({"default_spec": spec, "keys": key_types(cls)}, sys.stdout, indent=1, sort_keys=False)
+    sys.stdout.write("\n")
+
+
+def _missing_to_null(value):
+    if isinstance(value, dict):
+        return {k: _missing_to_null(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_missing_to_null(v) for v in value]
+    return None if value == "???" else value
+
+
+if __name__ == "__main__":
+    main()
