@@ -7,8 +7,8 @@ import logging
 import torch
 
 from clip_tao.config.schema import ExperimentConfig
-from clip_tao.engine.checkpoint import load_model_weights
 from clip_tao.engine.device import select_device
+from clip_tao.engine.weights import load_weights
 from clip_tao.models import ClipModel, create_model
 
 log = logging.getLogger(__name__)
@@ -37,7 +37,7 @@ def build_model(cfg: ExperimentConfig, checkpoint: str | None = None) -> ClipMod
         tokenizer_path=m.tokenizer_path,
     )
     if checkpoint:
-        load_model_weights(model, checkpoint)
+        load_weights(model, checkpoint, cfg.peft)
         log.info("loaded weights from %s", checkpoint)
     return model
 

@@ -262,6 +262,8 @@ class Trainer:
             started = time.time()
             train_loss = self._train_epoch(epoch)
             kpi: dict[str, Any] = {"train_loss": train_loss, "lr": self._lr(), "logit_scale": self._scale()}
+            if hasattr(self.loss_fn, "epoch_figures"):  # the regularisation terms, each on its own
+                kpi.update({k: D.all_reduce_mean(self.dist, v) for k, v in self.loss_fn.epoch_figures().items()})
             s.epoch, s.batches_in_epoch, s.worker_positions = epoch + 1, 0, None
             last = s.epoch == t.num_epochs
             if self.val_data is not None and (s.epoch % self.validation_every == 0 or last):
@@ -355,6 +357,9 @@ class Trainer:
             self.scheduler.step()  # keep the schedule in step with global_step
             return None, 0
         self.optimizer.zero_grad(set_to_none=True)
+        regularized = hasattr(self.loss_fn, "set_batch")  # RegularizedLoss: the teacher embeds the pairs first
+        if regularized:
+            self.loss_fn.set_batch(pairs, self.device)
         loss = contrastive_backward(
             self.net, self.loss_fn, pairs, self.precision, self.device,
             self.scaler if self.scaler.is_enabled() else None, self.state.global_step,
@@ -372,8 +377,10 @@ class Trainer:
         if self.sample_log is not None:
             self.sample_log.writelines(f"{self.state.global_step} {k}\n" for k in keys)
             self.sample_log.flush()
+        terms = self.loss_fn.end_step() if regularized else {}
         if self.state.global_step % 10 == 0:
             self._log_scalars({"train/loss": loss, "train/lr": self._lr(), "train/logit_scale": self._scale()})
+            self._log_scalars({f"train/{k}": v for k, v in terms.items()})
         return loss, count
 
     def validate(self) -> dict[str, float]:

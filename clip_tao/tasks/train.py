@@ -9,8 +9,12 @@ from clip_tao.config.schema import ExperimentConfig
 from clip_tao.data.loaders import build_train_loader, build_val_loader
 from clip_tao.engine.device import seed_everything
 from clip_tao.engine.distributed import DistContext, barrier, cleanup_distributed, setup_distributed
+from clip_tao.engine.lora import apply_lora
+from clip_tao.engine.lora import describe as describe_lora
 from clip_tao.engine.model_setup import build_model
+from clip_tao.engine.regularization import RegularizedLoss, frozen_teacher
 from clip_tao.engine.trainer import BEST_METRIC, BEST_NAME, LATEST_NAME, Trainer
+from clip_tao.engine.weights import load_weights
 from clip_tao.io.atomic import write_json
 from clip_tao.io.plots import training_curves_png
 from clip_tao.io.status import StatusWriter
@@ -52,16 +56,29 @@ def _train(cfg: ExperimentConfig, out_dir: str, status, dist: DistContext) -> di
         "%s: %d training samples an epoch, %d validation samples, %d process(es), %s",
         model.model_type, train_data.num_samples, val_data.num_samples if val_data else 0, dist.world_size, out_dir,
     )  # fmt: skip
-    trainer = Trainer(cfg, model, train_data, val_data, out_dir, status, dist)
-
     latest = os.path.join(out_dir, LATEST_NAME)
-    if t.resume_training_checkpoint_path:
-        trainer.resume(t.resume_training_checkpoint_path)
-    elif t.auto_resume and os.path.isfile(latest):
-        log.info("found %s: resuming (set train.auto_resume=false to start over)", latest)
-        trainer.resume(latest)
-    elif t.pretrained_model_path:
-        trainer.load_start_weights(t.pretrained_model_path)
+    auto = t.auto_resume and not t.resume_training_checkpoint_path and os.path.isfile(latest)
+    resume_path = t.resume_training_checkpoint_path or (latest if auto else None)
+    # Start weights go in before LoRA and the teacher are made from them (and before the optimiser exists);
+    # a resumed run replaces them, but its regularisation teacher is still the starting model.
+    if t.pretrained_model_path and (not resume_path or cfg.regularization.enabled):
+        load_weights(model, t.pretrained_model_path, cfg.peft)
+        log.info("start weights from %s", t.pretrained_model_path)
+    teacher = frozen_teacher(model) if cfg.regularization.enabled else None
+    if cfg.peft.enabled:
+        freeze = {"vision": cfg.model.freeze_vision_encoder, "text": cfg.model.freeze_text_encoder}
+        log.info(describe_lora(apply_lora(model, cfg.peft, freeze)))
+    trainer = Trainer(cfg, model, train_data, val_data, out_dir, status, dist)
+    if teacher is not None:
+        trainer.loss_fn = RegularizedLoss(trainer.loss_fn, teacher.to(trainer.device), cfg.regularization,
+                                          trainer.precision)  # fmt: skip
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    log.info("parameters: %s trainable of %s", f"{trainable:,}", f"{sum(p.numel() for p in model.parameters()):,}")
+
+    if resume_path:
+        if auto:
+            log.info("found %s: resuming (set train.auto_resume=false to start over)", latest)
+        trainer.resume(resume_path)
 
     state = trainer.fit()
     final = dict(state.history[-1]) if state.history else {}

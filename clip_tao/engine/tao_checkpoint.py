@@ -1,0 +1,101 @@
+"""TAO-trained checkpoints: Lightning files of TAO 7.0.1's CLIP task, mapped to our models' keys.
+
+TAO saves ``CLIPPlModel`` with Lightning (``model_epoch_XXX_step_XXXXX.pth``, ``clip_latest.pth``): a dict with
+``state_dict``, ``epoch``, ``global_step``, ``pytorch-lightning_version``, ``optimizer_states`` ...
+The ``state_dict`` keys are those of TAO's adapter under the Lightning module's ``model.`` attribute:
+
+- ``model.logit_scale``, ``model.logit_bias``: the adapter's own (trained) logit parameters;
+- ``model.backbone.inner.*``: the Hugging Face SigLIP/SigLIP2 model (SigLIP2 types);
+- ``model.backbone.model.*``: the open_clip ``CLIP`` (NV-CLIP and other open_clip types);
+- ``model.backbone.head.*``: a classification head TAO's backbone wrapper may carry (unused by CLIP);
+- ``model.radio_model.*`` (and ``model.adaptor.*``, the same adaptor registered twice): RADIO's hub model.
+
+The backbones' own logit parameters (``...inner.logit_scale``) are not the ones TAO trains: the adapter's win.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import torch
+from torch import nn
+
+from clip_tao.errors import ModelError
+
+log = logging.getLogger(__name__)
+
+LIGHTNING_MARKER = "pytorch-lightning_version"
+# TAO backbone prefix -> the attribute under which our family wrappers keep the same library's model.
+_BACKBONES = {
+    "model.backbone.inner.": ("transformers SigLIP/SigLIP2", "model."),
+    "model.backbone.model.": ("open_clip CLIP", "model."),
+}
+_RADIO = "model.radio_model."
+_IGNORED = ("model.backbone.head.", "model.adaptor.")
+
+
+def is_lightning_checkpoint(checkpoint: Any) -> bool:
+    return isinstance(checkpoint, dict) and LIGHTNING_MARKER in checkpoint and "state_dict" in checkpoint
+
+
+def tao_state_to_ours(model: nn.Module, checkpoint: dict, path: str) -> dict[str, torch.Tensor]:
+    """Our model's state dict from a TAO CLIP Lightning checkpoint (keys renamed, nothing else changed)."""
+    state = checkpoint["state_dict"]
+    if "model.logit_scale" not in state:
+        raise ModelError(
+            f"{path!r} is a Lightning checkpoint but not of TAO's CLIP task (no model.logit_scale key; "
+            f"its keys start {sorted({k.split('.')[0] for k in state})[:3]}): give a checkpoint of `tao model clip train`"
+        )
+    ours = _our_logit_names(model)
+    found = [prefix for prefix in (*_BACKBONES, _RADIO) if any(k.startswith(prefix) for k in state)]
+    if not found:
+        raise ModelError(f"{path!r}: TAO CLIP checkpoint without model.backbone.* or model.radio_model.* weights")
+    prefix = found[0]
+    if prefix == _RADIO:
+        mapped = _radio_state(model, state, path)
+    else:
+        library, target = _BACKBONES[prefix]
+        if not hasattr(model, "model") or not any(k.startswith(target) for k in model.state_dict()):
+            raise ModelError(
+                f"{path!r} holds a {library} model (TAO keys {prefix}*), which model.type={model.model_type} is not: "
+                "set model.type to the type it was trained as"
+            )
+        mapped = {target + k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
+    mapped[ours["scale"]] = state["model.logit_scale"]
+    if "model.logit_bias" in state:
+        mapped[ours["bias"]] = state["model.logit_bias"]
+    dropped = [k for k in state if k.startswith(_IGNORED)]
+    if dropped:
+        log.info("%s: left out %d tensors TAO keeps for other uses (%s ...)", path, len(dropped), dropped[0])
+    return mapped
+
+
+def _our_logit_names(model: nn.Module) -> dict[str, str]:
+    names = {id(p): n for n, p in model.named_parameters()}
+    return {"scale": names[id(model.logit_scale)], "bias": names[id(model.logit_bias)]}
+
+
+def _radio_state(model: nn.Module, state: dict, path: str) -> dict[str, torch.Tensor]:
+    """``model.radio_model.*`` is RADIO's hub model: it maps onto a model built by RADIO's own code.
+
+    Our image tower from ``model.radio_repo_dir`` keeps that hub model under ``visual.radio``; its adaptor's
+    text tower (TAO trains it inside ``radio_model.adaptors``) is not carried over by this mapping.
+    """
+    inner = {k[len(_RADIO) :]: v for k, v in state.items() if k.startswith(_RADIO)}
+    visual = getattr(model, "visual", None)
+    if visual is None or not hasattr(visual, "radio"):
+        raise ModelError(
+            f"{path!r} is a TAO Radio-CLIP checkpoint (RADIO's hub model, keys model.radio_model.*): load it with "
+            "model.radio_repo_dir set to a local clone of NVlabs/RADIO so the image tower is RADIO's own model"
+        )
+    own = visual.radio.state_dict()
+    mapped = {f"visual.radio.{k}": v for k, v in inner.items() if k in own}
+    left = sorted(k for k in inner if k not in own)
+    if left:
+        log.warning("%s: %d RADIO tensors have no place in this model (e.g. %s)", path, len(left), left[0])
+    text = {k: v for k, v in model.state_dict().items() if k.startswith("text.")}
+    if text:
+        log.warning("%s: the text tower keeps its own weights (TAO's adaptor text tower is not mapped)", path)
+        mapped.update(text)
+    return mapped

@@ -1,0 +1,147 @@
+"""LoRA fine-tuning (``peft``, TAO 7.0.1 keys) on Hugging Face's ``peft`` library."""
+
+from __future__ import annotations
+
+import onnx
+import pytest
+import torch
+
+from clip_tao.cli import main
+from clip_tao.config import load_experiment
+from clip_tao.config.schema import LoraTargetConfig, PeftConfig
+from clip_tao.engine.checkpoint import load_checkpoint
+from clip_tao.engine.lora import apply_lora, lora_targets, merge_lora
+from clip_tao.engine.model_setup import build_model
+from clip_tao.errors import ConfigError
+from clip_tao.models import create_model
+
+PEFT = {"enabled": True, "vision": {"enabled": True, "num_last_blocks": 1}, "text": {"enabled": True, "rank": 4}}
+
+
+def _inputs(model, n=4):
+    g = torch.Generator().manual_seed(0)
+    pixels = torch.randn(n, 3, model.image_size, model.image_size, generator=g)
+    ids = model.tokenizer([f"a photo of thing {i}" for i in range(n)])
+    return pixels, ids
+
+
+def test_targets_follow_taos_keys():
+    siglip = create_model("tiny-siglip2", pretrained=False)
+    vision = lora_targets(siglip, "vision", LoraTargetConfig(num_last_blocks=1))
+    # The last of the vision tower's blocks, TAO's default SigLIP2 targets; nothing of the text tower.
+    assert sorted(vision) == sorted(
+        f"model.vision_model.encoder.layers.1.self_attn.{p}" for p in ("q_proj", "k_proj", "v_proj", "out_proj")
+    )
+    text = lora_targets(siglip, "text", LoraTargetConfig(num_last_blocks=0, target_modules=["v_proj"]))
+    assert text == [f"model.text_model.encoder.layers.{i}.self_attn.v_proj" for i in (0, 1)]
+    # open_clip's fused attention (nn.MultiheadAttention) answers to "qkv"; "proj" also matches mlp.c_proj.
+    clip = create_model("tiny-clip", pretrained=False)
+    fused = lora_targets(clip, "vision", LoraTargetConfig(num_last_blocks=0, target_modules=["qkv", "proj"]))
+    assert "model.visual.transformer.resblocks.0.attn" in fused
+    assert "model.visual.transformer.resblocks.0.mlp.c_proj" in fused
+    assert "model.visual.transformer.resblocks.0.attn.out_proj" not in fused  # covered by the attention adapter
+
+
+@pytest.mark.parametrize("model_type", ["tiny-siglip2", "tiny-clip"])
+def test_only_adapters_and_logits_train_and_merging_is_exact(model_type):
+    model = create_model(model_type, pretrained=False).eval()  # eval: no LoRA dropout
+    cfg = PeftConfig(
+        enabled=True,
+        vision=LoraTargetConfig(enabled=True, target_modules=["q_proj", "v_proj", "qkv"], num_last_blocks=0),
+        text=LoraTargetConfig(enabled=True, target_modules=["out_proj", "qkv"], num_last_blocks=1),
+    )
+    counts = apply_lora(model, cfg)
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable and all(".lora_" in n or "logit_" in n for n in trainable)
+    assert counts["trainable"] == sum(p.numel() for p in model.parameters() if p.requires_grad)
+    with torch.no_grad():  # adapters start at zero in B: make them non-trivial before comparing
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.05)
+    pixels, ids = _inputs(model)
+    with torch.no_grad():
+        unmerged = model.encode_image(pixels), model.encode_text(ids)
+        merge_lora(model)
+        merged = model.encode_image(pixels), model.encode_text(ids)
+    assert not any("lora" in n or "base_layer" in n for n in model.state_dict())
+    # The merged model is the plain architecture again: its keys load into a fresh model of the type.
+    create_model(model_type, pretrained=False).load_state_dict(model.state_dict())
+    for a, b in zip(unmerged, merged):
+        assert (a - b).abs().max() <= 1e-5
+
+
+def test_lora_training_end_to_end(tiny_spec, tmp_path):
+    """Train with LoRA from a start checkpoint; base weights stay, adapters move; evaluate and export merge."""
+    start = tmp_path / "start.pth"
+    torch.save({"model": create_model("tiny-siglip2", pretrained=False).state_dict()}, start)
+    spec = tiny_spec("tiny-siglip2", peft=PEFT, train={"num_epochs": 1, "pretrained_model_path": str(start)})
+    assert main(["train", "-e", str(spec), "wandb.enable=false"]) == 0
+    cfg = load_experiment(spec)
+    ckpt_path = f"{cfg.results_dir}/train/clip_latest.pth"
+    saved = load_checkpoint(ckpt_path)["model"]
+    original = torch.load(start, weights_only=True)["model"]
+    base_key = "model.vision_model.encoder.layers.1.self_attn.q_proj"
+    assert torch.equal(saved[f"{base_key}.base_layer.weight"], original[f"{base_key}.weight"])  # frozen
+    assert saved[f"{base_key}.lora_B.default.weight"].abs().sum() > 0  # trained
+    assert not torch.equal(saved["model.logit_scale"], original["model.logit_scale"])  # trains too
+    assert "model.vision_model.encoder.layers.0.self_attn.q_proj.weight" in saved  # num_last_blocks=1
+
+    # Unmerged (adapters live) vs what evaluate/export load (merged): same embeddings.
+    live = create_model("tiny-siglip2", pretrained=False)
+    apply_lora(live, cfg.peft)
+    live.load_state_dict(saved)
+    live.eval()
+    merged = build_model(cfg, ckpt_path).eval()
+    pixels, ids = _inputs(live)
+    with torch.no_grad():
+        assert (live.encode_image(pixels) - merged.encode_image(pixels)).abs().max() <= 1e-5
+        assert (live.encode_text(ids) - merged.encode_text(ids)).abs().max() <= 1e-5
+
+    onnx_file = tmp_path / "export" / "lora.onnx"
+    assert main(["export", "-e", str(spec), f"export.checkpoint={ckpt_path}", f"export.onnx_file={onnx_file}"]) == 0
+    graph = onnx.load(str(onnx_file)).graph
+    names = [i.name for i in graph.initializer] + [n.name for n in graph.node]
+    assert not any("lora" in n.lower() for n in names)
+
+
+def test_lora_resume_is_exact(tiny_spec, tmp_path):
+    """2 epochs straight vs resumed from the first epoch's checkpoint: the same adapters and weights."""
+    spec = tiny_spec("tiny-clip", num_train=32, peft={**PEFT, "vision": {"enabled": True, "target_modules": ["qkv"]}})
+    run = ["train", "-e", str(spec), "wandb.enable=false", "dataset.train.batch_size=8"]
+    assert main([*run, f"results_dir={tmp_path}/a"]) == 0
+    first = sorted((tmp_path / "a" / "train").glob("model_epoch_000_*.pth"))[0]
+    assert main([*run, f"results_dir={tmp_path}/b", f"train.resume_training_checkpoint_path={first}"]) == 0
+    a = load_checkpoint(f"{tmp_path}/a/train/clip_latest.pth")["model"]
+    b = load_checkpoint(f"{tmp_path}/b/train/clip_latest.pth")["model"]
+    assert a.keys() == b.keys() and any(".lora_A." in k for k in a)
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    ("peft", "model", "message"),
+    [
+        (
+            {"enabled": True, "vision": {"enabled": True, "target_modules": ["nonexistent"]}},
+            {},
+            "peft.vision.target_modules=['nonexistent'] matches no module in the vision tower's blocks",
+        ),
+        (
+            {"enabled": True, "text": {"enabled": True}},
+            {"freeze_text_encoder": True},
+            "peft.text.enabled=true but model.freeze_text_encoder=true",
+        ),
+        ({"enabled": True}, {}, "neither peft.vision.enabled nor peft.text.enabled"),
+    ],
+)
+def test_bad_peft_specs_are_one_line(tiny_spec, capsys, peft, model, message):
+    spec = tiny_spec("tiny-siglip2", peft=peft, model={"type": "tiny-siglip2", **model})
+    assert main(["train", "-e", str(spec), "wandb.enable=false"]) == 1
+    err = capsys.readouterr().err.strip()
+    assert message in err and len(err.splitlines()) == 1
+
+
+def test_config_error_type():
+    model = create_model("tiny-siglip2", pretrained=False)
+    with pytest.raises(ConfigError):
+        lora_targets(model, "vision", LoraTargetConfig(target_modules=["nope"]))
