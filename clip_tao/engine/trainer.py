@@ -42,6 +42,7 @@ from clip_tao.engine.step import contrastive_backward
 from clip_tao.errors import ConfigError, ModelError
 from clip_tao.io.atomic import link_or_copy
 from clip_tao.io.status import StatusWriter
+from clip_tao.io.tao_kpi import tao_epoch_fields, tao_retrieval_kpi
 from clip_tao.losses import ContrastiveLoss
 from clip_tao.metrics import retrieval_metrics
 from clip_tao.models.base import ClipModel
@@ -256,11 +257,12 @@ class Trainer:
         self._prepare()
         if s.epoch >= t.num_epochs:
             log.info("training already finished %d of %d epochs: nothing to do", s.epoch, t.num_epochs)
-        self.status.write("STARTED", "Starting training.", epoch=s.epoch, max_epoch=t.num_epochs)
+        self.status.write("STARTED", "Starting training.", epoch=s.epoch, max_epoch=t.num_epochs - 1)
         while s.epoch < t.num_epochs:
             epoch = s.epoch
-            started = time.time()
+            started, first_step = time.time(), s.global_step
             train_loss = self._train_epoch(epoch)
+            seconds, steps = time.time() - started, max(s.global_step - first_step, 1)
             kpi: dict[str, Any] = {"train_loss": train_loss, "lr": self._lr(), "logit_scale": self._scale()}
             if hasattr(self.loss_fn, "epoch_figures"):  # the regularisation terms, each on its own
                 kpi.update({k: D.all_reduce_mean(self.dist, v) for k, v in self.loss_fn.epoch_figures().items()})
@@ -282,13 +284,15 @@ class Trainer:
                 saved = self.save(epoch)
             if improved:
                 self._save_best(saved)
+            # TAO's names and scales (val/t2i_mAP as a fraction, in a string; epoch, max_step, eta ...) beside ours.
+            progress = tao_epoch_fields(
+                epoch, t.num_epochs, s.global_step, self.steps_per_epoch, seconds, seconds / steps
+            )
             self.status.write(
                 "RUNNING",
                 f"Epoch {epoch} done.",
-                kpi=kpi,
-                epoch=epoch,
-                max_epoch=t.num_epochs,
-                time_per_epoch=f"{time.time() - started:.1f}s",
+                kpi={**kpi, **tao_retrieval_kpi(kpi, "val")},
+                **progress,
                 skipped=dict(self.skipped),
             )
         if self.tensorboard is not None:

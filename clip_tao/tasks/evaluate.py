@@ -23,6 +23,7 @@ from clip_tao.errors import DataError
 from clip_tao.io import plots
 from clip_tao.io.atomic import atomic_path, write_json
 from clip_tao.io.tables import format_retrieval_table, format_table
+from clip_tao.io.tao_kpi import tao_retrieval_kpi
 from clip_tao.io.task_dir import prepare_task_dir
 from clip_tao.metrics import compute_retrieval
 
@@ -41,6 +42,7 @@ def run(cfg: ExperimentConfig) -> dict:
         status.write("FAILURE", f"Evaluation failed: {exc}")
         raise
     kpi = {k: v for k, v in results.items() if isinstance(v, (int, float))}
+    kpi.update(tao_retrieval_kpi(kpi, "test"))  # TAO's test/... keys, fractions as strings
     status.write("SUCCESS", "Evaluation finished.", kpi=kpi)
     return results
 
