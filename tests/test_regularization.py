@@ -57,6 +57,7 @@ def test_regularisation_keeps_embeddings_closer_to_the_start(tiny_spec, tmp_path
     print(f"drift from the start: {plain:.4f} without, {regularised:.4f} with regularisation")
     assert 0 < regularised < 0.5 * plain, (regularised, plain)
     # Each term is reported on its own.
-    lines = [json.loads(line) for line in open(f"{tmp_path}/reg/train/status.json", encoding="utf-8")]
+    status = (tmp_path / "reg" / "train" / "status.json").read_text(encoding="utf-8")
+    lines = [json.loads(line) for line in status.splitlines()]
     kpi = [line["kpi"] for line in lines if "kpi" in line and "reg_cosine" in line["kpi"]]
     assert kpi and {"contrastive_loss", "reg_embedding_mse", "reg_cosine", "reg_similarity"} <= set(kpi[-1])
