@@ -43,7 +43,15 @@ def test_export_writes_tao_files_that_match_pytorch(tiny_spec, tmp_path, model_t
     else:
         vision = onnx.load(tmp_path / "export" / "clip_vision.onnx").graph
         text = onnx.load(tmp_path / "export" / "clip_text.onnx").graph
-        assert [i.name for i in vision.input] == ["image"] and [o.name for o in vision.output] == ["image_embedding"]
+        # TAO 7.0.1's separate vision file (scripts/export.py) outputs the logit scale/bias too.
+        assert [i.name for i in vision.input] == ["image"]
+        assert [o.name for o in vision.output] == ["image_embedding", "logit_scale", "logit_bias"]
+        import onnxruntime as ort
+
+        session = ort.InferenceSession(str(tmp_path / "export" / "clip_vision.onnx"))
+        _, scale, bias = session.run(None, {"image": np.zeros((2, 3, 64, 64), np.float32)})
+        assert scale.item() == pytest.approx(model.logit_scale.exp().item(), rel=1e-6)
+        assert bias.item() == pytest.approx(model.logit_bias.item(), abs=1e-6)
         assert [i.name for i in text.input] == ["input_ids", "attention_mask"]
         assert [o.name for o in text.output] == ["text_embedding", "logit_scale", "logit_bias"]
         encoder = OnnxRuntimeEncoder(str(tmp_path / "export" / "clip_vision.onnx"))

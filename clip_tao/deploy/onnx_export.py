@@ -3,7 +3,7 @@
 Combined file: inputs ``image`` [B,3,H,W] float32, ``input_ids`` [B,L] int64, ``attention_mask`` [B,L]
 (accepted and ignored: the models always use an all-ones mask); outputs ``image_embedding`` [B,D],
 ``text_embedding`` [B,D] (L2-normalised), ``logit_scale`` [1] (exponentiated) and ``logit_bias`` [1].
-Separate files: ``X_vision.onnx`` (image -> image_embedding) and ``X_text.onnx`` (input_ids,
+Separate files: ``X_vision.onnx`` (image -> image_embedding, logit_scale, logit_bias, as TAO's) and ``X_text.onnx`` (input_ids,
 attention_mask -> text_embedding, logit_scale, logit_bias).
 
 Every file is written to a temporary folder, checked with ``onnx.checker`` and compared with PyTorch
@@ -66,7 +66,13 @@ class VisionEncoder(nn.Module):
         self.model = model
 
     def forward(self, image: torch.Tensor):
-        return self.model.encode_image(image)
+        # TAO's vision file carries the logit scale/bias too, so either file alone can score pairs.
+        zero = _anchor(image)
+        return (
+            self.model.encode_image(image),
+            self.model.logit_scale.exp().reshape(1) + zero,
+            self.model.logit_bias.reshape(1) + zero,
+        )
 
 
 class TextEncoder(nn.Module):
@@ -96,7 +102,7 @@ ENCODER_SPECS = {
         ("image", "input_ids", "attention_mask"),
         ("image_embedding", "text_embedding", "logit_scale", "logit_bias"),
     ),
-    "vision": _EncoderSpec(VisionEncoder, ("image",), ("image_embedding",)),
+    "vision": _EncoderSpec(VisionEncoder, ("image",), ("image_embedding", "logit_scale", "logit_bias")),
     "text": _EncoderSpec(TextEncoder, ("input_ids", "attention_mask"), ("text_embedding", "logit_scale", "logit_bias")),
 }
 _BATCH_AXIS = {
