@@ -26,10 +26,10 @@ from clip_tao.errors import ModelError
 log = logging.getLogger(__name__)
 
 LIGHTNING_MARKER = "pytorch-lightning_version"
-# TAO backbone prefix -> the attribute under which our family wrappers keep the same library's model.
+# TAO backbone prefix -> (what it is, the attribute under which our wrappers keep that library's model, its package)
 _BACKBONES = {
-    "model.backbone.inner.": ("transformers SigLIP/SigLIP2", "model."),
-    "model.backbone.model.": ("open_clip CLIP", "model."),
+    "model.backbone.inner.": ("a transformers SigLIP/SigLIP2", "model.", "transformers"),
+    "model.backbone.model.": ("an open_clip CLIP", "model.", "open_clip"),
 }
 _RADIO = "model.radio_model."
 _IGNORED = ("model.backbone.head.", "model.adaptor.")
@@ -55,16 +55,18 @@ def tao_state_to_ours(model: nn.Module, checkpoint: dict, path: str) -> dict[str
     if prefix == _RADIO:
         mapped = _radio_state(model, state, path)
     else:
-        library, target = _BACKBONES[prefix]
-        if not hasattr(model, "model") or not any(k.startswith(target) for k in model.state_dict()):
+        library, target, package = _BACKBONES[prefix]
+        wrapped = getattr(model, target.rstrip("."), None)
+        if wrapped is None or not type(wrapped).__module__.startswith(package):
             raise ModelError(
-                f"{path!r} holds a {library} model (TAO keys {prefix}*), which model.type={model.model_type} is not: "
+                f"{path!r} holds {library} model (TAO keys {prefix}*), which model.type={model.model_type} is not: "
                 "set model.type to the type it was trained as"
             )
         mapped = {target + k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
-    mapped[ours["scale"]] = state["model.logit_scale"]
+    # TAO's adapter keeps scalars ([]); a backbone's own may be [1]: take our parameter's shape.
+    mapped[ours["scale"]] = state["model.logit_scale"].reshape(model.logit_scale.shape)
     if "model.logit_bias" in state:
-        mapped[ours["bias"]] = state["model.logit_bias"]
+        mapped[ours["bias"]] = state["model.logit_bias"].reshape(model.logit_bias.shape)
     dropped = [k for k in state if k.startswith(_IGNORED)]
     if dropped:
         log.info("%s: left out %d tensors TAO keeps for other uses (%s ...)", path, len(dropped), dropped[0])

@@ -1,0 +1,146 @@
+"""TAO-trained checkpoints load wherever a checkpoint is taken.
+
+The files are written by PyTorch Lightning itself, from a LightningModule laid out as TAO 7.0.1's
+``CLIPPlModel`` is (``multimodal/clip/model/pl_clip_model.py`` and ``model/adapters/``): the module keeps
+TAO's adapter as ``self.model``, which holds its own ``logit_scale``/``logit_bias`` and the library model as
+``backbone.inner`` (transformers SigLIP) or ``backbone.model`` (open_clip CLIP), beside an ``nn.Identity``
+head. Checkpoints are saved with TAO's ``ModelCheckpoint`` settings (``.pth``, ``model_{epoch:03d}_{step:05d}``,
+``clip_latest`` link). Embeddings are compared with the libraries' own forward passes.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from clip_tao.cli import main
+from clip_tao.config import load_experiment
+from clip_tao.engine.model_setup import build_model
+from clip_tao.models import create_model
+
+pl = pytest.importorskip("pytorch_lightning")
+
+TAO_SCALE, TAO_BIAS = 1.2345, -7.5  # the adapter's trained values: they, not the backbone's, must load
+
+
+class _Backbone(nn.Module):
+    def __init__(self, attribute: str, library_model: nn.Module):
+        super().__init__()
+        setattr(self, attribute, library_model)
+        self.head = nn.Identity()
+
+
+class _Adapter(nn.Module):
+    def __init__(self, attribute: str, library_model: nn.Module):
+        super().__init__()
+        self.logit_scale = nn.Parameter(torch.tensor(TAO_SCALE))
+        self.logit_bias = nn.Parameter(torch.tensor(TAO_BIAS))
+        self.backbone = _Backbone(attribute, library_model)
+
+
+class _TaoLikeModule(pl.LightningModule):
+    def __init__(self, attribute: str, library_model: nn.Module):
+        super().__init__()
+        self.model = _Adapter(attribute, library_model)
+
+    def training_step(self, batch):
+        # No update to the weights (lr 0): the checkpoint holds exactly the values set above.
+        return sum(p.sum() for p in self.parameters()) * 0.0
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.0)
+
+
+def write_tao_checkpoint(folder: Path, attribute: str, library_model: nn.Module) -> Path:
+    from pytorch_lightning.callbacks import ModelCheckpoint
+
+    module = _TaoLikeModule(attribute, library_model)
+    # TAO's TAOLightningModule.configure_callbacks settings.
+    ModelCheckpoint.FILE_EXTENSION = ".pth"
+    ModelCheckpoint.CHECKPOINT_EQUALS_CHAR = "_"
+    ModelCheckpoint.CHECKPOINT_NAME_LAST = "clip_latest"
+    callback = ModelCheckpoint(
+        every_n_epochs=1, dirpath=str(folder), save_on_train_epoch_end=True, monitor=None, save_top_k=-1,
+        save_last="link", filename="model_{epoch:03d}_{step:05d}", enable_version_counter=False,
+    )  # fmt: skip
+    data = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.zeros(1, 1)), batch_size=1)
+    trainer = pl.Trainer(
+        max_epochs=1, accelerator="cpu", logger=False, callbacks=[callback], enable_progress_bar=False,
+        enable_model_summary=False,
+    )  # fmt: skip
+    trainer.fit(module, data)
+    path = folder / "model_epoch_000_step_00001.pth"
+    assert path.is_file() and (folder / "clip_latest.pth").exists()
+    return path
+
+
+def _library_model(model_type: str, seed: int) -> tuple[str, nn.Module]:
+    """A tiny model of the type with weights of its own (not the type's fixed initialisation)."""
+    model = create_model(model_type, pretrained=False)
+    with torch.no_grad():
+        g = torch.Generator().manual_seed(seed)
+        for p in model.parameters():
+            p.add_(torch.randn(p.shape, generator=g) * 0.02)
+    return ("inner" if model_type == "tiny-siglip2" else "model"), model.model
+
+
+def _reference_embeddings(model_type: str, library_model: nn.Module, pixels, ids):
+    """The library's own forward pass (transformers SiglipModel / open_clip CLIP)."""
+    with torch.no_grad():
+        if model_type == "tiny-siglip2":
+            image = library_model.vision_model(pixel_values=pixels).pooler_output
+            text = library_model.text_model(input_ids=ids).pooler_output
+            return F.normalize(image, dim=-1), F.normalize(text, dim=-1)
+        return library_model.encode_image(pixels, normalize=True), library_model.encode_text(ids, normalize=True)
+
+
+@pytest.mark.parametrize("model_type", ["tiny-siglip2", "tiny-clip"])
+def test_tao_lightning_checkpoint_loads_in_every_task(tiny_spec, tmp_path, model_type):
+    attribute, library_model = _library_model(model_type, seed=3)
+    tao_file = write_tao_checkpoint(tmp_path / "tao", attribute, library_model)
+    spec = tiny_spec(model_type)
+    cfg = load_experiment(spec)
+
+    model = build_model(cfg, str(tao_file)).eval()
+    assert model.logit_scale.item() == pytest.approx(TAO_SCALE) and model.logit_bias.item() == pytest.approx(TAO_BIAS)
+    g = torch.Generator().manual_seed(0)
+    pixels = torch.randn(3, 3, model.image_size, model.image_size, generator=g)
+    ids = model.tokenizer(["a red square", "a blue square on green", "x"])
+    want = _reference_embeddings(model_type, library_model.eval(), pixels, ids)
+    with torch.no_grad():
+        got = model.encode_image(pixels), model.encode_text(ids)
+    for a, b in zip(got, want):
+        assert (a - b).abs().max() <= 1e-5
+
+    quiet = "wandb.enable=false"
+    assert main(["evaluate", "-e", str(spec), quiet, f"evaluate.checkpoint={tao_file}"]) == 0
+    images = f"inference.datasets=[{{image_dir: {tmp_path / 'data' / 'val'}}}]"
+    latest = f"inference.checkpoint={tmp_path / 'tao' / 'clip_latest.pth'}"  # TAO's link to the newest file
+    assert main(["inference", "-e", str(spec), quiet, images, latest]) == 0
+    onnx = [f"export.checkpoint={tao_file}", f"export.onnx_file={tmp_path / 'export' / 'tao.onnx'}"]
+    assert main(["export", "-e", str(spec), quiet, *onnx]) == 0
+    start = ["train", "-e", str(spec), quiet, "train.num_epochs=1", f"train.pretrained_model_path={tao_file}"]
+    assert main(start) == 0
+
+
+def test_foreign_lightning_files_are_one_line(tiny_spec, tmp_path, capsys):
+    spec = tiny_spec("tiny-siglip2")
+    # A TAO open_clip (NV-CLIP) checkpoint given to a SigLIP2 type.
+    attribute, library_model = _library_model("tiny-clip", seed=1)
+    openclip_file = write_tao_checkpoint(tmp_path / "oc", attribute, library_model)
+    assert main(["evaluate", "-e", str(spec), f"evaluate.checkpoint={openclip_file}"]) == 1
+    err = capsys.readouterr().err.strip()
+    assert "holds an open_clip CLIP model (TAO keys model.backbone.model.*)" in err and len(err.splitlines()) == 1
+
+    # A Lightning checkpoint of another TAO task (a classifier: no logit scale).
+    other = _TaoLikeModule("inner", nn.Linear(4, 2))
+    del other.model.logit_scale
+    other_file = tmp_path / "classifier.pth"
+    torch.save({"pytorch-lightning_version": pl.__version__, "state_dict": other.state_dict(), "epoch": 0}, other_file)
+    assert main(["evaluate", "-e", str(spec), f"evaluate.checkpoint={other_file}"]) == 1
+    err = capsys.readouterr().err.strip()
+    assert "is a Lightning checkpoint but not of TAO's CLIP task" in err and len(err.splitlines()) == 1
