@@ -115,6 +115,7 @@ class Trainer:
         self.loss_fn = ContrastiveLoss(self.tcfg.loss_type, self.dist.rank, self.dist.world_size)
         self.validation_every = self._validation_every()
         self.tensorboard = self._open_tensorboard() if self.dist.is_main else None
+        self.wandb = None
         self.sample_log = self._open_sample_log()
 
     # -- set-up ---------------------------------------------------------------------------------
@@ -483,6 +484,8 @@ class Trainer:
         return self.model.state_dict(), self.optimizer.state_dict()
 
     def _log_scalars(self, scalars: dict[str, Any], step: int | None = None) -> None:
+        if self.wandb is not None:  # a WandbRun (rank 0), set by the task when wandb.enable works
+            self.wandb.log(scalars, self.state.global_step if step is None else step)
         if self.tensorboard is None:
             return
         for name, value in scalars.items():

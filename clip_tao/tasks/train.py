@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 
+from clip_tao.config.loader import config_to_dict
 from clip_tao.config.schema import ExperimentConfig
 from clip_tao.data.loaders import build_train_loader, build_val_loader
 from clip_tao.engine.device import seed_everything
@@ -20,6 +21,7 @@ from clip_tao.io.plots import training_curves_png
 from clip_tao.io.status import StatusWriter
 from clip_tao.io.tables import format_retrieval_table, format_table
 from clip_tao.io.task_dir import prepare_task_dir
+from clip_tao.io.wandb_run import start_wandb
 
 log = logging.getLogger(__name__)
 
@@ -68,7 +70,10 @@ def _train(cfg: ExperimentConfig, out_dir: str, status, dist: DistContext) -> di
     if cfg.peft.enabled:
         freeze = {"vision": cfg.model.freeze_vision_encoder, "text": cfg.model.freeze_text_encoder}
         log.info(describe_lora(apply_lora(model, cfg.peft, freeze)))
+    # Before the Trainer opens TensorBoard: wandb.sync_tensorboard must patch it first.
+    wandb_run = start_wandb(cfg.wandb, out_dir, config_to_dict(cfg)) if dist.is_main else None
     trainer = Trainer(cfg, model, train_data, val_data, out_dir, status, dist)
+    trainer.wandb = wandb_run
     if teacher is not None:
         trainer.loss_fn = RegularizedLoss(trainer.loss_fn, teacher.to(trainer.device), cfg.regularization,
                                           trainer.precision)  # fmt: skip
@@ -80,7 +85,11 @@ def _train(cfg: ExperimentConfig, out_dir: str, status, dist: DistContext) -> di
             log.info("found %s: resuming (set train.auto_resume=false to start over)", latest)
         trainer.resume(resume_path)
 
-    state = trainer.fit()
+    try:
+        state = trainer.fit()
+    finally:
+        if wandb_run is not None:
+            wandb_run.finish()
     final = dict(state.history[-1]) if state.history else {}
     summary = {
         "model_type": model.model_type,
