@@ -1,7 +1,7 @@
 """Weights & Biases logging (the ``wandb`` section, TAO's keys and defaults) through the ``wandb`` library.
 
 As in TAO, a run starts only when wandb can work without asking anything: ``WANDB_API_KEY`` is set,
-``~/.netrc`` holds a login, or ``WANDB_MODE`` is ``offline``/``disabled`` (no network needed). Otherwise,
+``~/.netrc`` holds a login for the wandb server, or ``WANDB_MODE`` is ``offline``/``disabled`` (no network needed). Otherwise,
 and when ``wandb`` is not installed or ``wandb.init`` fails, one warning is logged and training goes on
 with TensorBoard only: TAO's default ``enable: true`` never stops or stalls a run. The run's config is the
 resolved spec without secrets (``encryption_key``). Only rank 0 logs.
@@ -50,7 +50,7 @@ def start_wandb(cfg: WandbConfig, results_dir: str, spec: dict[str, Any]) -> Wan
         log.warning("wandb.enable=true but wandb is not installed: TensorBoard only (pip install wandb)")
         return None
     mode = os.environ.get("WANDB_MODE", "").lower()
-    logged_in = bool(os.environ.get("WANDB_API_KEY")) or os.path.isfile(os.path.expanduser("~/.netrc"))
+    logged_in = bool(os.environ.get("WANDB_API_KEY")) or _netrc_has_wandb_login()
     if mode not in _NO_NETWORK_MODES and not logged_in:
         log.warning(
             "wandb.enable=true but wandb is not logged in (no WANDB_API_KEY, no ~/.netrc): TensorBoard only "
@@ -81,3 +81,16 @@ def start_wandb(cfg: WandbConfig, results_dir: str, spec: dict[str, Any]) -> Wan
         return None
     log.info("wandb run %s (%s)", run.name, "offline" if mode == "offline" else "online")
     return WandbRun(run, explicit=not cfg.sync_tensorboard)
+
+
+def _netrc_has_wandb_login() -> bool:
+    """``wandb login`` writes the key to ``~/.netrc`` under the server's host (api.wandb.ai by default)."""
+    import netrc
+    from urllib.parse import urlparse
+
+    host = urlparse(os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai")).hostname or "api.wandb.ai"
+    path = os.environ.get("NETRC", os.path.expanduser("~/.netrc"))
+    try:
+        return netrc.netrc(path).authenticators(host) is not None
+    except (OSError, netrc.NetrcParseError):
+        return False
