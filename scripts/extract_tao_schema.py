@@ -8,8 +8,9 @@ Runs TAO's own config dataclasses, so the key list is TAO's, not a transcription
 Only four files are executed (``config/utils/types.py``, ``config/common/mlops.py``,
 ``config/common/common_config.py``, ``config/clip/default_config.py``); they need nothing but
 ``dataclasses`` and ``omegaconf``, so TAO itself need not be installed. The output holds
-``default_spec`` (all defaults as the JSON a remote client sends; TAO's required ``???`` values as null)
-and ``keys`` (dotted key -> TAO's type annotation).
+``default_spec`` (all defaults as the JSON a remote client sends; TAO's required ``???`` values as null),
+``keys`` (dotted key -> TAO's type annotation) and ``nvclip_model_configs`` (TAO's open_clip architectures
+of the NV-CLIP types, from ``multimodal/clip/utils/model_configs.py``).
 """
 
 from __future__ import annotations
@@ -101,8 +102,18 @@ def main() -> None:
     cfg = OmegaConf.structured(cls)
     spec = OmegaConf.to_container(cfg, resolve=False, throw_on_missing=False)
     spec = _missing_to_null(spec)
-    json.dump({"default_spec": spec, "keys": key_types(cls)}, sys.stdout, indent=1, sort_keys=False)
+    out = {"default_spec": spec, "keys": key_types(cls), "nvclip_model_configs": nvclip_configs(args.tao_root)}
+    json.dump(out, sys.stdout, indent=1, sort_keys=False)
     sys.stdout.write("\n")
+
+
+def nvclip_configs(root: str) -> dict:
+    """TAO's open_clip architectures for NV-CLIP (``map_clip_model_cfg``): plain data, no imports."""
+    path = os.path.join(root, "nvidia_tao_pytorch", "multimodal", "clip", "utils", "model_configs.py")
+    namespace: dict = {}
+    with open(path, encoding="utf-8") as f:
+        exec(compile(f.read(), path, "exec"), namespace)  # noqa: S102 (TAO's own data file)
+    return namespace["map_clip_model_cfg"]
 
 
 def _missing_to_null(value):

@@ -28,6 +28,7 @@ FAMILY_MODULES = {
     "siglip": "clip_tao.models.siglip_family",
     "radio": "clip_tao.models.radio_family",
     "siglip2-naflex": "clip_tao.models.naflex_family",
+    "openclip-any": "clip_tao.models.openclip_any",
 }
 
 
@@ -109,6 +110,12 @@ def list_models(pattern: str = "*") -> list[ModelInfo]:
 
 def get_model_info(model_type: str) -> ModelInfo:
     if model_type not in _MODEL_INFOS:
+        # TAO's fallback: any other open_clip architecture name is a type too.
+        from clip_tao.models.openclip_any import openclip_model_info
+
+        info = openclip_model_info(model_type)
+        if info is not None:
+            return info
         close = difflib.get_close_matches(model_type, list(_MODEL_INFOS), n=1, cutoff=0.5)
         hint = f"did you mean {close[0]}?" if close else "run `clip-tao list-models` for the list"
         raise ModelError(f"model.type={model_type!r} is not a known model type; {hint}")
