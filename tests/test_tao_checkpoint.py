@@ -144,3 +144,50 @@ def test_foreign_lightning_files_are_one_line(tiny_spec, tmp_path, capsys):
     assert main(["evaluate", "-e", str(spec), f"evaluate.checkpoint={other_file}"]) == 1
     err = capsys.readouterr().err.strip()
     assert "is a Lightning checkpoint but not of TAO's CLIP task" in err and len(err.splitlines()) == 1
+
+
+def test_tao_radio_checkpoint_maps_onto_the_radio_family(tmp_path):
+    """``model.radio_model.*`` (RADIO's hub model, named as RADIO's hubconf names the published tensors:
+    ``base_model.*`` -> ``model.*``, ``_heads.<i>`` -> ``adaptors.<name>.head_mlp``) and the SigLIP adaptor's
+    text tower load into our Radio-CLIP model exactly as the same weights do from RADIO's own file."""
+    from clip_tao.engine.weights import load_weights
+    from tests.family_assets import make_gemma_tokenizer, make_radio_checkpoint, make_siglip_folder
+
+    make_gemma_tokenizer(tmp_path / "gemma")
+    make_siglip_folder(tmp_path / "siglip", tmp_path / "gemma")
+    siglip_index, name = 1, "siglip2-g"
+    start = make_radio_checkpoint(tmp_path / "start.pth.tar", {siglip_index: 32}, seed=3)
+    tuned = make_radio_checkpoint(tmp_path / "tuned.pth.tar", {siglip_index: 32}, seed=5)
+    assert not torch.equal(start["base_model.blocks.0.attn.qkv.weight"], tuned["base_model.blocks.0.attn.qkv.weight"])
+
+    def build(path):
+        text = str(tmp_path / "siglip")
+        return create_model("c-radio_v3-b", pretrained_path=str(path), adaptor_name="siglip", text_pretrained_path=text)
+
+    want = build(tmp_path / "tuned.pth.tar").eval()
+    with torch.no_grad():
+        for p in want.text.parameters():
+            p.add_(0.01)  # the "trained" text tower differs from the start
+    tao_state = {"model.logit_scale": torch.tensor(TAO_SCALE), "model.logit_bias": torch.tensor(TAO_BIAS)}
+    for key, value in tuned.items():
+        if key.startswith("base_model."):
+            tao_state["model.radio_model.model." + key[len("base_model.") :]] = value
+        elif key.startswith(f"_heads.{siglip_index}."):
+            tao_state[f"model.radio_model.adaptors.{name}.head_mlp." + key[len(f"_heads.{siglip_index}.") :]] = value
+        elif key.startswith("input_conditioner."):
+            tao_state["model.radio_model." + key] = value
+    for key, value in want.text.state_dict().items():  # our text.model is the teacher's SiglipTextModel
+        inner = key.removeprefix("model.").removeprefix("text_model.")  # RADIO keeps its text transformer
+        tao_state[f"model.radio_model.adaptors.{name}.text_model.{inner}"] = value
+    tao_file = tmp_path / "tao_radio.pth"
+    torch.save({"pytorch-lightning_version": pl.__version__, "state_dict": tao_state, "epoch": 0}, tao_file)
+
+    model = build(tmp_path / "start.pth.tar")
+    load_weights(model, str(tao_file))
+    model.eval()
+    assert model.logit_scale.item() == pytest.approx(TAO_SCALE)
+    pixels = torch.randn(2, 3, 64, 64)
+    ids = model.tokenizer(["a red square", "a cat"])
+    with torch.no_grad():
+        assert (model.encode_image(pixels) - want.encode_image(pixels)).abs().max() <= 1e-5
+        assert (model.encode_text(ids) - want.encode_text(ids)).abs().max() <= 1e-5

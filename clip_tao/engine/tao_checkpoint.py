@@ -79,25 +79,64 @@ def _our_logit_names(model: nn.Module) -> dict[str, str]:
 
 
 def _radio_state(model: nn.Module, state: dict, path: str) -> dict[str, torch.Tensor]:
-    """``model.radio_model.*`` is RADIO's hub model: it maps onto a model built by RADIO's own code.
+    """``model.radio_model.*`` is RADIO's hub model (``hubconf.radio_model``) with its adaptors.
 
-    Our image tower from ``model.radio_repo_dir`` keeps that hub model under ``visual.radio``; its adaptor's
-    text tower (TAO trains it inside ``radio_model.adaptors``) is not carried over by this mapping.
+    A model built by RADIO's own code (``model.radio_repo_dir``) keeps that hub model under ``visual.radio``:
+    the keys map one to one. For the image tower built here, the hub keys are renamed back to the layout of
+    RADIO's published ``.pth.tar`` (the inverse of RADIO's hubconf: ``model.*`` <- ``base_model.*``,
+    ``adaptors.<name>.head_mlp.*`` <- ``_heads.<name>.*``) and handed to the Radio-CLIP family's loaders.
+    The SigLIP adaptor's text tower (``adaptors.<name>.text_model.*``) maps onto ours; others keep their
+    weights, with a warning.
     """
     inner = {k[len(_RADIO) :]: v for k, v in state.items() if k.startswith(_RADIO)}
     visual = getattr(model, "visual", None)
-    if visual is None or not hasattr(visual, "radio"):
+    if visual is None or not (hasattr(visual, "radio") or hasattr(visual, "backbone")):
         raise ModelError(
-            f"{path!r} is a TAO Radio-CLIP checkpoint (RADIO's hub model, keys model.radio_model.*): load it with "
-            "model.radio_repo_dir set to a local clone of NVlabs/RADIO so the image tower is RADIO's own model"
+            f"{path!r} holds a Radio-CLIP model (TAO keys {_RADIO}*), which model.type={model.model_type} is not: "
+            "set model.type to the c-radio type it was trained as"
         )
-    own = visual.radio.state_dict()
-    mapped = {f"visual.radio.{k}": v for k, v in inner.items() if k in own}
-    left = sorted(k for k in inner if k not in own)
-    if left:
-        log.warning("%s: %d RADIO tensors have no place in this model (e.g. %s)", path, len(left), left[0])
-    text = {k: v for k, v in model.state_dict().items() if k.startswith("text.")}
+    adaptors = sorted({k.split(".")[1] for k in inner if k.startswith("adaptors.")})
+    if len(adaptors) != 1:
+        raise ModelError(f"{path!r}: expected one RADIO adaptor in the checkpoint, found {adaptors or 'none'}")
+    name = adaptors[0]
+    own = model.state_dict()
+    if hasattr(visual, "radio"):
+        hub_own = visual.radio.state_dict()
+        mapped = {f"visual.radio.{k}": v for k, v in inner.items() if k in hub_own}
+    else:
+        _load_radio_image_tower(visual, inner, name, path)
+        mapped = {f"visual.{k}": v for k, v in visual.state_dict().items()}
+    text_prefix = f"adaptors.{name}.text_model."
+    text = {k[len(text_prefix) :]: v for k, v in inner.items() if k.startswith(text_prefix)}
+    # RADIO keeps the teacher's text transformer; ours is the teacher's text model around it (whose keys,
+    # depending on the transformers version, carry a "text_model." level or not).
+    ours = next(
+        (p for p in ("text.model.", "text.model.text_model.") if text and all(p + k in own for k in text)), None
+    )
+    text = {ours + k: v for k, v in text.items()} if ours else {}
     if text:
-        log.warning("%s: the text tower keeps its own weights (TAO's adaptor text tower is not mapped)", path)
         mapped.update(text)
+    else:
+        log.warning("%s: the %s adaptor's text tower is not mapped; the text tower keeps its own weights", path, name)
+    for key, value in own.items():
+        if key.startswith("text.") and key not in mapped:
+            mapped[key] = value
     return mapped
+
+
+def _load_radio_image_tower(visual: nn.Module, inner: dict, adaptor: str, path: str) -> None:
+    from clip_tao.models.radio_backbone import head_state, load_backbone_weights
+
+    published = {}
+    for key, value in inner.items():
+        if key.startswith("model."):
+            published["base_model." + key[len("model.") :]] = value
+        elif key.startswith(f"adaptors.{adaptor}.head_mlp."):
+            published[f"_heads.{adaptor}." + key[len(f"adaptors.{adaptor}.head_mlp.") :]] = value
+    load_backbone_weights(visual.backbone, published, path)
+    head = head_state(published, -1, adaptor)
+    try:
+        visual.head.load_state_dict(head)
+    except (RuntimeError, KeyError) as exc:
+        first = str(exc).strip().splitlines()[0]
+        raise ModelError(f"{path!r}: the {adaptor} adaptor head does not fit this model: {first}") from exc
