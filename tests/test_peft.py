@@ -40,6 +40,9 @@ def test_targets_follow_taos_keys():
     assert "model.visual.transformer.resblocks.0.attn" in fused
     assert "model.visual.transformer.resblocks.0.mlp.c_proj" in fused
     assert "model.visual.transformer.resblocks.0.attn.out_proj" not in fused  # covered by the attention adapter
+    # open_clip's attention passes out_proj's weights to a kernel, never calling the module: adapt the attention.
+    out_only = lora_targets(clip, "text", LoraTargetConfig(num_last_blocks=1, target_modules=["out_proj"]))
+    assert out_only == ["model.transformer.resblocks.1.attn"]
 
 
 @pytest.mark.parametrize("model_type", ["tiny-siglip2", "tiny-clip"])
@@ -113,7 +116,7 @@ def test_lora_resume_is_exact(tiny_spec, tmp_path):
     assert main([*run, f"results_dir={tmp_path}/b", f"train.resume_training_checkpoint_path={first}"]) == 0
     a = load_checkpoint(f"{tmp_path}/a/train/clip_latest.pth")["model"]
     b = load_checkpoint(f"{tmp_path}/b/train/clip_latest.pth")["model"]
-    assert a.keys() == b.keys() and any(".lora_A." in k for k in a)
+    assert a.keys() == b.keys() and any(".lora_A" in k for k in a)
     for key in a:
         torch.testing.assert_close(a[key], b[key], rtol=0, atol=1e-6)
 
@@ -145,3 +148,35 @@ def test_config_error_type():
     model = create_model("tiny-siglip2", pretrained=False)
     with pytest.raises(ConfigError):
         lora_targets(model, "vision", LoraTargetConfig(target_modules=["nope"]))
+
+
+def test_lora_and_regularisation_under_ddp(tiny_spec, tmp_path):
+    """Two real processes (gloo): adapters train, the base stays, each rank's teacher adds its terms."""
+    import json
+
+    from tests.test_distributed import torchrun
+
+    start = tmp_path / "start.pth"
+    torch.save({"model": create_model("tiny-clip", pretrained=False).state_dict()}, start)
+    peft = {"enabled": True, "vision": {"enabled": True, "target_modules": ["qkv"]}, "text": {"enabled": True}}
+    spec = tiny_spec(
+        "tiny-clip",
+        num_train=32,
+        peft=peft,
+        regularization={"enabled": True},
+        wandb={"enable": False},
+        train={"num_epochs": 1, "pretrained_model_path": str(start), "optim": {"warmup_steps": 1}},
+    )
+    torchrun("-m", "clip_tao", "train", "-e", str(spec), "dataset.train.batch_size=8")
+    train = tmp_path / "results" / "train"
+    saved = load_checkpoint(str(train / "clip_latest.pth"))
+    assert saved["world_size"] == 2
+    original = torch.load(start, weights_only=True)["model"]
+    # The fused attention's weights carry a low-rank delta; the stored base is exactly the start's.
+    fused = "model.visual.transformer.resblocks.1.attn.parametrizations.in_proj_weight"
+    base = saved["model"][f"{fused}.original"]
+    assert torch.equal(base, original["model.visual.transformer.resblocks.1.attn.in_proj_weight"])
+    assert saved["model"][f"{fused}.0.lora_B"].abs().sum() > 0
+    lines = [json.loads(line) for line in (train / "status.json").read_text().splitlines()]
+    kpi = next(line["kpi"] for line in lines if line["status"] == "RUNNING")
+    assert kpi["reg_cosine"] > 0 and kpi["reg_similarity"] > 0

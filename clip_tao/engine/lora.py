@@ -2,15 +2,20 @@
 
 Which modules get adapters follows TAO's keys: per tower, the transformer blocks (the last
 ``num_last_blocks``, 0 = all) and, inside a block, every ``nn.Linear`` whose name relative to the block
-contains one of ``target_modules``. open_clip's fused attention (``nn.MultiheadAttention``, which has no
-``qkv`` child) is matched under the name ``<attn>.qkv`` as well as its own, and is adapted by ``peft``'s
-MultiheadAttention layer, which covers its fused input projection and its output projection.
+contains one of ``target_modules``; those get ``peft``'s LoRA layers.
+
+open_clip's fused attention (``nn.MultiheadAttention``) has no ``qkv`` child: it is matched under the name
+``<attn>.qkv`` as well as its own, and a match on its ``out_proj`` counts as a match on it, because the
+module never calls ``out_proj`` (it hands the weights to a functional kernel, so an adapter there would be
+silently unused). Its weights ``in_proj_weight`` and ``out_proj.weight`` get a low-rank delta through
+``torch.nn.utils.parametrize`` (W + alpha/rank * B A, computed on access): the frozen base weights are never
+modified, unlike ``peft``'s own MultiheadAttention layer, which merges and subtracts around every forward
+and so lets them drift by rounding. LoRA dropout, defined on the layer input, does not apply to these.
 
 Only the adapters and the logit scale/bias train. The model's state dict then holds the base weights
-(``...base_layer...``) and the adapters (``...lora_A/lora_B...``), so a checkpoint is the full state.
-:func:`merge_lora` folds the adapters into the base weights and puts the original modules back, leaving
-the plain architecture (its state dict keys are the un-adapted model's): this is what evaluation,
-inference and export use.
+and the adapters (``...lora_A``/``lora_B``), so a checkpoint is the full state. :func:`merge_lora` folds
+the adapters into the base weights and puts the original modules back, leaving the plain architecture
+(its state dict keys are the un-adapted model's): this is what evaluation, inference and export use.
 """
 
 from __future__ import annotations
@@ -20,7 +25,9 @@ import re
 import warnings
 from typing import Any
 
+import torch
 from torch import nn
+from torch.nn.utils import parametrize
 
 from clip_tao.config.schema import LoraTargetConfig, PeftConfig
 from clip_tao.errors import ConfigError
@@ -31,7 +38,7 @@ ADAPTER = "default"
 # ``...<container>.<index>.`` names a transformer block in timm (blocks), open_clip (resblocks),
 # transformers (layers / layer) and GPT-style (h) models.
 _BLOCK = re.compile(r"(?:^|\.)(?:blocks|resblocks|layers|layer|h)\.(\d+)\.")
-_LORA_KEY = re.compile(r"\.lora_[AB]\.")
+_LORA_KEY = re.compile(r"\.lora_[AB](\.|$)")
 
 
 def has_lora_weights(state: dict[str, Any]) -> bool:
@@ -68,8 +75,16 @@ def lora_targets(model: nn.Module, tower: str, cfg: LoraTargetConfig) -> list[st
                 targets.append(name)
                 if isinstance(module, nn.MultiheadAttention):
                     attention.add(name)
-    # peft's MultiheadAttention layer adapts its out_proj itself: do not target that child again.
-    targets = [n for n in targets if n.rsplit(".", 1)[0] not in attention]
+    # nn.MultiheadAttention never calls its out_proj module (it passes the weights to a functional kernel),
+    # so an adapter there would be silently unused: adapt the attention itself, whose peft layer covers
+    # the fused input and the output projection. And do not target that child again.
+    modules = dict(model.named_modules())
+    for i, name in enumerate(targets):
+        parent = name.rsplit(".", 1)[0]
+        if isinstance(modules.get(parent), nn.MultiheadAttention):
+            targets[i] = parent
+            attention.add(parent)
+    targets = list(dict.fromkeys(n for n in targets if n.rsplit(".", 1)[0] not in attention))
     if not targets:
         example = sorted({rel for rel_list in blocks.values() for _, rel, _ in rel_list})
         raise ConfigError(
@@ -100,10 +115,17 @@ def apply_lora(model: nn.Module, peft_cfg: PeftConfig, freeze: dict[str, bool] |
             )
     # Resolve both towers' targets before changing the model (module names move under base_layer).
     plan = {tower: lora_targets(model, tower, getattr(peft_cfg, tower)) for tower in towers}
+    modules = dict(model.named_modules())
     for tower in towers:
         cfg = getattr(peft_cfg, tower)
+        fused = [n for n in plan[tower] if isinstance(modules[n], nn.MultiheadAttention)]
+        linear = [n for n in plan[tower] if n not in fused]
+        for name in fused:
+            _adapt_fused_attention(modules[name], cfg.rank, cfg.alpha)
+        if not linear:
+            continue
         config = LoraConfig(
-            r=cfg.rank, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout, target_modules=plan[tower], bias="none"
+            r=cfg.rank, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout, target_modules=linear, bias="none"
         )
         with warnings.catch_warnings():
             # peft warns when a model gets a second config; the towers' adapters are disjoint, as intended.
@@ -122,25 +144,45 @@ def apply_lora(model: nn.Module, peft_cfg: PeftConfig, freeze: dict[str, bool] |
     return counts
 
 
-def merge_lora(model: nn.Module) -> nn.Module:
-    """Fold every adapter into its base weights and put the original modules back (in place).
+class LowRankDelta(nn.Module):
+    """A parametrization ``W -> W + scaling * lora_B @ lora_A`` (B starts at zero, as in LoRA)."""
 
-    Outermost adapter layers only: peft's MultiheadAttention layer merges and unwraps its own out_proj
-    (and turns its merged weights back into parameters) in ``unload_and_optionally_merge_module``.
-    """
+    def __init__(self, out_features: int, in_features: int, rank: int, alpha: int, like: torch.Tensor):
+        super().__init__()
+        self.lora_A = nn.Parameter(torch.empty(rank, in_features, dtype=like.dtype, device=like.device))
+        self.lora_B = nn.Parameter(torch.zeros(out_features, rank, dtype=like.dtype, device=like.device))
+        nn.init.kaiming_uniform_(self.lora_A, a=5**0.5)  # peft's default initialisation of A
+        self.scaling = alpha / rank
+
+    def forward(self, weight: torch.Tensor) -> torch.Tensor:
+        return weight + (self.lora_B @ self.lora_A) * self.scaling
+
+
+def _adapt_fused_attention(attention: nn.MultiheadAttention, rank: int, alpha: int) -> None:
+    if attention.in_proj_weight is None:
+        raise ConfigError("LoRA on an nn.MultiheadAttention with separate q/k/v weights is not supported")
+    for owner, name in ((attention, "in_proj_weight"), (attention.out_proj, "weight")):
+        weight = getattr(owner, name)
+        delta = LowRankDelta(weight.shape[0], weight.shape[1], rank, alpha, weight)
+        parametrize.register_parametrization(owner, name, delta)
+
+
+def merge_lora(model: nn.Module) -> nn.Module:
+    """Fold every adapter into its base weights and put the original modules back (in place)."""
     from peft.tuners.tuners_utils import BaseTunerLayer
 
     layers = [(name, m) for name, m in model.named_modules() if isinstance(m, BaseTunerLayer)]
-    outer = [(n, m) for n, m in layers if not any(n.startswith(other + ".") for other, _ in layers)]
-    for name, module in outer:
-        if hasattr(module, "unload_and_optionally_merge_module"):
-            plain = module.unload_and_optionally_merge_module(merge=True, safe_merge=False, adapter_names=None)
-        else:
-            module.merge()
-            plain = module.get_base_layer()
+    for name, module in layers:
+        module.merge()
+        plain = module.get_base_layer()
         parent_name, _, attr = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
         setattr(parent, attr, plain)
+    for module in list(model.modules()):
+        if parametrize.is_parametrized(module):
+            for name in list(module.parametrizations):
+                if any(isinstance(p, LowRankDelta) for p in module.parametrizations[name]):
+                    parametrize.remove_parametrizations(module, name, leave_parametrized=True)
     if hasattr(model, "peft_config"):
         del model.peft_config
     return model
