@@ -8,6 +8,7 @@ stops accepting connections, finishes the requests in flight, then exits.
 from __future__ import annotations
 
 import logging
+import signal
 import socket
 
 from clip_tao.config.schema import ExperimentConfig, ServeConfig
@@ -97,10 +98,17 @@ def run(cfg: ExperimentConfig) -> dict:
         lifespan="on",
     )
     server = uvicorn.Server(config)
+    # Uvicorn handles SIGTERM itself (stop accepting, finish in-flight requests, shut down), then raises it again
+    # for the handler that was there before: this one makes that a normal end instead of death by signal.
+    stopped_by = []
+    previous = signal.signal(signal.SIGTERM, lambda signum, frame: stopped_by.append(signum))
     try:
         server.run(sockets=[sock])
     finally:
+        signal.signal(signal.SIGTERM, previous)
         sock.close()
+    if stopped_by:
+        log.info("stopped by SIGTERM after finishing the requests in flight")
     stats = {name: b.stats for name, b in app.state.batchers.items()}
     summary = {f"{name}_requests": st.inference_count for name, st in stats.items()}
     status.write("SUCCESS", "Server stopped.", kpi=summary)
