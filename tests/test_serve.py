@@ -7,6 +7,7 @@ import base64
 import io
 import json
 import shutil
+import socket
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -57,6 +58,7 @@ def served(tmp_path_factory, reference):
             "serve": {
                 "onnx_file": str(root / "export" / "clip_vision.onnx"),
                 "image_embeddings_file": str(root / "image_embeddings.h5"),
+                "faiss_min_images": 10,  # the 12 images are searched through a FAISS index
                 "max_batch_size": MAX_BATCH,
                 "max_queue_delay_ms": 20,
                 "max_request_mb": 1,
@@ -237,6 +239,25 @@ def test_embed_and_search_endpoints(served, client, reference):
     assert httpx.get(f"{served.url}/collection/..%2F..%2Fetc%2Fpasswd/thumbnail").status_code in (404, 422)
 
 
+def test_taken_port_and_bad_settings_are_one_line_errors(tmp_path, capsys):
+    from clip_tao.cli import main
+
+    spec = write_spec(
+        tmp_path / "spec.yaml", {"results_dir": str(tmp_path / "results"), "model": {"type": "tiny-clip"}}
+    )
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        assert main(["serve", "-e", str(spec), f"serve.port={taken.getsockname()[1]}"]) == 1
+    error = capsys.readouterr().err.strip()
+    assert (
+        error.startswith("clip-tao serve: error: serve: cannot listen on 127.0.0.1:")
+        and "choose another serve.port" in error
+    )
+    assert main(["serve", "-e", str(spec), "serve.max_batch_size=0"]) == 1
+    assert capsys.readouterr().err.strip() == "clip-tao serve: error: serve.max_batch_size=0 must be >= 1"
+
+
 def _stats(client, model):
     (stats,) = client.get_inference_statistics(model)["model_stats"]
     return stats["inference_count"], stats["execution_count"], stats["batch_stats"]
@@ -268,6 +289,7 @@ def test_load_2000_requests_from_16_clients_lose_none_and_are_batched(served, re
         answered = sum(pool.map(run_client, range(clients)))
     assert answered == requests_per_client * clients  # every request answered, with its own rows
     after, executions_after, batch_stats = _stats(probe, "clip_text")
+    assert {m["name"] for m in probe.get_inference_statistics()["model_stats"]} == {"clip_image", "clip_text"}
     probe.close()
     requests = requests_per_client * clients
     assert after - before >= requests  # items: 1-2 texts a request

@@ -127,6 +127,14 @@ def create_app(embedder: Embedder, limits: ServeLimits, collection: Collection |
     async def ready():
         return Response(status_code=200 if state["ready"] else 503)
 
+    # Before /v2/models/{name}, which would otherwise take "stats" for a model name.
+    @app.get("/v2/models/stats")
+    @app.get("/v2/models/{name}/stats")
+    @app.get("/v2/models/{name}/versions/{version}/stats")
+    async def model_stats(name: str | None = None, version: str | None = None):
+        names = [model_or_404(name, version).name] if name else list(models)
+        return {"model_stats": [_stats(n, batchers[n], state["last_inference_ms"][n]) for n in names]}
+
     @app.get("/v2/models/{name}")
     @app.get("/v2/models/{name}/versions/{version}")
     async def model_metadata(name: str, version: str | None = None):
@@ -143,13 +151,6 @@ def create_app(embedder: Embedder, limits: ServeLimits, collection: Collection |
     async def model_config(name: str, version: str | None = None):
         model = model_or_404(name, version)
         return model.config(limits.max_batch_size, limits.dynamic_batching, limits.max_queue_delay_ms)
-
-    @app.get("/v2/models/stats")
-    @app.get("/v2/models/{name}/stats")
-    @app.get("/v2/models/{name}/versions/{version}/stats")
-    async def model_stats(name: str | None = None, version: str | None = None):
-        names = [model_or_404(name, version).name] if name else list(models)
-        return {"model_stats": [_stats(n, batchers[n], state["last_inference_ms"][n]) for n in names]}
 
     @app.post("/v2/models/{name}/infer")
     @app.post("/v2/models/{name}/versions/{version}/infer")
