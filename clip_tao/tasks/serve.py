@@ -104,11 +104,16 @@ def run(cfg: ExperimentConfig) -> dict:
     previous = signal.signal(signal.SIGTERM, lambda signum, frame: stopped_by.append(signum))
     try:
         server.run(sockets=[sock])
+    except KeyboardInterrupt:  # Ctrl-C, re-raised by uvicorn once it has shut down gracefully
+        stopped_by.append(signal.SIGINT)
+    except BaseException as exc:
+        status.write("FAILURE", f"The server stopped: {exc!r}")
+        raise
     finally:
         signal.signal(signal.SIGTERM, previous)
         sock.close()
     if stopped_by:
-        log.info("stopped by SIGTERM after finishing the requests in flight")
+        log.info("stopped by %s after finishing the requests in flight", signal.Signals(stopped_by[0]).name)
     stats = {name: b.stats for name, b in app.state.batchers.items()}
     summary = {f"{name}_requests": st.inference_count for name, st in stats.items()}
     status.write("SUCCESS", "Server stopped.", kpi=summary)
