@@ -4,6 +4,7 @@ plain HTTP (httpx) and a headless Chromium; the embeddings it returns are checke
 from __future__ import annotations
 
 import base64
+import gzip
 import io
 import json
 import shutil
@@ -187,6 +188,10 @@ def test_bad_requests_get_a_clear_4xx_and_the_server_keeps_serving(client, serve
             "needs 2 elements",
         ),
     ]
+    # A small gzip body that would inflate past the limit (a compression bomb) is refused while inflating.
+    bomb = gzip.compress(b'{"inputs": [' + b" " * (3 * 2**20) + b"]}")
+    raw.append(({"Content-Encoding": "gzip"}, bomb, 413, "inflated request body is larger"))
+    raw.append(({"Content-Encoding": "br"}, b"{}", 415, "use gzip, deflate or none"))
     for headers, body, status, message in raw:
         response = httpx.post(f"{served.url}/v2/models/clip_text/infer", content=body, headers=headers)
         assert response.status_code == status and message in response.json()["error"], response.text
