@@ -167,11 +167,24 @@ RADIO_PATCH = 16
 RADIO_HEAD_HIDDEN = 48
 
 
-def radio_args(cpe_max_size: int = 128, teachers: list[dict] | None = None, **extra) -> argparse.Namespace:
-    """Training args as RADIO pickles them, for a ``vit_tiny``-size backbone of depth 2 with LayerScale."""
+# The tiny backbone: ViT width 192, 3 heads, depth 2, LayerScale. Built as RADIO's own ``vit_huge_patch16_224``
+# (radio/extra_timm_models.py, what C-RADIOv3-H uses) with smaller sizes, or as timm's stock
+# ``vit_tiny_patch16_224``. RADIO renames LayerScale's ``gamma`` to ``grandma`` in the models it registers.
+RADIO_TINY_VIT = {"patch_size": 16, "embed_dim": 192, "depth": 2, "num_heads": 3, "init_values": 1e-5}
+RADIO_OWN_VITS = ("vit_huge_patch16_224", "vit_giant_patch16_224", "vit_so400m_patch16_224")
+
+
+def radio_args(
+    cpe_max_size: int = 128, teachers: list[dict] | None = None, model: str = "vit_huge_patch16_224", **extra
+) -> argparse.Namespace:
+    """Training args as RADIO pickles them (every field ``create_model_from_args`` reads), tiny sizes."""
+    if model in RADIO_OWN_VITS:
+        kwargs = {k: v for k, v in RADIO_TINY_VIT.items() if k != "patch_size"}
+    else:
+        kwargs = {"init_values": 1e-5, "depth": 2}
     return argparse.Namespace(
-        model="vit_tiny_patch16_224",
-        model_kwargs={"init_values": 1e-5, "depth": 2},
+        model=model,
+        model_kwargs=kwargs,
         cpe_max_size=cpe_max_size,
         teachers=teachers if teachers is not None else RADIO_TEACHERS,
         cls_token_per_teacher=True,
@@ -179,9 +192,20 @@ def radio_args(cpe_max_size: int = 128, teachers: list[dict] | None = None, **ex
         mlp_version="v2",
         spectral_reparam=False,
         model_norm=False,
-        dtype="float32",
-        gp=None,
+        dtype=torch.float32,  # RADIO pickles a torch.dtype (hubconf casts the backbone to it)
+        # What create_model_from_args passes on to timm.create_model.
+        in_chans=None,
+        input_size=None,
+        pretrained=False,
+        num_classes=0,
+        drop=0.0,
         drop_path=None,
+        drop_block=None,
+        gp=None,
+        bn_momentum=None,
+        bn_eps=None,
+        torchscript=False,
+        initial_checkpoint="",
         **extra,
     )
 
@@ -220,26 +244,26 @@ def radio_state(head_dims: dict[int, int], seed: int = 3, version: str = "v2", a
     """A RADIO training state dict, key by key as ``create_model_from_args`` + RADIO's trainer lay it out.
 
     ``base_model.*``: the CPE patch generator (bias-free ``embedder``, 8 x 8 ``pos_embed`` grid for
-    ``cpe_max_size`` 128, ``cls_token.token`` = 4 class tokens + 4 registers) and timm's ``vit_tiny`` blocks
-    with LayerScale under RADIO's name ``grandma``; no ``norm.*`` (RADIO sets it to Identity without
+    ``cpe_max_size`` 128, ``cls_token.token`` = 4 class tokens + 4 registers) and timm's ViT blocks with
+    LayerScale (``grandma`` for RADIO's own ViT names, ``gamma`` for timm's); no ``norm.*`` (RADIO sets it to Identity without
     ``args.model_norm``). Then the input conditioner, ``summary_idxs``, ``_heads.<i>`` and
     ``_feature_projections.<i>`` per teacher index, and the dense ``_feature_normalizer``.
     """
-    import timm
+    from timm.models.vision_transformer import VisionTransformer
 
     torch.manual_seed(seed)
     args = args or radio_args()
-    vit = timm.create_model(args.model, pretrained=False, num_classes=0, **args.model_kwargs)
+    vit = VisionTransformer(**RADIO_TINY_VIT, num_classes=0)
     dim, patch = vit.embed_dim, RADIO_PATCH
     grid = args.cpe_max_size // patch
+    layer_scale = ".grandma" if args.model in RADIO_OWN_VITS else ".gamma"
     state: dict[str, torch.Tensor] = {}
     for key, value in vit.state_dict().items():
         if key.startswith("blocks."):
-            state[f"base_model.{key.replace('.gamma', '.grandma')}"] = value
-    # LayerScale is 1e-5 at init, which would hide the attention/MLP from the test: use visible values.
-    for key in state:
-        if key.endswith(".grandma"):
-            state[key] = torch.rand(dim) * 0.5 + 0.5
+            if key.endswith(".gamma"):
+                # LayerScale is 1e-5 at init, which would hide the attention/MLP from the test.
+                key, value = key[: -len(".gamma")] + layer_scale, torch.rand(dim) * 0.5 + 0.5
+            state[f"base_model.{key}"] = value
     state["base_model.patch_generator.embedder.weight"] = torch.randn(dim, 3 * patch * patch) * 0.05
     state["base_model.patch_generator.pos_embed"] = torch.randn(1, grid * grid, dim) * 0.5
     state["base_model.patch_generator.cls_token.token"] = torch.randn(8, dim) * 0.5
@@ -274,6 +298,14 @@ def make_radio_checkpoint(
     return state
 
 
+def _mlp_dims(state: dict[str, torch.Tensor], prefix: str) -> dict[str, int]:
+    """What RADIO's get_mlp_info_from_state records for a v2 head in adaptor_configs."""
+    hidden_dim, input_dim = state[f"{prefix}fc1.weight"].shape
+    num_inner = sum(1 for k in state if k.startswith(f"{prefix}blocks.") and k.endswith(".0.weight"))
+    output_dim = state[f"{prefix}final.2.weight"].shape[0]
+    return {"input_dim": input_dim, "hidden_dim": hidden_dim, "output_dim": output_dim, "num_inner": num_inner}
+
+
 def make_radio_hf_folder(folder: Path, state: dict[str, torch.Tensor], adaptor_names: list[str], args=None) -> Path:
     """The Hugging Face layout of the same weights, as RADIO's ``hf_hub.py`` writes it: ``config.json``
     (``RADIOConfig``: args with dtype as a string, adaptor_names, adaptor_configs with head_idx) and
@@ -297,9 +329,13 @@ def make_radio_hf_folder(folder: Path, state: dict[str, torch.Tensor], adaptor_n
             for key, value in state.items():
                 if key.startswith(src):
                     out[f"radio_model.adaptors.{name}.{dst}{key[len(src) :]}"] = value
-        summary = state[f"_heads.{index}.fc1.weight"]
         adaptor_configs[name] = {
-            "summary": {"input_dim": summary.shape[1], "hidden_dim": summary.shape[0]},
+            "summary": _mlp_dims(state, f"_heads.{index}."),
+            "feature": {
+                **_mlp_dims(state, f"_feature_projections.{index}."),
+                "upsample_factor": 1,
+                "upsample_rank": None,
+            },
             "head_idx": teachers[index].get("token_slot", index),
         }
     config = {

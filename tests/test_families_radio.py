@@ -29,6 +29,7 @@ from clip_tao.models.radio_adaptors import resolve_adaptor
 from clip_tao.models.registry import get_model_info
 from tests.family_assets import (
     RADIO_TEACHERS,
+    RADIO_TINY_VIT,
     TINY_NVCLIP,
     make_gemma_tokenizer,
     make_openclip_folder,
@@ -75,10 +76,10 @@ def _build(assets, adaptor, weights="c-radio.pth.tar", model_type="c-radio_v3-b"
 
 def radio_reference(state, args, pixels, slot, head_prefix):
     """RADIO's eval forward of one adaptor from its checkpoint tensors (pixels already conditioned)."""
-    import timm
+    from timm.models.vision_transformer import VisionTransformer
 
     s = {k: v.float() for k, v in state.items() if v.is_floating_point()}
-    vit = timm.create_model(args.model, pretrained=False, num_classes=0, **args.model_kwargs).eval()
+    vit = VisionTransformer(**RADIO_TINY_VIT, num_classes=0).eval()
     blocks = {
         k[len("base_model.") :].replace(".grandma", ".gamma"): v
         for k, v in s.items()
@@ -148,7 +149,7 @@ def test_mlp_v1_heads_token_slot_and_single_class_token(assets, tmp_path):
     # A teacher's token_slot wins over its index (RADIO: tconf.get('token_slot', index)).
     teachers = [dict(t) for t in RADIO_TEACHERS]
     teachers[SIGLIP_INDEX]["token_slot"] = 3
-    args = radio_args(teachers=teachers)
+    args = radio_args(teachers=teachers, model="vit_tiny_patch16_224")  # timm's own ViT: LayerScale 'gamma'
     state = make_radio_checkpoint(tmp_path / "v1.pth.tar", {SIGLIP_INDEX: 32}, version="v1", args=args, seed=5)
     model = create_model(
         "c-radio_v3-b",
@@ -347,13 +348,13 @@ def test_image_sizes_must_be_multiples_of_the_patch(assets):
 def test_args_that_disagree_with_the_weights_are_refused(assets, tmp_path):
     """LayerScale stored but not in args.model_kwargs must not be dropped silently."""
     args = radio_args()
-    args.model_kwargs = {"depth": 2}  # no init_values: the architecture has no LayerScale
+    args.model_kwargs = {"embed_dim": 192, "num_heads": 3, "depth": 2}  # no init_values: no LayerScale
     torch.save({"args": args, "state_dict": assets["state"]}, tmp_path / "mismatch.pth.tar")
     with pytest.raises(
         ModelError, match=r"backbone tensors its args do not describe \(e\.g\. \['blocks\.0\.ls1\.grandma'"
     ):
         create_model("c-radio_v3-b", pretrained_path=str(tmp_path / "mismatch.pth.tar"), adaptor_name="clip")
-    args.model_kwargs = {"depth": 2, "no_such_option": 1}
+    args.model_kwargs = {**RADIO_TINY_VIT, "no_such_option": 1}
     torch.save({"args": args, "state_dict": assets["state"]}, tmp_path / "unknown.pth.tar")
     with pytest.raises(ModelError, match="do not fit timm's"):
         create_model("c-radio_v3-b", pretrained_path=str(tmp_path / "unknown.pth.tar"), adaptor_name="clip")
@@ -470,11 +471,53 @@ def test_local_radio_repo_works_offline(assets, tmp_path):
         for name in [m for m in sys.modules if m == "radio" or m.startswith("radio.")]:
             del sys.modules[name]  # the stand-in's package must not shadow a later real clone
     assert hub.preprocess.mean == (0.0, 0.0, 0.0) and hub.preprocess.std == (1.0, 1.0, 1.0)
-    raw = torch.rand(2, 3, 64, 96)
-    mean = torch.tensor([0.48145466, 0.4578275, 0.40821073]).view(1, 3, 1, 1)
-    std = torch.tensor([0.26862954, 0.26130258, 0.27577711]).view(1, 3, 1, 1)
-    with torch.no_grad():
-        expected = radio_reference(assets["state"], radio_args(), (raw - mean) / std, SIGLIP_INDEX, "_heads.1.")
-        torch.testing.assert_close(hub.image_features(raw).float(), expected, atol=1e-4, rtol=1e-4)
+    native = _build(assets, "siglip").eval()
+    mean = torch.tensor(native.preprocess.mean).view(1, 3, 1, 1)
+    std = torch.tensor(native.preprocess.std).view(1, 3, 1, 1)
+    torch.manual_seed(0)
+    for height, width in SIZES:
+        raw = torch.rand(2, 3, height, width)
+        with torch.no_grad():
+            expected = radio_reference(assets["state"], radio_args(), (raw - mean) / std, SIGLIP_INDEX, "_heads.1.")
+            torch.testing.assert_close(hub.image_features(raw).float(), expected, atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(native.image_features((raw - mean) / std), expected, atol=1e-5, rtol=1e-5)
     with pytest.raises(ModelError, match="holds no hubconf.py"):
         _build(assets, "siglip", radio_repo_dir=str(tmp_path / "nowhere"))
+
+
+@pytest.mark.skipif(
+    not os.environ.get("CLIP_TAO_RADIO_REPO"), reason="set CLIP_TAO_RADIO_REPO to a clone of NVlabs/RADIO"
+)
+@pytest.mark.filterwarnings("ignore")
+def test_hugging_face_layout_equals_radios_own_hf_model(assets, tmp_path):
+    """RADIO's own ``hf_model.RADIOModel`` on the same folder (needs a clone of NVlabs/RADIO and einops)."""
+    import sys
+
+    sys.path.insert(0, os.environ["CLIP_TAO_RADIO_REPO"])
+    try:
+        from radio.hf_model import RADIOConfig, RADIOModel
+        from safetensors.torch import load_file
+    finally:
+        sys.path.pop(0)
+    # RADIO's Hugging Face model counts summary tokens per teacher entry, so give it unique names.
+    args = radio_args(teachers=RADIO_TEACHERS[:4])
+    state = make_radio_checkpoint(tmp_path / "u.pth.tar", {CLIP_INDEX: 24, SIGLIP_INDEX: 32}, args=args)
+    folder = make_radio_hf_folder(tmp_path / "hf", state, ["clip", "siglip2-g"], args=args)
+    config = json.loads((folder / "config.json").read_text())
+    radio = RADIOModel(RADIOConfig(**{k: v for k, v in config.items() if k not in ("architectures", "model_type")}))
+    radio.load_state_dict({k: v.float() for k, v in load_file(str(folder / "model.safetensors")).items()})
+    radio.eval()
+    for adaptor in ("siglip2-g", "clip"):
+        ours = create_model(
+            "c-radio_v3-b",
+            pretrained_path=str(folder),
+            adaptor_name=adaptor,
+            text_pretrained_path=_text_source(assets, adaptor),
+        ).eval()
+        mean = torch.tensor(ours.preprocess.mean).view(1, 3, 1, 1)
+        std = torch.tensor(ours.preprocess.std).view(1, 3, 1, 1)
+        for height, width in [*SIZES, (256, 128)]:
+            raw = torch.rand(2, 3, height, width)
+            with torch.no_grad():
+                expected = radio(raw)[adaptor].summary
+                torch.testing.assert_close(ours.image_features((raw - mean) / std), expected, atol=1e-5, rtol=1e-5)
