@@ -74,12 +74,37 @@ def _build(assets, adaptor, weights="c-radio.pth.tar", model_type="c-radio_v3-b"
     )
 
 
-def radio_reference(state, args, pixels, slot, head_prefix):
-    """RADIO's eval forward of one adaptor from its checkpoint tensors (pixels already conditioned)."""
+def radio_training_positions(grid, batch, rows, cols, pos_dropout=0.1):
+    """``ViTPatchGenerator.get_pos_enc`` + ``apply_pos_enc`` in training mode (CPE): a random window per image
+    (scale, aspect, offset drawn in RADIO's order) sampled with ``grid_sample``, then per-image dropout."""
+    import math
+
+    if (rows, cols) == tuple(grid.shape[-2:]):
+        pos = grid.flatten(2).transpose(1, 2)
+    else:
+        min_scale = math.sqrt(0.1)
+        scale = torch.rand(batch, 1, 1) * (1 - min_scale) + min_scale
+        aspect_min = math.log(3 / 4)
+        aspect = torch.exp(torch.rand(batch, 1, 1) * (-aspect_min - aspect_min) + aspect_min)
+        scale_xy = torch.stack([scale * aspect, scale * (1 / aspect)], dim=-1).clamp_(0, 1)
+        pos_xy = torch.rand(batch, 1, 1, 2) * (1 - scale_xy)
+        lin_x = torch.linspace(0, 1, steps=cols)[None, None].expand(batch, rows, -1)
+        lin_y = torch.linspace(0, 1, steps=rows)[None, :, None].expand(batch, -1, cols)
+        grid_xy = (torch.stack([lin_x, lin_y], dim=-1) * scale_xy + pos_xy).mul_(2).sub_(1)
+        pos = F.grid_sample(grid.expand(batch, -1, -1, -1), grid_xy, mode="bilinear", align_corners=True)
+        pos = pos.flatten(2).transpose(1, 2)
+    keeps = torch.rand(batch, 1, 1) > pos_dropout
+    return torch.where(keeps, pos, 0)
+
+
+def radio_reference(state, args, pixels, slot, head_prefix, training=False):
+    """RADIO's forward of one adaptor from its checkpoint tensors (pixels already conditioned); eval unless
+    ``training`` (CPE augmentation, drawing from torch's global RNG)."""
     from timm.models.vision_transformer import VisionTransformer
 
     s = {k: v.float() for k, v in state.items() if v.is_floating_point()}
-    vit = VisionTransformer(**RADIO_TINY_VIT, num_classes=0).eval()
+    with torch.random.fork_rng():  # the random draws of training mode must stay the model's
+        vit = VisionTransformer(**RADIO_TINY_VIT, num_classes=0).eval()
     blocks = {
         k[len("base_model.") :].replace(".grandma", ".gamma"): v
         for k, v in s.items()
@@ -93,10 +118,13 @@ def radio_reference(state, args, pixels, slot, head_prefix):
     pos = s["base_model.patch_generator.pos_embed"]
     grid = int(pos.shape[1] ** 0.5)
     pos = pos.reshape(1, grid, grid, -1).permute(0, 3, 1, 2)
-    if (rows, cols) != (grid, grid):
-        side = max(rows, cols)
-        pos = F.interpolate(pos, size=(side, side), mode="bilinear", align_corners=False)[..., :rows, :cols]
-    tokens = tokens + pos.flatten(2).transpose(1, 2)
+    if training:
+        tokens = tokens + radio_training_positions(pos, batch, rows, cols)
+    else:
+        if (rows, cols) != (grid, grid):
+            side = max(rows, cols)
+            pos = F.interpolate(pos, size=(side, side), mode="bilinear", align_corners=False)[..., :rows, :cols]
+        tokens = tokens + pos.flatten(2).transpose(1, 2)
     cls = s["base_model.patch_generator.cls_token.token"].expand(batch, -1, -1)
     x = vit.blocks(torch.cat([cls, tokens], dim=1))[:, slot].float()
     h = head_prefix
@@ -238,6 +266,24 @@ def test_adaptor_names_resolve_against_the_checkpoint(assets, tmp_path):
     make_radio_hf_folder(tmp_path / "hf-clip", assets["state"], ["clip"])
     with pytest.raises(ModelError, match=r"no summary head for teacher 'siglip2-g' .*heads held: clip\): add the"):
         create_model("c-radio_v3-b", pretrained_path=str(tmp_path / "hf-clip"), adaptor_name="siglip")
+
+
+def test_training_mode_applies_radios_cpe_augmentation(assets):
+    """In training the position embedding is RADIO's random window + dropout, image by image (same draws)."""
+    model = _build(assets, "siglip").train()
+    for height, width in [(64, 96), (128, 128)]:
+        pixels = torch.randn(6, 3, height, width)
+        torch.manual_seed(7)
+        with torch.no_grad():
+            ours = model.image_features(pixels)
+        torch.manual_seed(7)
+        expected = radio_reference(assets["state"], radio_args(), pixels, SIGLIP_INDEX, "_heads.1.", training=True)
+        torch.testing.assert_close(ours, expected, atol=1e-5, rtol=1e-5)
+    pixels = pixels[:, :, :64, :96]
+    with torch.no_grad():
+        trained = model.image_features(pixels)
+        evaluated = model.eval().image_features(pixels)
+    assert not torch.allclose(evaluated, trained, atol=1e-3)  # the augmentation is on in training only
 
 
 def test_siglip_adaptor_text_tower_is_the_teachers(assets):
@@ -521,3 +567,34 @@ def test_hugging_face_layout_equals_radios_own_hf_model(assets, tmp_path):
             with torch.no_grad():
                 expected = radio(raw)[adaptor].summary
                 torch.testing.assert_close(ours.image_features((raw - mean) / std), expected, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.skipif(
+    not os.environ.get("CLIP_TAO_RADIO_REPO"), reason="set CLIP_TAO_RADIO_REPO to a clone of NVlabs/RADIO"
+)
+@pytest.mark.filterwarnings("ignore")
+def test_all_tokens_equal_radios_hubconf_in_eval_and_training(assets):
+    """Every output token of RADIO's own ``hubconf.radio_model`` backbone, eval and training (same draws)."""
+    import sys
+
+    sys.path.insert(0, os.environ["CLIP_TAO_RADIO_REPO"])
+    try:
+        import hubconf
+    finally:
+        sys.path.pop(0)
+    radio = hubconf.radio_model(str(assets["root"] / "c-radio.pth.tar"))
+    ours = _build(assets, "siglip")
+    backbone = ours.visual.backbone
+    mean = torch.tensor(ours.preprocess.mean).view(1, 3, 1, 1)
+    std = torch.tensor(ours.preprocess.std).view(1, 3, 1, 1)
+    for training in (False, True):
+        radio.train(training)
+        backbone.train(training)
+        for height, width in [*SIZES, (256, 64)]:
+            raw = torch.rand(8, 3, height, width)
+            with torch.no_grad():
+                torch.manual_seed(3)
+                expected = radio.model.forward_features(radio.input_conditioner(raw))
+                torch.manual_seed(3)
+                got = backbone.forward_features((raw - mean) / std)
+            torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)

@@ -5,8 +5,9 @@ timm (>= 1.0.31) ships NVIDIA's C-RADIO backbones (``naflexvit_{base,large,huge,
 grid resized bilinearly to a square of the larger patch-grid side and cropped top-left, one class token
 per teacher (the first is ``cls_token``, the rest and the registers are ``reg_token``), no final norm.
 Its ``checkpoint_filter_fn`` (with ``_convert_radio``) maps RADIO's weights to timm's names. This module
-only derives timm's arguments from RADIO's ``args`` (what ``create_model_from_args`` + ``enable_cpe``
-build) and loads a checkpoint strictly.
+derives timm's arguments from RADIO's ``args`` (what ``create_model_from_args`` + ``enable_cpe`` build),
+loads a checkpoint strictly, and adds the one thing timm's port leaves out: RADIO's random position-window
+augmentation and position dropout in training mode.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from timm.models.naflexvit import NaFlexEmbeds
 from torch import nn
 
 from clip_tao.errors import ModelError
@@ -113,9 +115,58 @@ def timm_arguments(args: Mapping[str, Any], where: str) -> dict[str, Any]:
     }
 
 
+# RADIO's enable_cpe default: in training each image's position embedding is dropped with this probability.
+CPE_POS_DROPOUT = 0.1
+
+
+class CpeTrainingEmbeds(NaFlexEmbeds):
+    """timm's NaFlex embedding with RADIO's training-time CPE augmentation (``ViTPatchGenerator`` in train mode).
+
+    In training RADIO samples, per image, a window of the position grid (scale in [sqrt(0.1), 1], aspect in
+    [3/4, 4/3], random offset; ``grid_sample``, ``align_corners=True``) instead of the eval resize, then drops
+    the whole position embedding of an image with probability 0.1. Evaluation is timm's code unchanged.
+    """
+
+    pos_dropout = CPE_POS_DROPOUT
+
+    def _apply_learned_pos_embed(self, x: torch.Tensor, grid_size) -> None:
+        if not self.training:
+            return super()._apply_learned_pos_embed(x, grid_size)
+        batch = x.shape[0]
+        rows, cols = int(grid_size[0]), int(grid_size[1])
+        grid = self.pos_embed.permute(0, 3, 1, 2)  # [1, C, H, W]
+        if (rows, cols) == tuple(grid.shape[-2:]):
+            pos = grid.expand(batch, -1, -1, -1)  # the full grid: RADIO takes it as is
+        else:
+            pos = _random_window(grid, batch, rows, cols)
+        pos = pos.flatten(2).transpose(1, 2)
+        if self.pos_dropout > 0:
+            keep = torch.rand(batch, 1, 1, dtype=pos.dtype, device=pos.device) > self.pos_dropout
+            pos = torch.where(keep, pos, torch.zeros((), dtype=pos.dtype, device=pos.device))
+        x.add_(pos.to(x.dtype))
+
+
+def _random_window(grid: torch.Tensor, batch: int, rows: int, cols: int) -> torch.Tensor:
+    """``[B, C, rows, cols]``: RADIO's random crop-and-resize of the position grid (random draws in its order)."""
+    device = grid.device
+    min_scale = math.sqrt(0.1)
+    scale = torch.rand(batch, 1, 1, device=device) * (1 - min_scale) + min_scale
+    log_aspect = math.log(3 / 4)
+    aspect = torch.exp(torch.rand(batch, 1, 1, device=device) * (-2 * log_aspect) + log_aspect)
+    scale_xy = torch.stack([scale * aspect, scale / aspect], dim=-1).clamp_(0, 1)
+    offset = torch.rand(batch, 1, 1, 2, device=device) * (1 - scale_xy)
+    lin_x = torch.linspace(0, 1, steps=cols, device=device)[None, None].expand(batch, rows, -1)
+    lin_y = torch.linspace(0, 1, steps=rows, device=device)[None, :, None].expand(batch, -1, cols)
+    sample_at = (torch.stack([lin_x, lin_y], dim=-1) * scale_xy + offset) * 2 - 1
+    window = F.grid_sample(
+        grid.float().expand(batch, -1, -1, -1), sample_at, mode="bilinear", padding_mode="zeros", align_corners=True
+    )
+    return window.to(grid.dtype)
+
+
 def create_backbone(timm_name: str, overrides: Mapping[str, Any] | None = None) -> nn.Module:
     """timm's RADIO backbone ``timm_name`` (``overrides`` from :func:`timm_arguments`) with a bias-free patch
-    embedding, as RADIO's ``ViTPatchLinear``."""
+    embedding, as RADIO's ``ViTPatchLinear``, and RADIO's training-time CPE augmentation."""
     from timm.models import model_entrypoint
 
     kwargs = {"pos_embed_align_corners": POS_EMBED_ALIGN_CORNERS, **(overrides or {})}
@@ -126,6 +177,8 @@ def create_backbone(timm_name: str, overrides: Mapping[str, Any] | None = None) 
     with torch.no_grad():
         bias_free.weight.copy_(proj.weight)
     model.embeds.proj = bias_free
+    if type(model.embeds) is NaFlexEmbeds:
+        model.embeds.__class__ = CpeTrainingEmbeds  # same state, RADIO's behaviour in training
     return model
 
 
