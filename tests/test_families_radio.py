@@ -205,6 +205,7 @@ def test_mlp_v1_heads_token_slot_and_single_class_token(assets, tmp_path):
 def test_every_tensor_is_used_or_named(assets, tmp_path, caplog):
     state = dict(assets["state"])
     state["some_new_buffer"] = torch.zeros(2)
+    state["base_model.reg_token"] = torch.zeros(1, 4, 192)  # RADIO's vit_*_v2 keep timm's unused registers
     torch.save({"args": radio_args(), "state_dict": state}, tmp_path / "extra.pth.tar")
     with caplog.at_level(logging.INFO, logger="clip_tao.models"):
         create_model(
@@ -214,7 +215,12 @@ def test_every_tensor_is_used_or_named(assets, tmp_path, caplog):
             text_pretrained_path=_text_source(assets, "clip"),
         )
     text = caplog.text
-    for reason in ("spatial feature heads", "dense feature normaliser", "summary heads of the other teachers"):
+    for reason in (
+        "spatial feature heads",
+        "dense feature normaliser",
+        "summary heads of the other teachers",
+        "parts of timm's ViT RADIO does not run (e.g. base_model.reg_token)",
+    ):
         assert reason in text
     assert "not part of RADIO's model" in text and "some_new_buffer" in text
     # A missing backbone or head tensor is an error that names it (in RADIO's own names).

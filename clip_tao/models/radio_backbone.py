@@ -182,11 +182,20 @@ def create_backbone(timm_name: str, overrides: Mapping[str, Any] | None = None) 
     return model
 
 
-def load_backbone(model: nn.Module, tensors: Mapping[str, torch.Tensor], where: str) -> None:
-    """Load RADIO-named backbone tensors strictly: every one is used, none of the model's is missing."""
+# Parts of timm's ViT that RADIO's CPE forward never runs but its state dict keeps (e.g. the register
+# tokens of RADIO's vit_*_v2 models: enable_cpe drops cls_token/pos_embed, not reg_token).
+UNUSED_VIT_PARTS = ("reg_token", "fc_norm.", "head.", "attn_pool.")
+
+
+def load_backbone(model: nn.Module, tensors: Mapping[str, torch.Tensor], where: str) -> list[str]:
+    """Load RADIO-named backbone tensors strictly: every one is used, none of the model's is missing.
+
+    Returns the stored tensors of timm ViT parts that RADIO's forward never runs (left out, by name).
+    """
     from timm.models.naflexvit import checkpoint_filter_fn
 
-    tensors = {k: v.float() for k, v in tensors.items()}
+    unused = sorted(k for k in tensors if k.startswith(UNUSED_VIT_PARTS))
+    tensors = {k: v.float() for k, v in tensors.items() if k not in unused}
     converted = checkpoint_filter_fn({f"radio_model.model.{k}": v for k, v in tensors.items()}, model)
     converted.pop("embeds.proj.bias", None)  # timm's converter adds a zero bias; RADIO's embedding has none
     if "embeds.reg_token" in converted and converted["embeds.reg_token"].shape[1] == 0:
@@ -223,6 +232,7 @@ def load_backbone(model: nn.Module, tensors: Mapping[str, torch.Tensor], where: 
             f"({len(bad)} tensors differ): the args and the weights of this file disagree"
         )
     model.load_state_dict({k: converted[k] for k in wanted}, strict=True)
+    return unused
 
 
 def _fit_position_grid(converted: dict[str, torch.Tensor], wanted: Mapping[str, torch.Tensor]) -> None:

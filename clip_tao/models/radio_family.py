@@ -142,7 +142,8 @@ def build_radio(info: ModelInfo, options: BuildOptions) -> tuple[RadioClipModel,
     with seeded_init():
         if ckpt is not None:
             backbone = create_backbone(cfg["timm_model"], timm_arguments(args, where))
-            load_backbone(backbone, ckpt.backbone, where)
+            unused = load_backbone(backbone, ckpt.backbone, where)
+            ckpt.mark_unused("parts of timm's ViT RADIO does not run", [f"base_model.{k}" for k in unused])
             head = _stored_head(ckpt, adaptor, where)
         else:
             backbone = create_backbone(cfg["timm_model"])
