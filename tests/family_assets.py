@@ -266,10 +266,18 @@ def radio_state(head_dims: dict[int, int], seed: int = 3, version: str = "v2", a
             state[f"base_model.{key}"] = value
     state["base_model.patch_generator.embedder.weight"] = torch.randn(dim, 3 * patch * patch) * 0.05
     state["base_model.patch_generator.pos_embed"] = torch.randn(1, grid * grid, dim) * 0.5
-    state["base_model.patch_generator.cls_token.token"] = torch.randn(8, dim) * 0.5
+    # RADIO's ClsToken: one token per unique teacher name (or one), then cpe_num_registers registers or
+    # padding up to the next multiple of register_multiple.
+    names = list(dict.fromkeys(t["name"] for t in args.teachers))
+    num_cls = len(names) if args.cls_token_per_teacher else 1
+    multiple = getattr(args, "register_multiple", None)
+    registers = getattr(args, "cpe_num_registers", None) or (multiple - num_cls % multiple if multiple else 0)
+    state["base_model.patch_generator.cls_token.token"] = torch.randn(num_cls + registers, dim) * 0.5
     state["input_conditioner.norm_mean"] = torch.tensor([0.48145466, 0.4578275, 0.40821073]).view(3, 1, 1)
     state["input_conditioner.norm_std"] = torch.tensor([0.26862954, 0.26130258, 0.27577711]).view(3, 1, 1)
-    state["summary_idxs"] = torch.tensor([0, 1, 2, 3])
+    state["summary_idxs"] = torch.tensor(
+        sorted({t["name"]: i for i, t in reversed(list(enumerate(args.teachers)))}.values())
+    )
     for index, out_dim in head_dims.items():
         state.update(radio_head_tensors(f"_heads.{index}.", version, dim, out_dim))
         state.update(radio_head_tensors(f"_feature_projections.{index}.", version, dim, 40))

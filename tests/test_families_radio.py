@@ -191,8 +191,7 @@ def test_mlp_v1_heads_token_slot_and_single_class_token(assets, tmp_path):
     args.cls_token_per_teacher = False
     args.register_multiple = None
     state = make_radio_checkpoint(tmp_path / "one.pth.tar", {SIGLIP_INDEX: 32}, args=args, seed=6)
-    state["base_model.patch_generator.cls_token.token"] = state["base_model.patch_generator.cls_token.token"][:1]
-    torch.save({"args": args, "state_dict": state}, tmp_path / "one.pth.tar")
+    assert state["base_model.patch_generator.cls_token.token"].shape[0] == 1
     model = create_model(
         "c-radio_v3-b",
         pretrained_path=str(tmp_path / "one.pth.tar"),
@@ -200,6 +199,36 @@ def test_mlp_v1_heads_token_slot_and_single_class_token(assets, tmp_path):
         text_pretrained_path=_text_source(assets, "siglip"),
     ).eval()
     _assert_equals_radio(model, state, args, 0, f"_heads.{SIGLIP_INDEX}.", sizes=[(64, 64)])
+
+
+V4_TEACHERS = [
+    {"name": "siglip2-g", "type": "siglip2", "model": "siglip2-g-384"},
+    {"name": "dino_v3", "type": "dino_v3"},
+    {"name": "sam3", "type": "sam3"},
+]
+
+
+@pytest.mark.parametrize("weights", ["v4.pth.tar", "v4-hf"])
+def test_c_radio_v4_checkpoints(assets, tmp_path, weights):
+    """C-RADIOv4's teachers (SigLIP2-g, DINOv3, SAM3; 3 class tokens + 7 registers): null/siglip take the
+    SigLIP2-g head; there is no clip teacher to take."""
+    args = radio_args(teachers=V4_TEACHERS, cpe_num_registers=7)
+    state = make_radio_checkpoint(tmp_path / "v4.pth.tar", {0: 32}, args=args, seed=9)
+    make_radio_hf_folder(tmp_path / "v4-hf", state, ["siglip2-g"], args=args)
+    assert state["base_model.patch_generator.cls_token.token"].shape[0] == 10
+    for name in (None, "siglip"):
+        model = create_model(
+            "c-radio_v4-so400m",
+            pretrained_path=str(tmp_path / weights),
+            adaptor_name=name,
+            text_pretrained_path=_text_source(assets, "siglip"),
+        ).eval()
+        _assert_equals_radio(model, state, args, 0, "_heads.0.", sizes=[(64, 96)])
+    with pytest.raises(
+        ModelError,
+        match=r"'dfn' \(TAO's alias of 'clip'\) is not a teacher .*its teachers: siglip2-g \(siglip2\), dino_v3",
+    ):
+        create_model("c-radio_v4-h", pretrained_path=str(tmp_path / weights), adaptor_name="dfn")
 
 
 def test_every_tensor_is_used_or_named(assets, tmp_path, caplog):
@@ -224,7 +253,11 @@ def test_every_tensor_is_used_or_named(assets, tmp_path, caplog):
         assert reason in text
     assert "not part of RADIO's model" in text and "some_new_buffer" in text
     # A missing backbone or head tensor is an error that names it (in RADIO's own names).
-    for missing in ("base_model.blocks.1.ls2.grandma", f"_heads.{CLIP_INDEX}.final.0.bias"):
+    for missing in (
+        "base_model.blocks.1.ls2.grandma",
+        f"_heads.{CLIP_INDEX}.final.0.bias",
+        "input_conditioner.norm_std",
+    ):
         broken = {k: v for k, v in assets["state"].items() if k != missing}
         torch.save({"args": radio_args(), "state_dict": broken}, tmp_path / "missing.pth.tar")
         short = missing.removeprefix("base_model.").removeprefix(f"_heads.{CLIP_INDEX}.")

@@ -66,8 +66,9 @@ def resolve_adaptor(
         index = names.index(wanted)  # RADIO takes the first teacher of that name
         how = f"model.adaptor_name={requested!r} -> teacher {wanted!r}"
     else:
+        alias = f" (TAO's alias of {wanted!r})" if wanted != requested else ""
         raise ModelError(
-            f"model.adaptor_name={requested!r} is not a teacher of {where}; its teachers: {listing} "
+            f"model.adaptor_name={requested!r}{alias} is not a teacher of {where}; its teachers: {listing} "
             f"(TAO's names: siglip, clip, dfn, dfn_clip)"
         )
     teacher = teachers[index]

@@ -211,8 +211,13 @@ def _read_huggingface(folder: str, weights: str) -> RadioCheckpoint:
 def _conditioner(tensors: Mapping[str, torch.Tensor], where: str):
     if not tensors:
         return None
-    if set(tensors) != {"norm_mean", "norm_std"}:
-        raise ModelError(f"{where!r}: the input conditioner holds {sorted(tensors)}; RADIO's has norm_mean, norm_std")
+    missing = sorted({"norm_mean", "norm_std"} - set(tensors))
+    extra = sorted(set(tensors) - {"norm_mean", "norm_std"})
+    if missing or extra:
+        raise ModelError(
+            f"{where!r}: the input conditioner lacks {['input_conditioner.' + k for k in missing]} and holds "
+            f"unknown {extra}: RADIO's has norm_mean and norm_std; the file is incomplete"
+        )
     return (
         tuple(float(v) for v in tensors["norm_mean"].flatten()),
         tuple(float(v) for v in tensors["norm_std"].flatten()),

@@ -149,7 +149,10 @@ def build_radio(info: ModelInfo, options: BuildOptions) -> tuple[RadioClipModel,
             backbone = create_backbone(cfg["timm_model"])
             shape = dict(cfg["heads"][adaptor.type])
             head = head_from_config(shape.pop("version", arg(args, "mlp_version", "v2")), shape)
-    mean, std = ckpt.conditioner if ckpt and ckpt.conditioner else (OPENAI_MEAN, OPENAI_STD)
+    if ckpt is not None and ckpt.conditioner is None:
+        # RADIO loads its input conditioner strictly: a file without one is incomplete.
+        raise ModelError(f"{where} lacks input_conditioner.norm_mean / norm_std: the file is incomplete")
+    mean, std = ckpt.conditioner if ckpt is not None else (OPENAI_MEAN, OPENAI_STD)
     if ckpt is not None:
         _report_unused(ckpt)
         dtype = arg(args, "dtype", "float32")
