@@ -174,11 +174,24 @@ def _read_huggingface(folder: str, weights: str) -> RadioCheckpoint:
     except Exception as exc:  # safetensors raises its own error types for foreign files
         raise ModelError(f"{weights!r} is not a readable safetensors file: {exc}") from exc
 
-    args = dict(config["args"])
-    ckpt = RadioCheckpoint(folder, "huggingface", args, {}, {}, None)
-    for name, adaptor in (config.get("adaptor_configs") or {}).items():
-        if isinstance(adaptor, dict) and "head_idx" in adaptor:
-            ckpt.head_slots[name] = int(adaptor["head_idx"])
+    head_slots = {
+        name: int(adaptor["head_idx"])
+        for name, adaptor in (config.get("adaptor_configs") or {}).items()
+        if isinstance(adaptor, dict) and "head_idx" in adaptor
+    }
+    return checkpoint_from_radio_model_state(state, dict(config["args"]), weights, head_slots, folder)
+
+
+def checkpoint_from_radio_model_state(
+    state: Mapping[str, torch.Tensor],
+    args: dict[str, Any],
+    where: str,
+    head_slots: dict[str, int] | None = None,
+    path: str | None = None,
+) -> RadioCheckpoint:
+    """A state dict of RADIO's ``RADIOModel`` under ``radio_model.`` (the Hugging Face layout, and what a
+    module holding RADIO's hub model as ``radio_model`` saves) sorted into its parts."""
+    ckpt = RadioCheckpoint(path or where, "huggingface", args, {}, {}, None, dict(head_slots or {}))
     conditioner: dict[str, torch.Tensor] = {}
     unknown = []
     for key, value in state.items():
@@ -200,7 +213,7 @@ def _read_huggingface(folder: str, weights: str) -> RadioCheckpoint:
                 unknown.append(key)
             else:
                 ckpt.mark_unused(reason, [key])
-    ckpt.conditioner = _conditioner(conditioner, weights)
+    ckpt.conditioner = _conditioner(conditioner, where)
     _note_unknown(ckpt, unknown)
     return ckpt
 
