@@ -138,20 +138,21 @@ def build_radio(info: ModelInfo, options: BuildOptions) -> tuple[RadioClipModel,
     args = ckpt.args if ckpt else cfg["args"]
     where = f"RADIO checkpoint {source!r}" if ckpt else f"{info.name}'s published architecture"
     adaptor = _resolve(info, options, args, where, ckpt)
+    if ckpt is not None and ckpt.conditioner is None:
+        # RADIO loads its input conditioner strictly: a file without one is incomplete.
+        raise ModelError(f"{where} lacks input_conditioner.norm_mean / norm_std: the file is incomplete")
 
     with seeded_init():
         if ckpt is not None:
             backbone = create_backbone(cfg["timm_model"], timm_arguments(args, where))
             unused = load_backbone(backbone, ckpt.backbone, where)
-            ckpt.mark_unused("parts of timm's ViT RADIO does not run", [f"base_model.{k}" for k in unused])
+            prefix = "base_model." if ckpt.layout == "torch.hub" else "radio_model.model."
+            ckpt.mark_unused("parts of timm's ViT RADIO does not run", [prefix + k for k in unused])
             head = _stored_head(ckpt, adaptor, where)
         else:
             backbone = create_backbone(cfg["timm_model"])
             shape = dict(cfg["heads"][adaptor.type])
             head = head_from_config(shape.pop("version", arg(args, "mlp_version", "v2")), shape)
-    if ckpt is not None and ckpt.conditioner is None:
-        # RADIO loads its input conditioner strictly: a file without one is incomplete.
-        raise ModelError(f"{where} lacks input_conditioner.norm_mean / norm_std: the file is incomplete")
     mean, std = ckpt.conditioner if ckpt is not None else (OPENAI_MEAN, OPENAI_STD)
     if ckpt is not None:
         _report_unused(ckpt)
