@@ -21,6 +21,7 @@ TASKS = {
     "inference": "image and text embeddings as TAO's .h5 files",
     "export": "export to ONNX",
     "gen_trt_engine": "build a TensorRT engine from an ONNX file",
+    "serve": "serve embeddings and search over HTTP (Triton's protocol, /embed, /search)",
 }
 
 log = logging.getLogger("clip_tao")

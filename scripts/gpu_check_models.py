@@ -46,25 +46,26 @@ def build_siglip2(name: str, small: bool):
 
 
 def build_radio(name: str, small: bool):
-    """Backbone + siglip adaptor head + the SigLIP2 teacher's text tower, at the registry's architecture."""
+    """timm's C-RADIO backbone + siglip adaptor head + the SigLIP2 teacher's text tower, at the registry's sizes."""
     from transformers import SiglipTextConfig, SiglipTextModel
 
-    from clip_tao.models.radio_backbone import MlpHeadV2, RadioBackbone
-    from clip_tao.models.radio_family import RadioClipModel, RadioImageTower, find_teacher
+    from clip_tao.models.radio_adaptors import resolve_adaptor
+    from clip_tao.models.radio_backbone import create_backbone
+    from clip_tao.models.radio_family import RadioClipModel, RadioImageTower
+    from clip_tao.models.radio_heads import head_from_config
     from clip_tao.models.text_towers import SiglipTextTower
 
     cfg = copy.deepcopy(get_model_info(name).config)
-    args, text_cfg = cfg["args"], cfg["text_configs"]["siglip2"]
+    text_cfg = cfg["text_configs"]["siglip2"]
     if small:
-        args["model_kwargs"]["depth"] = 2
         text_cfg.update(num_hidden_layers=2, vocab_size=1000, pad_token_id=0, eos_token_id=1, bos_token_id=2)
-    index, _ = find_teacher(args["teachers"], "siglip2", name)
-    backbone = RadioBackbone(args)
-    head = MlpHeadV2(**cfg["heads"]["siglip2"])
-    visual = RadioImageTower(backbone, head, index)
+    adaptor = resolve_adaptor("siglip", cfg["args"]["teachers"], cfg["tao_adaptor"], True, name)
+    backbone = create_backbone(cfg["timm_model"], {"depth": 2} if small else None)
+    head = head_from_config("v2", cfg["heads"]["siglip2"])
+    visual = RadioImageTower(backbone, head, adaptor.token_slot, 16)
     text = SiglipTextTower(SiglipTextModel(SiglipTextConfig(**text_cfg)))
     image_size = 256 if small else get_model_info(name).image_size
-    model = RadioClipModel(name, visual, text, None, Preprocess(image_size), head.final[2].out_features)
+    model = RadioClipModel(name, visual, text, None, Preprocess(image_size), head.output_dim)
     return model, image_size, text_cfg["vocab_size"], 64
 
 

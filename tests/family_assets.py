@@ -154,73 +154,211 @@ def make_openclip_folder(
 
 # -- RADIO -----------------------------------------------------------------------------------------
 
+# C-RADIOv3's teacher list (names and types as RADIO's args record them), plus a repeated name: RADIO
+# gives one class token per UNIQUE name (4 here), padded with registers to a multiple of 8.
 RADIO_TEACHERS = [
     {"name": "clip", "type": "open_clip", "model": "ViT-H-14-378-quickgelu", "pretrained": "dfn5b"},
     {"name": "siglip2-g", "type": "siglip2", "model": "siglip2-g-384"},
     {"name": "dino_v2", "type": "dino_v2"},
+    {"name": "sam", "type": "sam"},
+    {"name": "dino_v2", "type": "dino_v2", "input_size": 224},
 ]
+RADIO_PATCH = 16
+RADIO_HEAD_HIDDEN = 48
 
 
-def radio_args(cpe_max_size: int = 128) -> argparse.Namespace:
-    """Training args as RADIO pickles them, for a ``vit_tiny``-size backbone (3 teachers -> 3 CLS + 5 registers)."""
+# The tiny backbone: ViT width 192, 3 heads, depth 2, LayerScale. Built as RADIO's own ``vit_huge_patch16_224``
+# (radio/extra_timm_models.py, what C-RADIOv3-H uses) with smaller sizes, or as timm's stock
+# ``vit_tiny_patch16_224``. RADIO renames LayerScale's ``gamma`` to ``grandma`` in the models it registers.
+RADIO_TINY_VIT = {"patch_size": 16, "embed_dim": 192, "depth": 2, "num_heads": 3, "init_values": 1e-5}
+RADIO_OWN_VITS = ("vit_huge_patch16_224", "vit_giant_patch16_224", "vit_so400m_patch16_224")
+
+
+def radio_args(
+    cpe_max_size: int = 128, teachers: list[dict] | None = None, model: str = "vit_huge_patch16_224", **extra
+) -> argparse.Namespace:
+    """Training args as RADIO pickles them (every field ``create_model_from_args`` reads), tiny sizes."""
+    if model in RADIO_OWN_VITS:
+        kwargs = {k: v for k, v in RADIO_TINY_VIT.items() if k != "patch_size"}
+    else:
+        kwargs = {"init_values": 1e-5, "depth": 2}
     return argparse.Namespace(
-        model="vit_tiny_patch16_224",
-        model_kwargs={"init_values": 1e-5, "depth": 2},
+        model=model,
+        model_kwargs=kwargs,
         cpe_max_size=cpe_max_size,
-        teachers=RADIO_TEACHERS,
+        teachers=teachers if teachers is not None else RADIO_TEACHERS,
         cls_token_per_teacher=True,
         register_multiple=8,
         mlp_version="v2",
         spectral_reparam=False,
-        dtype="bfloat16",
-        gp=None,
+        model_norm=False,
+        dtype=torch.float32,  # RADIO pickles a torch.dtype (hubconf casts the backbone to it)
+        # What create_model_from_args passes on to timm.create_model.
+        in_chans=None,
+        input_size=None,
+        pretrained=False,
+        num_classes=0,
+        drop=0.0,
         drop_path=None,
+        drop_block=None,
+        gp=None,
+        bn_momentum=None,
+        bn_eps=None,
+        torchscript=False,
+        initial_checkpoint="",
+        **extra,
     )
 
 
-def make_radio_checkpoint(path: Path, head_dims: dict[int, int], seed: int = 3) -> dict[str, torch.Tensor]:
-    """A RADIO ``{args, state_dict}`` file written key by key as RADIO's trainer lays it out.
+def radio_head_tensors(prefix: str, version: str, dim: int, out_dim: int, num_inner: int = 1) -> dict:
+    """One adaptor MLP's tensors under ``prefix``, named as RADIO's ``MLP`` (v1) / ``MLP2`` (v2) name them."""
+    hidden = RADIO_HEAD_HIDDEN
+    t: dict[str, torch.Tensor] = {
+        f"{prefix}fc1.weight": torch.randn(hidden, dim) * 0.1,
+        f"{prefix}fc1.bias": torch.randn(hidden) * 0.1,
+    }
+    if version == "v2":
+        for i in range(num_inner):
+            t[f"{prefix}blocks.{i}.0.weight"] = 1 + 0.1 * torch.randn(hidden)
+            t[f"{prefix}blocks.{i}.0.bias"] = 0.1 * torch.randn(hidden)
+            t[f"{prefix}blocks.{i}.2.weight"] = torch.randn(hidden, hidden) * 0.1
+            t[f"{prefix}blocks.{i}.2.bias"] = torch.randn(hidden) * 0.1
+        t[f"{prefix}final.0.weight"] = 1 + 0.1 * torch.randn(hidden)
+        t[f"{prefix}final.0.bias"] = 0.1 * torch.randn(hidden)
+        t[f"{prefix}final.2.weight"] = torch.randn(out_dim, hidden) * 0.1
+        t[f"{prefix}final.2.bias"] = torch.randn(out_dim) * 0.1
+    else:  # v1: fc1, norm, ReLU, inner = (Linear, LayerNorm, ReLU) x n flattened into one Sequential, fc2
+        t[f"{prefix}norm.weight"] = 1 + 0.1 * torch.randn(hidden)
+        t[f"{prefix}norm.bias"] = 0.1 * torch.randn(hidden)
+        for i in range(num_inner):
+            t[f"{prefix}inner.{3 * i}.weight"] = torch.randn(hidden, hidden) * 0.1
+            t[f"{prefix}inner.{3 * i}.bias"] = torch.randn(hidden) * 0.1
+            t[f"{prefix}inner.{3 * i + 1}.weight"] = 1 + 0.1 * torch.randn(hidden)
+            t[f"{prefix}inner.{3 * i + 1}.bias"] = 0.1 * torch.randn(hidden)
+        t[f"{prefix}fc2.weight"] = torch.randn(out_dim, hidden) * 0.1
+        t[f"{prefix}fc2.bias"] = torch.randn(out_dim) * 0.1
+    return t
 
-    The ViT blocks come from timm's ``vit_tiny`` (LayerScale stored under RADIO's name ``grandma``); the
-    patch generator, input conditioner and adaptor MLP v2 heads are plain tensors. Returns the state dict.
+
+def radio_state(head_dims: dict[int, int], seed: int = 3, version: str = "v2", args=None) -> dict[str, torch.Tensor]:
+    """A RADIO training state dict, key by key as ``create_model_from_args`` + RADIO's trainer lay it out.
+
+    ``base_model.*``: the CPE patch generator (bias-free ``embedder``, 8 x 8 ``pos_embed`` grid for
+    ``cpe_max_size`` 128, ``cls_token.token`` = 4 class tokens + 4 registers) and timm's ViT blocks with
+    LayerScale (``grandma`` for RADIO's own ViT names, ``gamma`` for timm's); no ``norm.*`` (RADIO sets it to Identity without
+    ``args.model_norm``). Then the input conditioner, ``summary_idxs``, ``_heads.<i>`` and
+    ``_feature_projections.<i>`` per teacher index, and the dense ``_feature_normalizer``.
     """
-    import timm
+    from timm.models.vision_transformer import VisionTransformer
 
     torch.manual_seed(seed)
-    args = radio_args()
-    vit = timm.create_model(args.model, pretrained=False, num_classes=0, **args.model_kwargs)
-    dim, patch = vit.embed_dim, 16
+    args = args or radio_args()
+    vit = VisionTransformer(**RADIO_TINY_VIT, num_classes=0)
+    dim, patch = vit.embed_dim, RADIO_PATCH
     grid = args.cpe_max_size // patch
+    layer_scale = ".grandma" if args.model in RADIO_OWN_VITS else ".gamma"
     state: dict[str, torch.Tensor] = {}
     for key, value in vit.state_dict().items():
-        if key.startswith(("blocks.", "norm.")):
-            state[f"base_model.{key.replace('.gamma', '.grandma')}"] = value
-    # LayerScale is 1e-5 at init, which would hide the attention/MLP from the test: use visible values.
-    for key in state:
-        if key.endswith(".grandma"):
-            state[key] = torch.rand(dim) * 0.5 + 0.5
+        if key.startswith("blocks."):
+            if key.endswith(".gamma"):
+                # LayerScale is 1e-5 at init, which would hide the attention/MLP from the test.
+                key, value = key[: -len(".gamma")] + layer_scale, torch.rand(dim) * 0.5 + 0.5
+            state[f"base_model.{key}"] = value
     state["base_model.patch_generator.embedder.weight"] = torch.randn(dim, 3 * patch * patch) * 0.05
     state["base_model.patch_generator.pos_embed"] = torch.randn(1, grid * grid, dim) * 0.5
-    state["base_model.patch_generator.cls_token.token"] = torch.randn(8, dim) * 0.5
+    # RADIO's ClsToken: one token per unique teacher name (or one), then cpe_num_registers registers or
+    # padding up to the next multiple of register_multiple.
+    names = list(dict.fromkeys(t["name"] for t in args.teachers))
+    num_cls = len(names) if args.cls_token_per_teacher else 1
+    multiple = getattr(args, "register_multiple", None)
+    registers = getattr(args, "cpe_num_registers", None) or (multiple - num_cls % multiple if multiple else 0)
+    state["base_model.patch_generator.cls_token.token"] = torch.randn(num_cls + registers, dim) * 0.5
     state["input_conditioner.norm_mean"] = torch.tensor([0.48145466, 0.4578275, 0.40821073]).view(3, 1, 1)
     state["input_conditioner.norm_std"] = torch.tensor([0.26862954, 0.26130258, 0.27577711]).view(3, 1, 1)
-    state["summary_idxs"] = torch.tensor([0, 1, 2])
+    state["summary_idxs"] = torch.tensor(
+        sorted({t["name"]: i for i, t in reversed(list(enumerate(args.teachers)))}.values())
+    )
     for index, out_dim in head_dims.items():
-        hidden = 48
-        for prefix in (f"_heads.{index}.", f"_feature_projections.{index}."):
-            state[f"{prefix}fc1.weight"] = torch.randn(hidden, dim) * 0.1
-            state[f"{prefix}fc1.bias"] = torch.randn(hidden) * 0.1
-            state[f"{prefix}blocks.0.0.weight"] = 1 + 0.1 * torch.randn(hidden)
-            state[f"{prefix}blocks.0.0.bias"] = 0.1 * torch.randn(hidden)
-            state[f"{prefix}blocks.0.2.weight"] = torch.randn(hidden, hidden) * 0.1
-            state[f"{prefix}blocks.0.2.bias"] = torch.randn(hidden) * 0.1
-            state[f"{prefix}final.0.weight"] = 1 + 0.1 * torch.randn(hidden)
-            state[f"{prefix}final.0.bias"] = 0.1 * torch.randn(hidden)
-            state[f"{prefix}final.2.weight"] = torch.randn(out_dim, hidden) * 0.1
-            state[f"{prefix}final.2.bias"] = torch.randn(out_dim) * 0.1
-    # RADIO releases store bf16/half weights ("_half.pth.tar"); the loader must cast them.
+        state.update(radio_head_tensors(f"_heads.{index}.", version, dim, out_dim))
+        state.update(radio_head_tensors(f"_feature_projections.{index}.", version, dim, 40))
+    state["_feature_normalizer.mean"] = torch.randn(dim)
+    state["_feature_normalizer.tx"] = torch.randn(dim, dim)
+    return state
+
+
+def make_radio_checkpoint(
+    path: Path, head_dims: dict[int, int], seed: int = 3, version: str = "v2", args=None, ema: bool = True
+) -> dict[str, torch.Tensor]:
+    """A RADIO torch.hub file ``{args, state_dict, state_dict_ema}``; returns the weights RADIO would load.
+
+    The released files store half-precision weights; the EMA copy is what RADIO's hubconf loads, so the
+    plain ``state_dict`` holds different (wrong) values the loader must not pick.
+    """
+    args = args or radio_args()
+    state = radio_state(head_dims, seed, version, args)
     state = {
         k: (v.to(torch.bfloat16) if v.is_floating_point() and "conditioner" not in k else v) for k, v in state.items()
     }
-    torch.save({"args": args, "state_dict": state}, path)
+    checkpoint = {"args": args, "state_dict_ema" if ema else "state_dict": state}
+    if ema:
+        checkpoint["state_dict"] = {k: torch.zeros_like(v) for k, v in state.items()}
+    torch.save(checkpoint, path)
     return state
+
+
+def _mlp_dims(state: dict[str, torch.Tensor], prefix: str) -> dict[str, int]:
+    """What RADIO's get_mlp_info_from_state records for a v2 head in adaptor_configs."""
+    hidden_dim, input_dim = state[f"{prefix}fc1.weight"].shape
+    num_inner = sum(1 for k in state if k.startswith(f"{prefix}blocks.") and k.endswith(".0.weight"))
+    output_dim = state[f"{prefix}final.2.weight"].shape[0]
+    return {"input_dim": input_dim, "hidden_dim": hidden_dim, "output_dim": output_dim, "num_inner": num_inner}
+
+
+def make_radio_hf_folder(folder: Path, state: dict[str, torch.Tensor], adaptor_names: list[str], args=None) -> Path:
+    """The Hugging Face layout of the same weights, as RADIO's ``hf_hub.py`` writes it: ``config.json``
+    (``RADIOConfig``: args with dtype as a string, adaptor_names, adaptor_configs with head_idx) and
+    ``model.safetensors`` with ``radio_model.*`` keys."""
+    from safetensors.torch import save_file
+
+    args = args or radio_args()
+    folder.mkdir(parents=True, exist_ok=True)
+    teachers = args.teachers
+    out = {}
+    for key, value in state.items():
+        if key.startswith("base_model."):
+            out["radio_model.model." + key[len("base_model.") :]] = value
+        elif key.startswith("input_conditioner."):
+            out["radio_model." + key] = value
+    out["radio_model.summary_idxs"] = torch.tensor([i for i, t in enumerate(teachers) if t.get("use_summary", True)])
+    adaptor_configs = {}
+    for name in adaptor_names:
+        index = next(i for i, t in enumerate(teachers) if t["name"] == name)
+        for src, dst in ((f"_heads.{index}.", "head_mlp."), (f"_feature_projections.{index}.", "feat_mlp.")):
+            for key, value in state.items():
+                if key.startswith(src):
+                    out[f"radio_model.adaptors.{name}.{dst}{key[len(src) :]}"] = value
+        adaptor_configs[name] = {
+            "summary": _mlp_dims(state, f"_heads.{index}."),
+            "feature": {
+                **_mlp_dims(state, f"_feature_projections.{index}."),
+                "upsample_factor": 1,
+                "upsample_rank": None,
+            },
+            "head_idx": teachers[index].get("token_slot", index),
+        }
+    config = {
+        "args": {**vars(args), "dtype": str(args.dtype).split(".")[-1]},
+        "version": "c-radio_v3-b",
+        "patch_size": RADIO_PATCH,
+        "max_resolution": 2048,
+        "preferred_resolution": [512, 512],
+        "adaptor_names": adaptor_names,
+        "adaptor_configs": adaptor_configs,
+        "vitdet_window_size": None,
+        "feature_normalizer_config": None,
+        "architectures": ["RADIOModel"],
+        "model_type": "radio",
+    }
+    (folder / "config.json").write_text(json.dumps(config, indent=2), encoding="utf-8")
+    save_file({k: v.contiguous() for k, v in out.items()}, str(folder / "model.safetensors"))
+    return folder

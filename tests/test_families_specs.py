@@ -80,14 +80,13 @@ def test_family_spec_trains_and_evaluates(spec, weights, tmp_path, monkeypatch):
     assert results["num_images"] == 8
 
 
-def test_radio_without_adaptor_is_one_line(weights, tmp_path, monkeypatch, capsys):
+def test_radio_unknown_adaptor_is_one_line(weights, tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(REPO)
-    overrides = [*_overrides(tmp_path, weights, "radio_clip"), "model.adaptor_name=null"]
+    overrides = [*_overrides(tmp_path, weights, "radio_clip"), "model.adaptor_name=dino"]
     assert main(["train", "-e", "specs/radio_clip.yaml", *overrides]) == 1
     err = capsys.readouterr().err.strip().splitlines()
-    assert err[-1].endswith(
-        "model.adaptor_name is required for c-radio_v3-b: set it to siglip or clip (aliases: dfn, dfn_clip)"
-    )
+    assert "model.adaptor_name='dino' is not a teacher of RADIO checkpoint" in err[-1]
+    assert err[-1].endswith("(TAO's names: siglip, clip, dfn, dfn_clip)")
 
 
 @pytest.mark.parametrize("spec", ["siglip2", "radio_clip", "nvclip"])

@@ -10,6 +10,7 @@ head. Checkpoints are saved with TAO's ``ModelCheckpoint`` settings (``.pth``, `
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -147,18 +148,26 @@ def test_foreign_lightning_files_are_one_line(tiny_spec, tmp_path, capsys):
 
 
 def test_tao_radio_checkpoint_maps_onto_the_radio_family(tmp_path):
-    """``model.radio_model.*`` (RADIO's hub model, named as RADIO's hubconf names the published tensors:
-    ``base_model.*`` -> ``model.*``, ``_heads.<i>`` -> ``adaptors.<name>.head_mlp``) and the SigLIP adaptor's
-    text tower load into our Radio-CLIP model exactly as the same weights do from RADIO's own file."""
+    """``model.radio_model.*`` is RADIO's ``RADIOModel`` state (the layout RADIO's hf_hub.py also writes, here
+    from the test assets' writer of it) plus the SigLIP adaptor's text tower: it loads into our Radio-CLIP
+    model exactly as the same weights do from RADIO's own torch.hub file."""
+    from safetensors.torch import load_file
+
     from clip_tao.engine.weights import load_weights
-    from tests.family_assets import make_gemma_tokenizer, make_radio_checkpoint, make_siglip_folder
+    from tests.family_assets import (
+        make_gemma_tokenizer,
+        make_radio_checkpoint,
+        make_radio_hf_folder,
+        make_siglip_folder,
+    )
 
     make_gemma_tokenizer(tmp_path / "gemma")
     make_siglip_folder(tmp_path / "siglip", tmp_path / "gemma")
     siglip_index, name = 1, "siglip2-g"
     start = make_radio_checkpoint(tmp_path / "start.pth.tar", {siglip_index: 32}, seed=3)
     tuned = make_radio_checkpoint(tmp_path / "tuned.pth.tar", {siglip_index: 32}, seed=5)
-    assert not torch.equal(start["base_model.blocks.0.attn.qkv.weight"], tuned["base_model.blocks.0.attn.qkv.weight"])
+    assert any(not torch.equal(start[k], tuned[k]) for k in tuned if k.startswith("base_model.blocks.0.attn"))
+    make_radio_hf_folder(tmp_path / "hf", tuned, [name])
 
     def build(path):
         text = str(tmp_path / "siglip")
@@ -169,13 +178,7 @@ def test_tao_radio_checkpoint_maps_onto_the_radio_family(tmp_path):
         for p in want.text.parameters():
             p.add_(0.01)  # the "trained" text tower differs from the start
     tao_state = {"model.logit_scale": torch.tensor(TAO_SCALE), "model.logit_bias": torch.tensor(TAO_BIAS)}
-    for key, value in tuned.items():
-        if key.startswith("base_model."):
-            tao_state["model.radio_model.model." + key[len("base_model.") :]] = value
-        elif key.startswith(f"_heads.{siglip_index}."):
-            tao_state[f"model.radio_model.adaptors.{name}.head_mlp." + key[len(f"_heads.{siglip_index}.") :]] = value
-        elif key.startswith("input_conditioner."):
-            tao_state["model.radio_model." + key] = value
+    tao_state.update({f"model.{k}": v for k, v in load_file(tmp_path / "hf" / "model.safetensors").items()})
     for key, value in want.text.state_dict().items():  # our text.model is the teacher's SiglipTextModel
         inner = key.removeprefix("model.").removeprefix("text_model.")  # RADIO keeps its text transformer
         tao_state[f"model.radio_model.adaptors.{name}.text_model.{inner}"] = value
@@ -191,3 +194,50 @@ def test_tao_radio_checkpoint_maps_onto_the_radio_family(tmp_path):
     with torch.no_grad():
         assert (model.encode_image(pixels) - want.encode_image(pixels)).abs().max() <= 1e-5
         assert (model.encode_text(ids) - want.encode_text(ids)).abs().max() <= 1e-5
+
+
+@pytest.mark.skipif(
+    not os.environ.get("CLIP_TAO_RADIO_REPO"), reason="set CLIP_TAO_RADIO_REPO to a clone of NVlabs/RADIO"
+)
+@pytest.mark.filterwarnings("ignore")
+def test_tao_radio_checkpoint_from_radios_own_hub_model(tmp_path):
+    """The ``radio_model`` TAO saves is RADIO's ``hubconf.radio_model``: its own state dict (backbone and input
+    conditioner), with the adaptor's head under ``adaptors.<name>.head_mlp``, loads into our model and gives
+    RADIO's own summary through that head (needs a clone of NVlabs/RADIO and einops)."""
+    import sys
+
+    from clip_tao.engine.weights import load_weights
+    from tests.family_assets import make_gemma_tokenizer, make_radio_checkpoint, make_siglip_folder
+
+    sys.path.insert(0, os.environ["CLIP_TAO_RADIO_REPO"])
+    try:
+        import hubconf
+    finally:
+        sys.path.pop(0)
+    make_gemma_tokenizer(tmp_path / "gemma")
+    make_siglip_folder(tmp_path / "siglip", tmp_path / "gemma")
+    make_radio_checkpoint(tmp_path / "start.pth.tar", {1: 32}, seed=3)
+    tuned = make_radio_checkpoint(tmp_path / "tuned.pth.tar", {1: 32}, seed=5)
+    radio = hubconf.radio_model(str(tmp_path / "tuned.pth.tar")).eval()  # no adaptor: that needs the hub
+    tao_state = {"model.logit_scale": torch.tensor(TAO_SCALE), "model.logit_bias": torch.tensor(TAO_BIAS)}
+    tao_state.update({f"model.radio_model.{k}": v for k, v in radio.state_dict().items()})
+    head = {k[len("_heads.1.") :]: v for k, v in tuned.items() if k.startswith("_heads.1.")}
+    tao_state.update({f"model.radio_model.adaptors.siglip2-g.head_mlp.{k}": v for k, v in head.items()})
+    tao_file = tmp_path / "tao_radio.pth"
+    torch.save({"pytorch-lightning_version": pl.__version__, "state_dict": tao_state}, tao_file)
+    text = str(tmp_path / "siglip")
+    model = create_model(
+        "c-radio_v3-b",
+        pretrained_path=str(tmp_path / "start.pth.tar"),
+        adaptor_name="siglip",
+        text_pretrained_path=text,
+    )
+    load_weights(model, str(tao_file))
+    model.eval()
+    mean = torch.tensor(model.preprocess.mean).view(1, 3, 1, 1)
+    std = torch.tensor(model.preprocess.std).view(1, 3, 1, 1)
+    raw = torch.rand(2, 3, 64, 64)
+    with torch.no_grad():
+        features = radio.model.forward_features(radio.input_conditioner(raw))
+        want = model.visual.head(features[:, model.visual.token_slot].float())
+        torch.testing.assert_close(model.image_features((raw - mean) / std), want, atol=1e-5, rtol=1e-5)

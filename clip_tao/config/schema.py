@@ -243,6 +243,8 @@ class ExportConfig:
     results_dir: str | None = None
     # clip-tao: replace existing files (export refuses to overwrite by default, as TAO does).
     overwrite: bool = False
+    # clip-tao: also write a Triton model repository (config.pbtxt + 1/model.onnx) into this folder.
+    triton_repository: str | None = None
 
 
 @dataclass
@@ -286,6 +288,31 @@ class DeployInfo:
 
 
 @dataclass
+class ServeConfig:
+    """clip-tao: ``clip-tao serve``, an embedding and search service speaking Triton's HTTP protocol."""
+
+    # The backend, as in evaluate/inference: trt_engine, onnx_file, else checkpoint (null: the type's weights).
+    checkpoint: str | None = None
+    onnx_file: str | None = None
+    trt_engine: str | None = None
+    num_gpus: int = 1
+    gpu_ids: list[int] = field(default_factory=lambda: [0])
+    host: str = "127.0.0.1"  # 0.0.0.0 to accept other machines (in a container, for example)
+    port: int = 8000
+    # Dynamic batching: requests are gathered until max_batch_size items or max_queue_delay_ms have passed.
+    # Also the max batch size and queue delay of the Triton repository that export writes.
+    dynamic_batching: bool = True
+    max_batch_size: int = 32
+    max_queue_delay_ms: float = 5.0
+    max_request_mb: float = 16.0  # larger request bodies get 413
+    # /search: the collection (TAO's image_embeddings.h5) loaded at start; FAISS from faiss_min_images on.
+    image_embeddings_file: str | None = None
+    faiss_min_images: int = 50000
+    max_top_k: int = 100
+    graceful_shutdown_s: float = 30.0  # SIGTERM: finish in-flight requests for at most this long
+
+
+@dataclass
 class ExperimentConfig:
     # Required; ``None`` here only so the dataclass can be built with defaults.
     results_dir: str | None = None
@@ -302,6 +329,7 @@ class ExperimentConfig:
     export: ExportConfig = field(default_factory=ExportConfig)
     gen_trt_engine: GenTrtEngineConfig = field(default_factory=GenTrtEngineConfig)
     deploy: DeployInfo = field(default_factory=DeployInfo)
+    serve: ServeConfig = field(default_factory=ServeConfig)
 
     def task_dir(self, task: str) -> str:
         """``results_dir/<task>``, or the task section's own ``results_dir`` when set (TAO's rule)."""

@@ -79,43 +79,45 @@ def _our_logit_names(model: nn.Module) -> dict[str, str]:
 
 
 def _radio_state(model: nn.Module, state: dict, path: str) -> dict[str, torch.Tensor]:
-    """``model.radio_model.*`` is RADIO's hub model (``hubconf.radio_model``) with its adaptors.
+    """``model.radio_model.*`` is RADIO's ``RADIOModel`` (TAO's adapter holds it as ``radio_model``).
 
-    A model built by RADIO's own code (``model.radio_repo_dir``) keeps that hub model under ``visual.radio``:
-    the keys map one to one. For the image tower built here, the hub keys are renamed back to the layout of
-    RADIO's published ``.pth.tar`` (the inverse of RADIO's hubconf: ``model.*`` <- ``base_model.*``,
-    ``adaptors.<name>.head_mlp.*`` <- ``_heads.<name>.*``) and handed to the Radio-CLIP family's loaders.
+    The Lightning prefix ``model.`` is stripped and the rest handed to the Radio-CLIP family's reader of
+    that layout (``checkpoint_from_radio_model_state``) and its loaders. A model built by RADIO's own code
+    (``model.radio_repo_dir``) keeps the hub model under ``visual.radio``: there the keys map one to one.
     The SigLIP adaptor's text tower (``adaptors.<name>.text_model.*``) maps onto ours; others keep their
     weights, with a warning.
     """
-    inner = {k[len(_RADIO) :]: v for k, v in state.items() if k.startswith(_RADIO)}
+    from clip_tao.models.radio_checkpoint import checkpoint_from_radio_model_state
+
+    inner = {k[len("model.") :]: v for k, v in state.items() if k.startswith(_RADIO)}  # radio_model.*
     visual = getattr(model, "visual", None)
     if visual is None or not (hasattr(visual, "radio") or hasattr(visual, "backbone")):
         raise ModelError(
             f"{path!r} holds a Radio-CLIP model (TAO keys {_RADIO}*), which model.type={model.model_type} is not: "
             "set model.type to the c-radio type it was trained as"
         )
-    adaptors = sorted({k.split(".")[1] for k in inner if k.startswith("adaptors.")})
+    adaptors = sorted({k.split(".")[2] for k in inner if k.startswith("radio_model.adaptors.")})
     if len(adaptors) != 1:
         raise ModelError(f"{path!r}: expected one RADIO adaptor in the checkpoint, found {adaptors or 'none'}")
     name = adaptors[0]
+    text_prefix = f"radio_model.adaptors.{name}.text_model."
+    text = {k[len(text_prefix) :]: v for k, v in inner.items() if k.startswith(text_prefix)}
     own = model.state_dict()
     if hasattr(visual, "radio"):
         hub_own = visual.radio.state_dict()
-        mapped = {f"visual.radio.{k}": v for k, v in inner.items() if k in hub_own}
+        mapped = {f"visual.radio.{k[len('radio_model.') :]}": v for k, v in inner.items()
+                  if k[len("radio_model.") :] in hub_own}  # fmt: skip
     else:
-        _load_radio_image_tower(visual, inner, name, path)
+        rest = {k: v for k, v in inner.items() if not k.startswith(text_prefix)}
+        _load_radio_image_tower(visual, checkpoint_from_radio_model_state(rest, {}, path, path=path), name, path)
         mapped = {f"visual.{k}": v for k, v in visual.state_dict().items()}
-    text_prefix = f"adaptors.{name}.text_model."
-    text = {k[len(text_prefix) :]: v for k, v in inner.items() if k.startswith(text_prefix)}
     # RADIO keeps the teacher's text transformer; ours is the teacher's text model around it (whose keys,
     # depending on the transformers version, carry a "text_model." level or not).
     ours = next(
         (p for p in ("text.model.", "text.model.text_model.") if text and all(p + k in own for k in text)), None
     )
-    text = {ours + k: v for k, v in text.items()} if ours else {}
-    if text:
-        mapped.update(text)
+    if ours:
+        mapped.update({ours + k: v for k, v in text.items()})
     else:
         log.warning("%s: the %s adaptor's text tower is not mapped; the text tower keeps its own weights", path, name)
     for key, value in own.items():
@@ -124,17 +126,13 @@ def _radio_state(model: nn.Module, state: dict, path: str) -> dict[str, torch.Te
     return mapped
 
 
-def _load_radio_image_tower(visual: nn.Module, inner: dict, adaptor: str, path: str) -> None:
-    from clip_tao.models.radio_backbone import head_state, load_backbone_weights
+def _load_radio_image_tower(visual: nn.Module, ckpt, adaptor: str, path: str) -> None:
+    from clip_tao.models.radio_backbone import load_backbone
 
-    published = {}
-    for key, value in inner.items():
-        if key.startswith("model."):
-            published["base_model." + key[len("model.") :]] = value
-        elif key.startswith(f"adaptors.{adaptor}.head_mlp."):
-            published[f"_heads.{adaptor}." + key[len(f"adaptors.{adaptor}.head_mlp.") :]] = value
-    load_backbone_weights(visual.backbone, published, path)
-    head = head_state(published, -1, adaptor)
+    load_backbone(visual.backbone, ckpt.backbone, path)
+    head = ckpt.heads.get(adaptor)
+    if not head:
+        raise ModelError(f"{path!r} has no summary head for the {adaptor} adaptor (head_mlp.*)")
     try:
         visual.head.load_state_dict(head)
     except (RuntimeError, KeyError) as exc:

@@ -1,369 +1,255 @@
-"""The RADIO image backbone on timm, laid out so that NVlabs/RADIO's ``{args, state_dict}`` checkpoints load.
+"""The C-RADIO image backbone: timm's NaFlexVit RADIO port, sized by a RADIO checkpoint's training args.
 
-A RADIO backbone is a timm ``VisionTransformer`` whose patch embedding, class token and position
-embedding are replaced by a CPE ("cropped position embedding") patch generator: a bias-free linear
-projection of flattened patches, a large position-embedding grid (``cpe_max_size / patch``, 128 x 128
-for C-RADIOv3) that is resized to the input's patch grid, and one class token per teacher followed by
-register tokens. The first tokens of the output are the per-teacher summaries; an adaptor head (an MLP)
-maps the summary of its teacher into that teacher's embedding space.
-
-Checkpoint layout (``args`` is an ``argparse.Namespace``): ``base_model.*`` (the ViT),
-``input_conditioner.norm_mean/std``, ``_heads.<i>.*`` / ``_feature_projections.<i>.*`` (adaptor MLPs per
-teacher ``i``, or keyed by teacher name in some releases).
+timm (>= 1.0.31) ships NVIDIA's C-RADIO backbones (``naflexvit_{base,large,huge,giant}_patch16_radio_v3``,
+``naflexvit_{so400m,huge}_patch16_radio_v4``): a bias-free linear patch embedding, the 128 x 128 position
+grid resized bilinearly to a square of the larger patch-grid side and cropped top-left, one class token
+per teacher (the first is ``cls_token``, the rest and the registers are ``reg_token``), no final norm.
+Its ``checkpoint_filter_fn`` (with ``_convert_radio``) maps RADIO's weights to timm's names. This module
+derives timm's arguments from RADIO's ``args`` (what ``create_model_from_args`` + ``enable_cpe`` build),
+loads a checkpoint strictly, and adds the one thing timm's port leaves out: RADIO's random position-window
+augmentation and position dropout in training mode.
 """
 
 from __future__ import annotations
 
-import argparse
+import logging
 import math
-import os
 from collections.abc import Mapping
 from typing import Any
 
 import torch
 import torch.nn.functional as F
+from timm.models.naflexvit import NaFlexEmbeds
 from torch import nn
 
 from clip_tao.errors import ModelError
+from clip_tao.models.radio_checkpoint import arg
 
-# RADIO registers these ViT names in timm itself; timm does not ship them, so build them from their sizes.
+log = logging.getLogger(__name__)
+
+# ViT names that RADIO registers in timm itself (radio/extra_timm_models.py) and timm does not ship.
 RADIO_EXTRA_VITS = {
     "vit_tiny_patch14_224": dict(patch_size=14, embed_dim=192, depth=12, num_heads=3),
     "vit_small_patch14_224": dict(patch_size=14, embed_dim=384, depth=12, num_heads=6),
     "vit_base_patch14_224": dict(patch_size=14, embed_dim=768, depth=12, num_heads=12),
+    "vit_base_patch16_v2_224": dict(patch_size=16, embed_dim=768, depth=12, num_heads=12, init_values=1e-5),
+    "vit_large_patch16_v2_224": dict(patch_size=16, embed_dim=1024, depth=24, num_heads=16, init_values=1e-5),
+    "vit_so400m_patch16_224": dict(patch_size=16, embed_dim=1152, depth=27, num_heads=16, mlp_ratio=4304 / 1152),
     "vit_huge_patch16_224": dict(patch_size=16, embed_dim=1280, depth=32, num_heads=16),
-    "vit_huge_patch16_224_mlpnorm": dict(patch_size=16, embed_dim=1280, depth=32, num_heads=16, mlp_norm=True),
     "vit_giant_patch16_224": dict(patch_size=16, embed_dim=1536, depth=40, num_heads=24),
     "vit_bigG_patch14_224": dict(patch_size=14, embed_dim=1664, depth=48, num_heads=16, init_values=1e-6),
 }
 
-# C-RADIOv3 was released with align_corners=True for the position-embedding resize (RADIO changed the
-# default later for newer models; the v3 weights were trained with True).
-POS_EMBED_ALIGN_CORNERS = True
-# RADIO's enable_cpe default: during training each image's position embedding is dropped with this probability.
+# RADIO's current ViTPatchGenerator resizes the position grid with align_corners=False (what TAO runs
+# through torch.hub); timm follows each Hugging Face repo's older code (True for v3-B/H).
+POS_EMBED_ALIGN_CORNERS = False
+
+
+def num_prefix_tokens(args: Mapping[str, Any]) -> int:
+    """Class tokens (one per unique teacher name, or one) + registers, as RADIO's ``enable_cpe`` counts them."""
+    per_teacher = arg(args, "cls_token_per_teacher", True)
+    num_cls = len({t["name"] for t in arg(args, "teachers", [])}) if per_teacher else 1
+    num_registers = arg(args, "cpe_num_registers", 0)
+    multiple = arg(args, "register_multiple", 0)
+    if not num_registers and multiple:
+        num_registers = multiple - (num_cls % multiple)
+    return max(num_cls, 1) + num_registers
+
+
+def timm_arguments(args: Mapping[str, Any], where: str) -> dict[str, Any]:
+    """timm NaFlexVit arguments for the backbone that ``args`` (RADIO's training args) describe."""
+    import timm
+    from timm.layers import LayerScale
+    from timm.models.vision_transformer import VisionTransformer
+
+    name = args.get("model")
+    kwargs = dict(args.get("model_kwargs") or {})
+    kwargs.pop("weight_init", None)
+    kwargs.pop("final_norm", None)  # RADIO decides the final norm from args.model_norm
+    if arg(args, "cpe_max_size") is None:
+        raise ModelError(f"{where} has no CPE (args.cpe_max_size is None): only C-RADIO checkpoints are supported")
+    try:
+        with torch.device("meta"):  # read the architecture off the timm model, allocate nothing
+            if name in RADIO_EXTRA_VITS:
+                vit = VisionTransformer(**{**RADIO_EXTRA_VITS[name], **kwargs, "num_classes": 0})
+            elif isinstance(name, str) and timm.is_model(name):
+                vit = timm.create_model(name, pretrained=False, num_classes=0, **kwargs)
+            else:
+                raise ModelError(f"{where} names backbone args.model={name!r}, which neither timm nor RADIO defines")
+    except TypeError as exc:
+        raise ModelError(
+            f"{where}: args.model_kwargs {kwargs} do not fit timm's {name!r} ({exc}); load it with "
+            "model.radio_repo_dir (RADIO's own code)"
+        ) from exc
+    block = vit.blocks[0]
+    unsupported = [
+        feature
+        for feature, present in (
+            ("patch normalisation", not isinstance(vit.patch_embed.norm, nn.Identity)),
+            ("MLP norm", not isinstance(getattr(block.mlp, "norm", nn.Identity()), nn.Identity)),
+            ("attention inner norm", not isinstance(getattr(block.attn, "norm", nn.Identity()), nn.Identity)),
+        )
+        if present
+    ]
+    if unsupported:
+        raise ModelError(
+            f"{where}: backbone {name!r} uses {', '.join(unsupported)}, which timm's RADIO port does not have; "
+            "load it with model.radio_repo_dir (RADIO's own code)"
+        )
+    patch = vit.patch_embed.patch_size[0]
+    max_size = int(round(arg(args, "cpe_max_size") / patch) * patch)
+    grid = math.ceil(max_size / patch)
+    return {
+        "patch_size": patch,
+        "embed_dim": vit.embed_dim,
+        "depth": len(vit.blocks),
+        "num_heads": block.attn.num_heads,
+        "mlp_ratio": block.mlp.fc1.out_features / vit.embed_dim,
+        "qkv_bias": block.attn.qkv.bias is not None,
+        "qk_norm": not isinstance(block.attn.q_norm, nn.Identity),
+        "init_values": 1e-5 if isinstance(block.ls1, LayerScale) else None,
+        "final_norm": bool(arg(args, "model_norm", False)),
+        "reg_tokens": num_prefix_tokens(args) - 1,
+        "pos_embed_grid_size": (grid, grid),
+        "pos_embed_align_corners": POS_EMBED_ALIGN_CORNERS,
+    }
+
+
+# RADIO's enable_cpe default: in training each image's position embedding is dropped with this probability.
 CPE_POS_DROPOUT = 0.1
 
 
-def _arg(args: Any, name: str, default: Any = None) -> Any:
-    if isinstance(args, Mapping):
-        return args.get(name, default)
-    return getattr(args, name, default)
+class CpeTrainingEmbeds(NaFlexEmbeds):
+    """timm's NaFlex embedding with RADIO's training-time CPE augmentation (``ViTPatchGenerator`` in train mode).
 
-
-def create_timm_vit(args: Any, init_weights: bool = True) -> nn.Module:
-    """The timm ``VisionTransformer`` named by ``args.model`` with ``args.model_kwargs`` (RADIO's training args)."""
-    import timm
-    from timm.layers import Mlp
-    from timm.models.vision_transformer import VisionTransformer
-
-    name = _arg(args, "model")
-    kwargs = dict(_arg(args, "model_kwargs") or {})
-    kwargs.pop("weight_init", None)
-    common = {
-        "num_classes": 0,  # RADIO's classification head is never used for embeddings
-        "drop_path_rate": _arg(args, "drop_path"),
-        "global_pool": _arg(args, "gp"),
-        "weight_init": "" if init_weights else "skip",
-    }
-    common = {k: v for k, v in common.items() if v is not None}
-    if name in RADIO_EXTRA_VITS:
-        arch = dict(RADIO_EXTRA_VITS[name])
-        if arch.pop("mlp_norm", False):
-            arch["mlp_layer"] = _mlp_with_norm(Mlp)
-        return VisionTransformer(**{**arch, **common, **kwargs})
-    if not timm.is_model(name):
-        raise ModelError(f"RADIO checkpoint names backbone {name!r}, which neither timm nor clip-tao knows")
-    return timm.create_model(name, pretrained=False, **{**common, **kwargs})
-
-
-def _mlp_with_norm(mlp_class):
-    import functools
-
-    return functools.partial(mlp_class, norm_layer=nn.LayerNorm)
-
-
-class ClsTokens(nn.Module):
-    """``num_tokens`` class tokens (one per teacher) followed by register tokens, prepended to the patches."""
-
-    def __init__(self, dim: int, num_tokens: int, register_multiple: int | None, num_registers: int | None):
-        super().__init__()
-        self.num_tokens = num_tokens
-        if num_registers:
-            self.num_registers = num_registers
-        elif register_multiple:
-            # RADIO's rule: pad the token count up to the next multiple (a full multiple when already aligned).
-            self.num_registers = register_multiple - (num_tokens % register_multiple)
-        else:
-            self.num_registers = 0
-        self.token = nn.Parameter(torch.randn(num_tokens + self.num_registers, dim) * dim**-0.5)
-
-    def forward(self, patches: torch.Tensor) -> torch.Tensor:
-        return torch.cat([self.token.unsqueeze(0).expand(patches.shape[0], -1, -1), patches], dim=1)
-
-
-class CpePatchGenerator(nn.Module):
-    """Patches -> tokens with RADIO's cropped position embedding, class tokens and registers.
-
-    Parameter names (``embedder.weight``, ``pos_embed``, ``cls_token.token``, ``patch_normalizer.*``)
-    are RADIO's, so a checkpoint's ``base_model.patch_generator.*`` loads unchanged.
+    In training RADIO samples, per image, a window of the position grid (scale in [sqrt(0.1), 1], aspect in
+    [3/4, 4/3], random offset; ``grid_sample``, ``align_corners=True``) instead of the eval resize, then drops
+    the whole position embedding of an image with probability 0.1. Evaluation is timm's code unchanged.
     """
 
-    def __init__(
-        self,
-        patch_size: int,
-        dim: int,
-        input_size: int,
-        max_size: int,
-        num_cls_tokens: int,
-        register_multiple: int | None = None,
-        num_registers: int | None = None,
-        normalize_patches: bool = False,
-        pos_dropout: float = CPE_POS_DROPOUT,
-    ):
-        super().__init__()
-        self.patch_size = patch_size
-        max_size = int(math.ceil(max_size / patch_size) * patch_size)
-        self.grid = max_size // patch_size
-        self.cpe_mode = max_size != input_size
-        self.pos_dropout = pos_dropout
-        self.embedder = nn.Linear(3 * patch_size * patch_size, dim, bias=False)
-        self.pos_embed = nn.Parameter(torch.randn(1, self.grid * self.grid, dim) * dim**-0.5)
-        self.cls_token = ClsTokens(dim, num_cls_tokens, register_multiple, num_registers)
-        self.patch_normalizer = nn.LayerNorm(dim) if normalize_patches else nn.Identity()
+    pos_dropout = CPE_POS_DROPOUT
 
-    @property
-    def num_cls_tokens(self) -> int:
-        return self.cls_token.num_tokens
-
-    @property
-    def num_skip(self) -> int:
-        return self.cls_token.num_tokens + self.cls_token.num_registers
-
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        batch, channels, height, width = images.shape
-        p = self.patch_size
-        if height % p or width % p:
-            raise ModelError(f"RADIO needs image sizes that are multiples of {p}; got {height}x{width}")
-        rows, cols = height // p, width // p
-        # [B, C, rows*p, cols*p] -> [B, rows*cols, C*p*p] with (channel, y, x) order inside a patch, as RADIO.
-        patches = images.reshape(batch, channels, rows, p, cols, p).permute(0, 2, 4, 1, 3, 5)
-        tokens = self.embedder(patches.reshape(batch, rows * cols, channels * p * p))
-        pos = self.position_embedding(batch, rows, cols)
-        if self.training and self.pos_dropout > 0:
-            keep = torch.rand(batch, 1, 1, device=tokens.device) > self.pos_dropout
+    def _apply_learned_pos_embed(self, x: torch.Tensor, grid_size) -> None:
+        if not self.training:
+            return super()._apply_learned_pos_embed(x, grid_size)
+        batch = x.shape[0]
+        rows, cols = int(grid_size[0]), int(grid_size[1])
+        grid = self.pos_embed.permute(0, 3, 1, 2)  # [1, C, H, W]
+        if (rows, cols) == tuple(grid.shape[-2:]):
+            pos = grid.expand(batch, -1, -1, -1)  # the full grid: RADIO takes it as is
+        else:
+            pos = _random_window(grid, batch, rows, cols)
+        pos = pos.flatten(2).transpose(1, 2)
+        if self.pos_dropout > 0:
+            keep = torch.rand(batch, 1, 1, dtype=pos.dtype, device=pos.device) > self.pos_dropout
             pos = torch.where(keep, pos, torch.zeros((), dtype=pos.dtype, device=pos.device))
-        tokens = self.cls_token(tokens + pos)
-        return self.patch_normalizer(tokens)
-
-    def position_embedding(self, batch: int, rows: int, cols: int) -> torch.Tensor:
-        """``[1 or B, rows*cols, D]``: the grid resized (eval) or randomly cropped and resized (training)."""
-        if (rows, cols) == (self.grid, self.grid):
-            return self.pos_embed
-        grid = self.pos_embed.reshape(1, self.grid, self.grid, -1).permute(0, 3, 1, 2)
-        if self.cpe_mode and self.training:
-            grid = self._random_window(grid, batch, rows, cols)
-        elif self.cpe_mode:
-            # Resize the whole grid to a square of the larger side, then keep the top-left window.
-            side = max(rows, cols)
-            grid = F.interpolate(
-                grid.float(), size=(side, side), mode="bilinear", align_corners=POS_EMBED_ALIGN_CORNERS
-            )
-            grid = grid.to(self.pos_embed.dtype)[..., :rows, :cols]
-        else:
-            grid = grid[..., :rows, :cols]
-        if grid.shape[-2:] != (rows, cols):
-            grid = F.interpolate(grid.float(), size=(rows, cols), mode="bilinear", align_corners=True)
-            grid = grid.to(self.pos_embed.dtype)
-        return grid.flatten(2).transpose(1, 2)
-
-    @staticmethod
-    def _random_window(grid: torch.Tensor, batch: int, rows: int, cols: int) -> torch.Tensor:
-        # RADIO's CPE training augmentation: each image samples a window of the grid with a random
-        # scale in [sqrt(0.1), 1], aspect ratio in [3/4, 4/3] and position.
-        device = grid.device
-        min_scale = math.sqrt(0.1)
-        scale = torch.rand(batch, 1, 1, device=device) * (1 - min_scale) + min_scale
-        log_aspect = math.log(3 / 4)
-        aspect = torch.exp(torch.rand(batch, 1, 1, device=device) * (-2 * log_aspect) + log_aspect)
-        scale_xy = torch.stack([scale * aspect, scale / aspect], dim=-1).clamp_(0, 1)
-        offset = torch.rand(batch, 1, 1, 2, device=device) * (1 - scale_xy)
-        lin_x = torch.linspace(0, 1, steps=cols, device=device)[None, None].expand(batch, rows, -1)
-        lin_y = torch.linspace(0, 1, steps=rows, device=device)[None, :, None].expand(batch, -1, cols)
-        sample_at = (torch.stack([lin_x, lin_y], dim=-1) * scale_xy + offset) * 2 - 1
-        out = F.grid_sample(
-            grid.float().expand(batch, -1, -1, -1), sample_at, mode="bilinear", padding_mode="zeros", align_corners=True
-        )
-        return out.to(grid.dtype)
-
-    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
-        # A checkpoint trained with another max size has another grid: resize it as RADIO does.
-        key = f"{prefix}pos_embed"
-        if key in state_dict and state_dict[key].shape != self.pos_embed.shape:
-            src = state_dict[key]
-            side = int(math.isqrt(src.shape[1]))
-            src = src.reshape(1, side, side, -1).permute(0, 3, 1, 2).float()
-            src = F.interpolate(src, size=(self.grid, self.grid), mode="bicubic", align_corners=True)
-            state_dict[key] = src.flatten(2).transpose(1, 2)
-        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        x.add_(pos.to(x.dtype))
 
 
-class RadioBackbone(nn.Module):
-    """CPE patch generator -> timm transformer blocks -> final norm: ``[B,3,H,W]`` -> ``[B, T, D]`` tokens.
+def _random_window(grid: torch.Tensor, batch: int, rows: int, cols: int) -> torch.Tensor:
+    """``[B, C, rows, cols]``: RADIO's random crop-and-resize of the position grid (random draws in its order)."""
+    device = grid.device
+    min_scale = math.sqrt(0.1)
+    scale = torch.rand(batch, 1, 1, device=device) * (1 - min_scale) + min_scale
+    log_aspect = math.log(3 / 4)
+    aspect = torch.exp(torch.rand(batch, 1, 1, device=device) * (-2 * log_aspect) + log_aspect)
+    scale_xy = torch.stack([scale * aspect, scale / aspect], dim=-1).clamp_(0, 1)
+    offset = torch.rand(batch, 1, 1, 2, device=device) * (1 - scale_xy)
+    lin_x = torch.linspace(0, 1, steps=cols, device=device)[None, None].expand(batch, rows, -1)
+    lin_y = torch.linspace(0, 1, steps=rows, device=device)[None, :, None].expand(batch, -1, cols)
+    sample_at = (torch.stack([lin_x, lin_y], dim=-1) * scale_xy + offset) * 2 - 1
+    window = F.grid_sample(
+        grid.float().expand(batch, -1, -1, -1), sample_at, mode="bilinear", padding_mode="zeros", align_corners=True
+    )
+    return window.to(grid.dtype)
 
-    Input: images already normalised with the checkpoint's input-conditioner mean/std.
+
+def create_backbone(timm_name: str, overrides: Mapping[str, Any] | None = None) -> nn.Module:
+    """timm's RADIO backbone ``timm_name`` (``overrides`` from :func:`timm_arguments`) with a bias-free patch
+    embedding, as RADIO's ``ViTPatchLinear``, and RADIO's training-time CPE augmentation."""
+    from timm.models import model_entrypoint
+
+    kwargs = {"pos_embed_align_corners": POS_EMBED_ALIGN_CORNERS, **(overrides or {})}
+    # The registered entry point itself: timm.create_model would drop None overrides (init_values=None).
+    model = model_entrypoint(timm_name)(pretrained=False, num_classes=0, **kwargs)
+    proj = model.embeds.proj
+    bias_free = nn.Linear(proj.in_features, proj.out_features, bias=False, device=proj.weight.device)
+    with torch.no_grad():
+        bias_free.weight.copy_(proj.weight)
+    model.embeds.proj = bias_free
+    if type(model.embeds) is NaFlexEmbeds:
+        model.embeds.__class__ = CpeTrainingEmbeds  # same state, RADIO's behaviour in training
+    return model
+
+
+# Parts of timm's ViT that RADIO's CPE forward never runs but its state dict keeps (e.g. the register
+# tokens of RADIO's vit_*_v2 models: enable_cpe drops cls_token/pos_embed, not reg_token).
+UNUSED_VIT_PARTS = ("reg_token", "fc_norm.", "head.", "attn_pool.")
+
+
+def load_backbone(model: nn.Module, tensors: Mapping[str, torch.Tensor], where: str) -> list[str]:
+    """Load RADIO-named backbone tensors strictly: every one is used, none of the model's is missing.
+
+    Returns the stored tensors of timm ViT parts that RADIO's forward never runs (left out, by name).
     """
+    from timm.models.naflexvit import checkpoint_filter_fn
 
-    def __init__(self, args: Any, init_weights: bool = True):
-        super().__init__()
-        try:
-            vit = create_timm_vit(args, init_weights)
-        except TypeError as exc:  # model_kwargs that timm's VisionTransformer does not take
-            raise ModelError(
-                f"RADIO backbone {_arg(args, 'model')!r} with model_kwargs {_arg(args, 'model_kwargs')} cannot be "
-                f"built on timm ({exc}): load it with model.radio_repo_dir (RADIO's own code)"
-            ) from exc
-        teachers = _arg(args, "teachers") or []
-        per_teacher = bool(_arg(args, "cls_token_per_teacher", False))
-        max_size = _arg(args, "cpe_max_size")
-        if max_size is None:
-            raise ModelError("this RADIO checkpoint has no CPE (args.cpe_max_size is None); only C-RADIO is supported")
-        patch_size = vit.patch_embed.patch_size[0]
-        self.patch_generator = CpePatchGenerator(
-            patch_size=patch_size,
-            dim=vit.embed_dim,
-            input_size=vit.patch_embed.img_size[0],
-            max_size=int(round(max_size / patch_size) * patch_size),
-            num_cls_tokens=len(teachers) if per_teacher else 1,
-            register_multiple=_arg(args, "register_multiple"),
-            num_registers=_arg(args, "cpe_num_registers"),
-            normalize_patches=not isinstance(vit.patch_embed.norm, nn.Identity),
-        )
-        # RADIO's forward runs exactly these three pieces of the timm model.
-        self.blocks = vit.blocks
-        self.norm = vit.norm
-        self.embed_dim = vit.embed_dim
-        self.patch_size = patch_size
-        self.grad_checkpointing = False
-
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        tokens = self.patch_generator(images)
-        if self.grad_checkpointing and torch.is_grad_enabled():
-            from timm.models import checkpoint_seq
-
-            tokens = checkpoint_seq(self.blocks, tokens)
-        else:
-            tokens = self.blocks(tokens)
-        return self.norm(tokens)
-
-
-class MlpHeadV2(nn.Module):
-    """RADIO's "v2" adaptor MLP: fc1, residual (LayerNorm, GELU, Linear) blocks, then (LayerNorm, GELU, Linear)."""
-
-    def __init__(self, input_dim: int, hidden_dim: int, output_dim: int, num_inner: int = 0, pre_norm: bool = False):
-        super().__init__()
-        self.pre_norm = nn.Sequential(nn.LayerNorm(input_dim), nn.GELU()) if pre_norm else nn.Identity()
-        self.fc1 = nn.Linear(input_dim, hidden_dim)
-        self.blocks = nn.ModuleList(
-            nn.Sequential(nn.LayerNorm(hidden_dim), nn.GELU(), nn.Linear(hidden_dim, hidden_dim))
-            for _ in range(num_inner)
-        )
-        self.final = nn.Sequential(nn.LayerNorm(hidden_dim), nn.GELU(), nn.Linear(hidden_dim, output_dim))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.fc1(self.pre_norm(x))
-        for block in self.blocks:
-            x = x + block(x)
-        return self.final(x)
-
-    @classmethod
-    def shape_from_state(cls, state: Mapping[str, torch.Tensor]) -> dict:
-        """The constructor arguments that fit a head's state dict (keys without the head prefix)."""
-        if "fc1.weight" not in state or "final.2.weight" not in state:
-            if any(".parametrizations." in k for k in state):
-                raise ModelError(
-                    "the RADIO adaptor head is stored spectrally reparametrised, which clip-tao does not read; "
-                    "load the model through model.radio_repo_dir instead"
-                )
-            raise ModelError(f"the RADIO adaptor head is not an MLP v2 head (keys: {sorted(state)[:4]}...)")
-        hidden_dim, input_dim = state["fc1.weight"].shape
-        num_inner = 0
-        while f"blocks.{num_inner}.0.weight" in state:
-            num_inner += 1
-        return {
-            "input_dim": input_dim,
-            "hidden_dim": hidden_dim,
-            "output_dim": state["final.2.weight"].shape[0],
-            "num_inner": num_inner,
-            "pre_norm": "pre_norm.0.weight" in state,
-        }
-
-
-# -- checkpoints ------------------------------------------------------------------------------------
-
-
-def read_radio_checkpoint(path: str) -> tuple[Any, dict[str, torch.Tensor]]:
-    """``(args, state_dict)`` of a RADIO ``.pth.tar``, unpickling nothing but ``argparse.Namespace``.
-
-    The EMA weights are preferred when present, as RADIO's own loader does.
-    """
-    if not os.path.isfile(path):
-        raise ModelError(f"RADIO checkpoint {path!r} does not exist: give a c-radio .pth.tar file")
-    try:
-        with torch.serialization.safe_globals([argparse.Namespace]):
-            checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # torch raises many types for corrupt or foreign files
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise ModelError(f"RADIO checkpoint {path!r} cannot be read safely: {first}") from exc
-    if not isinstance(checkpoint, dict) or "args" not in checkpoint:
-        raise ModelError(f"{path!r} is not a RADIO checkpoint (expected a dict with 'args' and 'state_dict')")
-    state = checkpoint.get("state_dict_ema") or checkpoint.get("state_dict")
-    if not isinstance(state, dict):
-        raise ModelError(f"RADIO checkpoint {path!r} has no 'state_dict'")
-    # DDP/compile wrappers leave 'module.' / '_orig_mod.' in some files (what timm's clean_state_dict strips).
-    state = {k.removeprefix("module.").replace("_orig_mod.", ""): v for k, v in state.items()}
-    return checkpoint["args"], state
-
-
-def sub_state(state: Mapping[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
-    return {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
-
-
-def backbone_state(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """``base_model.*`` with RADIO's LayerScale name ``grandma`` mapped back to timm's ``gamma``."""
-    out = {}
-    for key, value in sub_state(state, "base_model.").items():
-        if key.endswith(".grandma"):
-            key = key[: -len("grandma")] + "gamma"
-        out[key] = value
-    return out
-
-
-def head_state(state: Mapping[str, torch.Tensor], index: int, name: str) -> dict[str, torch.Tensor]:
-    """The summary head of teacher ``index`` (``_heads.<index>.*``; some releases key by teacher ``name``)."""
-    found = sub_state(state, f"_heads.{index}.")
-    return found or sub_state(state, f"_heads.{name}.")
-
-
-def load_backbone_weights(backbone: RadioBackbone, state: Mapping[str, torch.Tensor], path: str) -> None:
-    """Strictly for the parts RADIO runs; the classifier head and unused norms of the timm model are skipped."""
-    wanted = backbone.state_dict()
-    stored = backbone_state(state)
-    weights = {k: v for k, v in stored.items() if k in wanted}
-    # Weights of the parts RADIO runs that this architecture has no place for (e.g. LayerScale that the
-    # args did not ask for) would be silently dropped: refuse instead.
-    extra = sorted(k for k in stored if k not in wanted and k.startswith(("blocks.", "norm.", "patch_generator.")))
+    unused = sorted(k for k in tensors if k.startswith(UNUSED_VIT_PARTS))
+    tensors = {k: v.float() for k, v in tensors.items() if k not in unused}
+    converted = checkpoint_filter_fn({f"radio_model.model.{k}": v for k, v in tensors.items()}, model)
+    converted.pop("embeds.proj.bias", None)  # timm's converter adds a zero bias; RADIO's embedding has none
+    if "embeds.reg_token" in converted and converted["embeds.reg_token"].shape[1] == 0:
+        del converted["embeds.reg_token"]  # a single class token and no registers
+    used = {"patch_generator.embedder.weight", "patch_generator.pos_embed", "patch_generator.cls_token.token"}
+    used |= {k for k in tensors if k.startswith("blocks.")}
+    if not isinstance(model.norm, nn.Identity):  # args.model_norm: RADIO kept the final norm
+        converted.update({f"norm.{k[len('norm.') :]}": v for k, v in tensors.items() if k.startswith("norm.")})
+        used |= {k for k in tensors if k.startswith("norm.")}
+    extra = sorted(set(tensors) - used)
     if extra:
         raise ModelError(
-            f"RADIO checkpoint {path!r} holds {len(extra)} backbone weights its args do not describe "
-            f"(e.g. {extra[:3]}): load it with model.radio_repo_dir (RADIO's own code)"
+            f"{where} holds {len(extra)} backbone tensors its args do not describe (e.g. {extra[:3]}): "
+            "the args and the weights of this file disagree; load it with model.radio_repo_dir"
         )
-    missing = sorted(set(wanted) - set(weights))
+    wanted = model.state_dict()
+    _fit_position_grid(converted, wanted)
+    missing = sorted(set(wanted) - set(converted))
     if missing:
+        radio_names = [_radio_name(k) for k in missing[:3]]
+        raise ModelError(f"{where} lacks {len(missing)} backbone tensors (e.g. {radio_names}): the file is incomplete")
+    surplus = sorted(set(converted) - set(wanted))
+    if surplus:
         raise ModelError(
-            f"RADIO checkpoint {path!r} lacks {len(missing)} backbone weights (e.g. {missing[:3]}): "
-            "its args do not describe the stored model"
+            f"{where} holds {len(surplus)} backbone tensors its args do not describe "
+            f"(e.g. {[_radio_name(k) for k in surplus[:3]]}): "
+            "the args and the weights of this file disagree"
         )
-    bad = [k for k, v in weights.items() if k != "patch_generator.pos_embed" and v.shape != wanted[k].shape]
+    bad = [(k, tuple(converted[k].shape), tuple(v.shape)) for k, v in wanted.items() if converted[k].shape != v.shape]
     if bad:
-        raise ModelError(f"RADIO checkpoint {path!r}: shapes of {bad[:3]} do not fit the architecture in its args")
-    backbone.load_state_dict(weights, strict=True)
+        key, got, need = bad[0]
+        raise ModelError(
+            f"{where}: {_radio_name(key)} has shape {got} where its args describe {need} "
+            f"({len(bad)} tensors differ): the args and the weights of this file disagree"
+        )
+    model.load_state_dict({k: converted[k] for k in wanted}, strict=True)
+    return unused
+
+
+def _fit_position_grid(converted: dict[str, torch.Tensor], wanted: Mapping[str, torch.Tensor]) -> None:
+    # A grid stored at another max size is resized as RADIO's ViTPatchGenerator._load_embed does.
+    stored, need = converted.get("embeds.pos_embed"), wanted.get("embeds.pos_embed")
+    if stored is None or need is None or stored.shape == need.shape or stored.shape[-1] != need.shape[-1]:
+        return
+    grid = stored.permute(0, 3, 1, 2)
+    resized = F.interpolate(grid, size=tuple(need.shape[1:3]), mode="bicubic", align_corners=True, antialias=False)
+    converted["embeds.pos_embed"] = resized.permute(0, 2, 3, 1)
+
+
+def _radio_name(timm_key: str) -> str:
+    names = {
+        "embeds.proj.weight": "patch_generator.embedder.weight",
+        "embeds.pos_embed": "patch_generator.pos_embed",
+        "embeds.cls_token": "patch_generator.cls_token.token",
+        "embeds.reg_token": "patch_generator.cls_token.token",
+    }
+    return names.get(timm_key, timm_key.replace(".gamma", ".grandma"))

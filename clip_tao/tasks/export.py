@@ -10,6 +10,7 @@ import torch
 from clip_tao.config.loader import config_to_dict
 from clip_tao.config.schema import ExperimentConfig
 from clip_tao.deploy.onnx_export import ENCODER_SPECS, export_onnx
+from clip_tao.deploy.triton_repository import Sizes, check_repository_free, write_triton_repository
 from clip_tao.engine.model_setup import build_model
 from clip_tao.errors import ConfigError
 from clip_tao.io.tables import format_table
@@ -24,6 +25,8 @@ def run(cfg: ExperimentConfig) -> dict:
         raise ConfigError("export.onnx_file is required: the path of the .onnx file to write")
     if x.opset_version < 14:
         raise ConfigError(f"export.opset_version={x.opset_version}: use 14 or newer (17 is TAO's default)")
+    if x.triton_repository:
+        check_repository_free(x.triton_repository, x.encoder_type, x.overwrite)
     out_dir, status = prepare_task_dir(cfg, "export")
     status.write("STARTED", "Starting export.")
     try:
@@ -73,6 +76,17 @@ def _export(cfg: ExperimentConfig) -> dict:
     )
     print(format_table(["file", "inputs", "outputs", "size", "max |ORT - PyTorch|"], rows))
     print(f"beside it: {os.path.basename(report.files.config)}, {os.path.basename(report.files.tokenizer)}/")
+    if x.triton_repository:
+        folders = write_triton_repository(
+            report.files,
+            x.triton_repository,
+            Sizes(model.image_size, model.embed_dim, model.context_length),
+            max_batch_size=cfg.serve.max_batch_size,
+            max_queue_delay_ms=cfg.serve.max_queue_delay_ms,
+            static_batch=x.batch_size if x.batch_size > 0 else None,
+            overwrite=x.overwrite,
+        )
+        print(f"Triton model repository {x.triton_repository}: {', '.join(folders)}")
     return {
         "model_type": model.model_type,
         "files": list(report.files.encoders.values()),

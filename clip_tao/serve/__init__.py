@@ -1,0 +1,1 @@
+"""``clip-tao serve``: embeddings and search over HTTP, in Triton's protocol and in plain JSON."""

@@ -1,0 +1,131 @@
+"""``export.triton_repository``: config.pbtxt parsed with Triton's own protobuf definitions (from tritonclient),
+checked against the ONNX graphs it describes, which ONNX Runtime then runs with the configured names and shapes."""
+
+from __future__ import annotations
+
+import filecmp
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from google.protobuf import text_format
+from tritonclient.grpc import model_config_pb2
+
+from clip_tao.cli import main
+from clip_tao.deploy.files import DeployFiles
+from clip_tao.deploy.triton_repository import Sizes, write_triton_repository
+from clip_tao.errors import ConfigError
+
+ONNX_TO_TRITON = {onnx.TensorProto.FLOAT: "TYPE_FP32", onnx.TensorProto.INT64: "TYPE_INT64"}
+
+
+def _parse(path) -> model_config_pb2.ModelConfig:
+    """Triton's parser rejects unknown fields and wrong types, as tritonserver does when it loads the file."""
+    return text_format.Parse(path.read_text(), model_config_pb2.ModelConfig())
+
+
+def _graph_io(path) -> dict[str, tuple[str, list[int]]]:
+    graph = onnx.load(path).graph
+    return {
+        t.name: (
+            ONNX_TO_TRITON[t.type.tensor_type.elem_type],
+            [d.dim_value or -1 for d in t.type.tensor_type.shape.dim],
+        )
+        for t in [*graph.input, *graph.output]
+    }
+
+
+def _check_against_graph(config, model_file, batched: bool) -> None:
+    """Every configured tensor exists in the graph with its type and (batch axis aside) its shape."""
+    graph = _graph_io(model_file)
+    for tensor in [*config.input, *config.output]:
+        data_type, shape = graph[tensor.name]
+        assert model_config_pb2.DataType.Name(tensor.data_type) == data_type
+        assert ([-1, *tensor.dims] if batched and not tensor.name.startswith("logit") else list(tensor.dims)) == shape
+    inputs = {t.name for t in onnx.load(model_file).graph.input}
+    assert {t.name for t in config.input} == inputs  # Triton must feed every graph input
+
+
+def _run(config, model_file, batch: int) -> dict[str, np.ndarray]:
+    """ONNX Runtime fed exactly as Triton would feed the configured inputs."""
+    feed = {}
+    for t in config.input:
+        dims = [batch if d == -1 else d for d in t.dims]
+        shape = [batch, *dims] if config.max_batch_size > 0 else dims
+        feed[t.name] = (
+            np.ones(shape, np.int64) if t.data_type == model_config_pb2.TYPE_INT64 else np.zeros(shape, np.float32)
+        )
+    session = ort.InferenceSession(str(model_file), providers=["CPUExecutionProvider"])
+    names = [t.name for t in config.output]
+    return dict(zip(names, session.run(names, feed)))
+
+
+def test_separate_export_writes_two_batched_models(tiny_spec, tmp_path):
+    spec = tiny_spec("tiny-clip")
+    repo = tmp_path / "triton"
+    args = [f"export.onnx_file={tmp_path / 'x' / 'clip.onnx'}", "export.encoder_type=separate"]
+    args += [f"export.triton_repository={repo}", "serve.max_batch_size=16", "serve.max_queue_delay_ms=2.5"]
+    assert main(["export", "-e", str(spec), *args]) == 0
+    assert sorted(p.name for p in repo.iterdir()) == ["clip_image", "clip_text"]
+    for name, exported in [("clip_image", "clip_vision.onnx"), ("clip_text", "clip_text.onnx")]:
+        config = _parse(repo / name / "config.pbtxt")
+        model_file = repo / name / "1" / "model.onnx"
+        assert filecmp.cmp(model_file, tmp_path / "x" / exported, shallow=False)
+        assert config.name == name and config.platform == "onnxruntime_onnx"
+        assert config.default_model_filename == "model.onnx"
+        assert config.max_batch_size == 16
+        assert config.dynamic_batching.max_queue_delay_microseconds == 2500
+        _check_against_graph(config, model_file, batched=True)
+        for output, array in _run(config, model_file, batch=3).items():
+            assert array.shape == (3, *config.output[0].dims), output
+    text = _parse(repo / "clip_text" / "config.pbtxt")
+    assert [t.name for t in text.input] == ["input_ids", "attention_mask"] and list(text.input[0].dims) == [77]
+    assert [t.name for t in text.output] == ["text_embedding"]  # logit scalars have no batch axis to split
+
+    # A second export into the same repository is refused before any work, unless export.overwrite.
+    with pytest.raises(ConfigError, match="clip_image already exists.*export.overwrite=true"):
+        main(["--debug", "export", "-e", str(spec), *args, f"export.onnx_file={tmp_path / 'y' / 'clip.onnx'}"])
+    assert not (tmp_path / "y").exists()
+    assert main(["export", "-e", str(spec), *args, "export.overwrite=true"]) == 0
+
+
+@pytest.mark.parametrize(("encoder_type", "batch_size"), [("combined", -1), ("separate", 2)])
+def test_unbatched_models_keep_the_batch_axis_in_their_dims(tiny_spec, tmp_path, encoder_type, batch_size):
+    spec = tiny_spec("tiny-siglip2")
+    repo = tmp_path / "triton"
+    args = [f"export.onnx_file={tmp_path / 'x' / 'm.onnx'}", f"export.encoder_type={encoder_type}"]
+    assert (
+        main(["export", "-e", str(spec), *args, f"export.batch_size={batch_size}", f"export.triton_repository={repo}"])
+        == 0
+    )
+    names = ["clip"] if encoder_type == "combined" else ["clip_image", "clip_text"]
+    assert sorted(p.name for p in repo.iterdir()) == names
+    for name in names:
+        config = _parse(repo / name / "config.pbtxt")
+        assert config.max_batch_size == 0 and not config.HasField("dynamic_batching")
+        model_file = repo / name / "1" / "model.onnx"
+        _check_against_graph(config, model_file, batched=False)
+        batch = 2 if batch_size == 2 else 3
+        for output, array in _run(config, model_file, batch).items():
+            assert array.shape[0] == (1 if output.startswith("logit") else batch)
+
+
+def test_tensorrt_engines_get_the_tensorrt_platform(tmp_path):
+    files = {}
+    for encoder in ("vision", "text"):
+        files[encoder] = str(tmp_path / f"clip_{encoder}.engine")
+        (tmp_path / f"clip_{encoder}.engine").write_bytes(b"serialized engine " + encoder.encode())
+    written = write_triton_repository(
+        DeployFiles(str(tmp_path / "clip"), ".engine", files),
+        str(tmp_path / "repo"),
+        Sizes(224, 768, 64),
+        max_batch_size=8,
+    )
+    assert sorted(written) == ["clip_image", "clip_text"]
+    for name, folder in written.items():
+        config = _parse(tmp_path / "repo" / name / "config.pbtxt")
+        assert folder == str(tmp_path / "repo" / name)
+        assert config.platform == "tensorrt_plan" and config.default_model_filename == "model.plan"
+        assert config.max_batch_size == 8 and (tmp_path / "repo" / name / "1" / "model.plan").is_file()
+    assert list(_parse(tmp_path / "repo" / "clip_image" / "config.pbtxt").input[0].dims) == [3, 224, 224]
