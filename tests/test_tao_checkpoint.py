@@ -119,6 +119,8 @@ def test_tao_lightning_checkpoint_loads_in_every_task(tiny_spec, tmp_path, model
 
     quiet = "wandb.enable=false"
     assert main(["evaluate", "-e", str(spec), quiet, f"evaluate.checkpoint={tao_file}"]) == 0
+    if model_type == "tiny-clip":
+        return  # the other tasks take checkpoints through the same loader; once (SigLIP2) is enough
     images = f"inference.datasets=[{{image_dir: {tmp_path / 'data' / 'val'}}}]"
     latest = f"inference.checkpoint={tmp_path / 'tao' / 'clip_latest.pth'}"  # TAO's link to the newest file
     assert main(["inference", "-e", str(spec), quiet, images, latest]) == 0

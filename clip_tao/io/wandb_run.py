@@ -44,11 +44,7 @@ def start_wandb(cfg: WandbConfig, results_dir: str, spec: dict[str, Any]) -> Wan
     """A run per ``cfg``, or ``None`` (with one warning when it was asked for but cannot start)."""
     if not cfg.enable:
         return None
-    try:
-        import wandb
-    except ImportError:
-        log.warning("wandb.enable=true but wandb is not installed: TensorBoard only (pip install wandb)")
-        return None
+    # The login check first: it needs no import (wandb takes a while to import, and most runs stop here).
     mode = os.environ.get("WANDB_MODE", "").lower()
     logged_in = bool(os.environ.get("WANDB_API_KEY")) or _netrc_has_wandb_login()
     if mode not in _NO_NETWORK_MODES and not logged_in:
@@ -56,6 +52,11 @@ def start_wandb(cfg: WandbConfig, results_dir: str, spec: dict[str, Any]) -> Wan
             "wandb.enable=true but wandb is not logged in (no WANDB_API_KEY, no ~/.netrc): TensorBoard only "
             "(run `wandb login`, or set WANDB_MODE=offline to log locally, or wandb.enable=false)"
         )
+        return None
+    try:
+        import wandb
+    except ImportError:
+        log.warning("wandb.enable=true but wandb is not installed: TensorBoard only (pip install wandb)")
         return None
     stamp = datetime.now().strftime("%m:%d:%y_%H:%M:%S")  # TAO appends the start time to the name
     config = {k: v for k, v in spec.items() if k not in _SECRET_KEYS}
