@@ -77,6 +77,7 @@ def test_taos_full_default_spec_loads_unchanged(tmp_path):
         ("peft.method=ia3", "peft.method='ia3' (str) is not allowed; choose one of lora"),
         ("peft.text.dropout=1.5", "peft.text.dropout=1.5 must be in [0, 1]"),
         ("regularization.cosine_weight=-1", "regularization.cosine_weight=-1.0 must be >= 0"),
+        ("peft.enabled=true train.distributed_strategy=fsdp", "peft.enabled=true with train.distributed_strategy=fsdp"),
     ],
 )
 def test_bad_peft_and_regularization_values(tmp_path, override, message):
@@ -85,5 +86,5 @@ def test_bad_peft_and_regularization_values(tmp_path, override, message):
     path = tmp_path / "s.json"
     path.write_text(json.dumps({"results_dir": "/r"}))
     with pytest.raises(ConfigError) as info:
-        load_experiment(path, [override])
+        load_experiment(path, override.split())
     assert message in str(info.value) and "\n" not in str(info.value)

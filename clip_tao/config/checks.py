@@ -19,6 +19,11 @@ def check_peft_and_regularization(cfg: ExperimentConfig) -> None:
             raise ConfigError(f"{key}.dropout={lora.dropout} must be in [0, 1]")
         if lora.enabled and not lora.target_modules:
             raise ConfigError(f"{key}.target_modules is empty: name module substrings such as q_proj, v_proj")
+    if cfg.peft.enabled and cfg.train.distributed_strategy == "fsdp":
+        raise ConfigError(
+            "peft.enabled=true with train.distributed_strategy=fsdp is not supported: use ddp (only the adapters "
+            "train, so DDP holds no optimiser state for the frozen weights)"
+        )
     r = cfg.regularization
     for name in ("embedding_mse_weight", "cosine_weight", "similarity_weight"):
         if getattr(r, name) < 0:
