@@ -107,7 +107,7 @@ def test_lora_training_end_to_end(tiny_spec, tmp_path):
     assert not any("lora" in n.lower() for n in names)
 
 
-def test_lora_resume_is_exact(tiny_spec, tmp_path):
+def test_lora_resume_is_exact(tiny_spec, tmp_path, capsys):
     """2 epochs straight vs resumed from the first epoch's checkpoint: the same adapters and weights."""
     spec = tiny_spec("tiny-clip", num_train=32, peft={**PEFT, "vision": {"enabled": True, "target_modules": ["qkv"]}})
     run = ["train", "-e", str(spec), "wandb.enable=false", "dataset.train.batch_size=8"]
@@ -119,6 +119,12 @@ def test_lora_resume_is_exact(tiny_spec, tmp_path):
     assert a.keys() == b.keys() and any(".lora_A" in k for k in a)
     for key in a:
         torch.testing.assert_close(a[key], b[key], rtol=0, atol=1e-6)
+    # Resuming a LoRA run without its peft section is one clear line.
+    resume = [*run, f"results_dir={tmp_path}/c", f"train.resume_training_checkpoint_path={first}", "peft.enabled=false"]
+    capsys.readouterr()
+    assert main(resume) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "was trained with LoRA adapters, but peft.enabled=False" in err[0]
 
 
 @pytest.mark.parametrize(

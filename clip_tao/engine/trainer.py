@@ -37,6 +37,7 @@ from clip_tao.engine.checkpoint import (
 )
 from clip_tao.engine.device import resolve_precision
 from clip_tao.engine.embedding import embed_loader
+from clip_tao.engine.lora import has_lora_weights
 from clip_tao.engine.optim import build_optimizer, build_scheduler
 from clip_tao.engine.step import contrastive_backward
 from clip_tao.errors import ConfigError, ModelError
@@ -180,7 +181,14 @@ class Trainer:
                     f"{path!r} is not a training checkpoint (no {key!r}): "
                     "use train.pretrained_model_path to start from its weights"
                 )
-        self.model.load_state_dict(model_state_from(checkpoint, path))
+        state = model_state_from(checkpoint, path)
+        if has_lora_weights(state) != has_lora_weights(self.model.state_dict()):
+            saved = "with" if has_lora_weights(state) else "without"
+            raise ModelError(
+                f"{path!r} was trained {saved} LoRA adapters, but peft.enabled={self.cfg.peft.enabled}: resume with "
+                "the peft section it was trained with (or start over with train.auto_resume=false)"
+            )
+        self.model.load_state_dict(state)
         self._resume_from = checkpoint  # optimiser and schedule are loaded in fit(), after wrapping
         if checkpoint.get("scaler"):
             self.scaler.load_state_dict(checkpoint["scaler"])
