@@ -18,7 +18,7 @@ from clip_tao.losses import ContrastiveLoss
 from clip_tao.models import create_model
 from clip_tao.models.base import Preprocess
 from clip_tao.models.patches import PatchBatch, PatchBudgetError, naflex_image_size, patch_batch
-from tests.family_assets import GEMMA_SPECIAL_IDS, TINY_SIGLIP_TEXT, make_gemma_tokenizer
+from tests.family_assets import make_gemma_tokenizer, make_naflex_folder
 
 TYPE = "siglip2-so400m-patch16-naflex"
 # (width, height): portrait, landscape, a 1x8 strip, a tiny image, a square, a 1-pixel-high line.
@@ -27,18 +27,9 @@ SIZES = [(60, 170), (300, 110), (24, 192), (5, 3), (64, 64), (97, 1)]
 
 @pytest.fixture(scope="module")
 def folder(tmp_path_factory):
-    from transformers import AutoTokenizer, Siglip2Config, Siglip2Model
-
     root = tmp_path_factory.mktemp("naflex")
     make_gemma_tokenizer(root / "gemma")
-    tokenizer = AutoTokenizer.from_pretrained(str(root / "gemma"))
-    text = {**TINY_SIGLIP_TEXT, **GEMMA_SPECIAL_IDS, "vocab_size": len(tokenizer), "max_position_embeddings": 64}
-    vision = {**TINY_SIGLIP_TEXT, "patch_size": 8, "num_patches": 16}  # a 4x4 position-embedding grid
-    torch.manual_seed(4)
-    model = Siglip2Model(Siglip2Config(text_config=text, vision_config=vision))
-    model.save_pretrained(str(root / "model"))
-    tokenizer.save_pretrained(str(root / "model"))
-    return str(root / "model")
+    return str(make_naflex_folder(root / "model", root / "gemma"))
 
 
 @pytest.fixture(scope="module")
