@@ -9,7 +9,7 @@ import torch
 
 from clip_tao.config.loader import config_to_dict
 from clip_tao.config.schema import ExperimentConfig
-from clip_tao.deploy.onnx_export import ENCODER_SPECS, export_onnx
+from clip_tao.deploy.onnx_export import encoder_specs, export_onnx
 from clip_tao.engine.model_setup import build_model
 from clip_tao.errors import ConfigError
 from clip_tao.io.tables import format_table
@@ -57,7 +57,7 @@ def _export(cfg: ExperimentConfig) -> dict:
     )
     rows = []
     for encoder, path in report.files.encoders.items():
-        spec = ENCODER_SPECS[encoder]
+        spec = encoder_specs(model)[encoder]
         size_mb = os.path.getsize(path) / 2**20
         rows.append(
             [
