@@ -21,8 +21,8 @@ from clip_tao.errors import ModelError
 from clip_tao.models.base import Preprocess, checked_image_size, preprocess_from_config, seeded_init
 from clip_tao.models.patches import PatchBatch, check_max_num_patches, image_to_patch_sequence
 from clip_tao.models.registry import BuildOptions, ModelInfo, register_family
-from clip_tao.models.siglip_family import SiglipClipModel, quiet_hf_loading, tokenizer_source
-from clip_tao.models.tokenizer import HfTokenizer, Tokenizer
+from clip_tao.models.siglip_family import SiglipClipModel, _siglip_tokenizer, quiet_hf_loading
+from clip_tao.models.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -107,20 +107,22 @@ def build_naflex(info: ModelInfo, options: BuildOptions) -> tuple[NaFlexClipMode
                 f"model.pretrained_path {options.pretrained_path!r} is not a folder: give a Siglip2 save_pretrained folder"
             )
         hf_model = load_naflex_pretrained(options.pretrained_path, is_local=True)
-    elif options.pretrained:
+    elif options.pretrained and cfg.get("hf_id"):
         hf_model = load_naflex_pretrained(cfg["hf_id"], is_local=False)
     else:
+        if options.pretrained:
+            log.warning("%s has no published weights: using a fixed random initialisation", info.name)
         with seeded_init():
             hf_model = build_naflex_module(info)
-    loaded = bool(options.pretrained_path) or options.pretrained
+    loaded = bool(options.pretrained_path) or (options.pretrained and bool(cfg.get("hf_id")))
     vision = hf_model.config.vision_config
     # image_size is only the square of a plain [B, 3, H, W] batch (benchmarks); the data keeps aspect ratios.
     image_size = checked_image_size(info.name, options.image_size, info.image_size, vision.patch_size)
     budget = DEFAULT_MAX_NUM_PATCHES if options.max_num_patches is None else options.max_num_patches
     check_max_num_patches(budget, vision.num_patches)
     canonicalize = options.canonicalize_text or cfg.get("canonicalize_text", False)
-    tokenizer = HfTokenizer(tokenizer_source(info, options), info.context_length, canonicalize)
     preprocess = dataclasses.replace(
         preprocess_from_config(cfg, image_size), patch_size=vision.patch_size, max_num_patches=budget
     )
+    tokenizer = _siglip_tokenizer(info, options, canonicalize)
     return NaFlexClipModel(info.name, hf_model, tokenizer, preprocess), loaded
