@@ -68,21 +68,35 @@ def test_patch_sequence_graph_matches_siglip2_on_the_processor_output(tmp_path, 
             torch.testing.assert_close(encoder.encode_text(ids), model.encode_text(ids), atol=1e-5, rtol=0)
 
 
-def test_onnx_runtime_inference_equals_pytorch(tmp_path, model_folder):
-    spec = naflex_spec(tmp_path, model_folder)
-    val = tmp_path / "data" / "val"
-    onnx_file = tmp_path / "export" / "clip.onnx"
-    assert main(["export", "-e", str(spec), f"export.onnx_file={onnx_file}"]) == 0
-    stored = {}
-    for backend, arg in (("onnx", f"inference.onnx_file={onnx_file}"), ("torch", "inference.checkpoint=null")):
-        out = tmp_path / backend
-        assert main(["inference", "-e", str(spec), arg, f"inference.datasets=[{{image_dir: {val}}}]",
-                     f"inference.results_dir={out}"]) == 0  # fmt: skip
-        with h5py.File(out / "image_embeddings.h5") as f:
-            stored[backend] = {k: f[k][()] for k in f if f[k].ndim == 2}
-    for name, values in stored["torch"].items():
-        torch.testing.assert_close(torch.from_numpy(stored["onnx"][name]), torch.from_numpy(values), atol=1e-4, rtol=0)
-    assert len(next(iter(stored["torch"].values()))) == 8
+def test_the_naflex_spec_trains_exports_and_embeds_the_same_with_onnx_runtime(tmp_path, model_folder, monkeypatch):
+    """specs/siglip2_naflex.yaml as written, given tiny weights and data (paths and sizes overridden)."""
+    from tests.conftest import REPO
+    from tests.test_naflex_pipeline import make_blobs
+
+    monkeypatch.chdir(REPO)
+    train, val = make_blobs(tmp_path / "train", 16, seed=1), make_blobs(tmp_path / "val", 6, seed=2)
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red blob on green\nA Blue Blob, on yellow!\n", encoding="utf-8")
+    overrides = [
+        f"results_dir={tmp_path / 'results'}", f"model.pretrained_path={model_folder}", "model.max_num_patches=20",
+        f"dataset.train.datasets=[{{image_dir: {train}}}]", f"dataset.val.datasets=[{{image_dir: {val}}}]",
+        "dataset.train.batch_size=8", "dataset.train.num_workers=0", "dataset.val.num_workers=0",
+        "train.num_epochs=1", "train.precision=fp32", "train.optim.warmup_steps=1", "train.grad_checkpointing=false",
+        f"inference.datasets=[{{image_dir: {val}}}]", f"inference.text_file={prompts}", "inference.num_workers=0",
+    ]  # fmt: skip
+    spec = "specs/siglip2_naflex.yaml"
+    assert main(["train", "-e", spec, *overrides]) == 0
+    assert main(["export", "-e", spec, *overrides, "export.on_cpu=true"]) == 0
+    onnx_file = tmp_path / "results" / "export" / "siglip2_naflex.onnx"
+    embeddings = {}
+    for backend, option in (("pytorch", "inference.onnx_file=null"), ("onnx", f"inference.onnx_file={onnx_file}")):
+        assert main(["inference", "-e", spec, *overrides, option, f"inference.results_dir={tmp_path / backend}"]) == 0
+        for kind in ("image", "text"):
+            with h5py.File(tmp_path / backend / f"{kind}_embeddings.h5") as f:
+                embeddings[backend, kind] = torch.from_numpy(f["embeddings"][()])
+    assert len(embeddings["onnx", "image"]) == 6 and len(embeddings["onnx", "text"]) == 2
+    for kind in ("image", "text"):
+        torch.testing.assert_close(embeddings["onnx", kind], embeddings["pytorch", kind], atol=1e-4, rtol=0)
 
 
 def test_tensorrt_refuses_a_patch_sequence_export_in_one_line(tmp_path, model_folder, capsys):
