@@ -244,3 +244,19 @@ def test_patch_budget_on_the_command_line_is_checked(tmp_path, model_folder, cap
     assert err and "model.max_num_patches=0 must be an integer in [1, 1024]" in err[-1]
     data = yaml.safe_load(spec.read_text())
     assert data["model"]["max_num_patches"] == 24
+
+
+def test_an_image_too_long_for_the_budget_is_skipped_and_counted(tmp_path, caplog):
+    """At its smallest scale a 1 x 9,000,000 px line still has 2 patches of 8 px: over a budget of 1."""
+    from clip_tao.config.schema import DatasetEntry
+    from clip_tao.data.loaders import build_eval_loader
+
+    root = make_blobs(tmp_path / "d", 2, seed=3)
+    Image.new("RGB", (9_000_000, 1), (200, 10, 10)).save(root / "line.png")
+    (root / "line.txt").write_text("a very long red line", encoding="utf-8")
+    preprocess = Preprocess(64, (0.5,) * 3, (0.5,) * 3, "bilinear", "squash", patch_size=8, max_num_patches=1)
+    tokenizer = lambda texts: torch.zeros(len(texts), 4, dtype=torch.long)  # noqa: E731 - captions are not under test
+    bundle = build_eval_loader([DatasetEntry(str(root))], "evaluate.datasets", preprocess, tokenizer, 8, 0)
+    (batch,) = list(bundle.loader)
+    assert batch["skipped"] == {"too_thin_for_patch_budget": 1} and len(batch["pixels"]) == 2
+    assert "too elongated for max_num_patches=1" in caplog.text and "line.png" in caplog.text
