@@ -384,11 +384,11 @@ def bench_data(args) -> dict:
                 rate / max(workers, 1) / result["baseline_samples_per_s"], 2
             )
     if args.naflex_patches:
-        result["naflex"] = _bench_naflex_data(args, root, tokenizer, n_batches)
+        result["naflex"] = _bench_naflex_data(args, root, tokenizer, n_batches, result)
     return result
 
 
-def _bench_naflex_data(args, root: str, tokenizer, n_batches: int) -> dict:
+def _bench_naflex_data(args, root: str, tokenizer, n_batches: int, fixed: dict) -> dict:
     """The NaFlex training loaders on the same files: samples/s, and the share of patch slots that is padding."""
     from clip_tao.config.schema import DatasetConfig, DatasetEntry, WdsConfig
     from clip_tao.data.loaders import build_train_loader
@@ -410,6 +410,10 @@ def _bench_naflex_data(args, root: str, tokenizer, n_batches: int) -> dict:
             bundle.set_epoch(0)
             rate = _rate(bundle.loader, min(n_batches, len(bundle.loader)), args.batch)
             out[f"{kind}_{workers}_workers_samples_per_s"] = round(rate, 1)
+            out[f"{kind}_{workers}_workers_per_worker"] = round(rate / max(workers, 1), 1)
+            out[f"{kind}_{workers}_workers_vs_fixed_size"] = round(
+                rate / fixed[f"{kind}_{workers}_workers_samples_per_s"], 2
+            )
     # Padding, over one epoch of the custom loader: what each sample really has, and what its batch pads to.
     counts, padded = [], 0
     bundle.set_epoch(0)
