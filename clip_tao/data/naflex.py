@@ -67,8 +67,10 @@ class NaFlexTrainTransform(NaFlexResize):
     def __call__(self, image: Image.Image) -> torch.Tensor:
         pixels = tvF.pil_to_tensor(image)
         top, left, height, width = T.RandomResizedCrop.get_params(pixels, list(self.scale), list(CROP_RATIO))
-        box = pixels[:, top : top + height, left : left + width]
-        return self.normalise(self.colour(self.resize(box)))
+        resized = self.resize(pixels[:, top : top + height, left : left + width])
+        # Colour jitter on a PIL image is several times faster than on a uint8 tensor (the fixed-size
+        # pipeline jitters PIL images too); the round trip is exact.
+        return self.normalise(tvF.pil_to_tensor(self.colour(tvF.to_pil_image(resized))))
 
 
 def batch_stacker(preprocess: Preprocess, pad_to: int | None = None) -> Callable:
