@@ -388,6 +388,28 @@ def bench_data(args) -> dict:
     return result
 
 
+def _transform_ms(preprocess, root: str, count: int = 64) -> float:
+    """Milliseconds a sample of the training transform (defaults of ``dataset.augmentation``), after a warm-up."""
+    import glob
+
+    from PIL import Image
+
+    from clip_tao.config.schema import AugmentationConfig
+    from clip_tao.data.transforms import build_train_transform
+
+    transform = build_train_transform(preprocess, AugmentationConfig())
+    images = []
+    for path in sorted(glob.glob(os.path.join(root, "images", "*.jpg")))[:count]:
+        with Image.open(path) as image:
+            images.append(image.convert("RGB"))
+    for image in images[:8]:
+        transform(image)
+    start = time.perf_counter()
+    for image in images:
+        transform(image)
+    return round((time.perf_counter() - start) / len(images) * 1e3, 2)
+
+
 def _bench_naflex_data(args, root: str, tokenizer, n_batches: int, fixed: dict) -> dict:
     """The NaFlex training loaders on the same files: samples/s, and the share of patch slots that is padding."""
     from clip_tao.config.schema import DatasetConfig, DatasetEntry, WdsConfig
@@ -398,6 +420,11 @@ def _bench_naflex_data(args, root: str, tokenizer, n_batches: int, fixed: dict) 
     preprocess = Preprocess(args.size, (0.5,) * 3, (0.5,) * 3, "bilinear", "squash", patch_size=16,
                             max_num_patches=budget)  # fmt: skip
     out: dict = {"max_num_patches": budget, "patch_size": 16}
+    # The per-sample transforms alone, in this process (the loader figures also carry worker scheduling noise).
+    out["transform_ms_a_sample"] = {
+        "fixed_size": _transform_ms(Preprocess(image_size=args.size), root),
+        "naflex": _transform_ms(preprocess, root),
+    }
     for kind in ("custom", "wds"):
         for workers in args.workers:
             cfg = DatasetConfig(seed=0, pin_memory=False)
