@@ -183,6 +183,23 @@ def test_train_evaluate_classify_and_embed_at_native_aspect_ratio(tmp_path, mode
         want = normalise(getattr(e := reference.get_image_features(**inputs), "pooler_output", e), dim=-1)
     torch.testing.assert_close(stored, want, atol=1e-5, rtol=1e-5)
 
+    # Search: a text query ranks the images by Siglip2Model's similarities; an image query finds itself.
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red blob on green\n", encoding="utf-8")
+    query = sorted(val.glob("*.jpg"))[2]
+    search = [*args, "inference.mode=search", f"inference.text_file={prompts}", f"inference.query_images=[{query}]"]
+    assert main(["inference", "-e", str(spec), *search]) == 0
+    found = json.loads((tmp_path / "results" / "inference" / "search_results.json").read_text())["queries"]
+    with torch.no_grad():
+        text = reference.get_text_features(input_ids=tokenizer(["a red blob on green"]))
+        scores = (normalise(getattr(text, "pooler_output", text), dim=-1) @ want.T)[0]
+    paths = sorted(val.glob("*.jpg"))
+    assert [r["image_path"] for r in found[0]["results"]] == [
+        str(paths[i]) for i in scores.argsort(descending=True)[:5]
+    ]
+    assert found[0]["results"][0]["score"] == pytest.approx(scores.max().item(), abs=1e-5)
+    assert found[1]["results"][0]["image_path"] == str(query) and found[1]["results"][0]["score"] == pytest.approx(1.0)
+
 
 def _keys_and_weights(run: Path):
     state = torch.load(run / "clip_latest.pth", weights_only=True)["model"]
