@@ -237,13 +237,15 @@ def test_resumed_naflex_run_trains_on_exactly_the_same_samples(tmp_path, model_f
         torch.testing.assert_close(a[key], b[key], rtol=0, atol=1e-6)
 
 
-def test_two_process_naflex_training(tmp_path, model_folder):
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_two_process_naflex_training(tmp_path, model_folder, strategy):
+    """Patch batches through DDP and FSDP (whose sharding must leave SigLIP's shape-[1] logit scale whole)."""
     from tests.test_distributed import torchrun
 
     write_blob_shards(tmp_path / "shards", 16, per_shard=4)  # 4 shards: 2 ranks x 2 workers
     data = {"type": "wds", "batch_size": 2, "num_workers": 2,
             "wds": {"root_dir": str(tmp_path / "shards"), "samples_per_shard": 4}}  # fmt: skip
-    train = {"num_epochs": 1, "distributed_strategy": "ddp", "sample_log": str(tmp_path / "keys")}
+    train = {"num_epochs": 1, "distributed_strategy": strategy, "sample_log": str(tmp_path / "keys")}
     spec = naflex_spec(tmp_path, model_folder, train=train, data=data)
     torchrun("-m", "clip_tao", "train", "-e", str(spec))
     latest = torch.load(tmp_path / "results" / "train" / "clip_latest.pth", weights_only=True)
