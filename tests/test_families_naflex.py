@@ -53,8 +53,21 @@ def _ours(preprocess: Preprocess, images, pad_to=None) -> PatchBatch:
 def test_pixels_mask_and_shapes_equal_the_processor(images):
     from transformers import Siglip2ImageProcessor
 
-    processor = Siglip2ImageProcessor()  # the published model's settings: patch 16, 256 patches, mean/std 0.5
-    preprocess = Preprocess(256, (0.5,) * 3, (0.5,) * 3, "bilinear", "squash", patch_size=16, max_num_patches=256)
+    from clip_tao.models.base import preprocess_from_config
+    from clip_tao.models.naflex_family import DEFAULT_MAX_NUM_PATCHES
+    from clip_tao.models.registry import get_model_info
+
+    processor = Siglip2ImageProcessor()  # the published model's settings
+    # The real type's pre-processing (its JSON config), without building the 1.1 B-parameter model.
+    info = get_model_info(TYPE)
+    preprocess = dataclasses.replace(
+        preprocess_from_config(info.config, info.image_size),
+        patch_size=info.config["vision_config"]["patch_size"],
+        max_num_patches=DEFAULT_MAX_NUM_PATCHES,
+    )
+    assert (preprocess.patch_size, preprocess.max_num_patches) == (processor.patch_size, processor.max_num_patches)
+    assert list(preprocess.mean) == list(processor.image_mean) and list(preprocess.std) == list(processor.image_std)
+    assert preprocess.interpolation == "bilinear" and processor.resample.name == "BILINEAR"
     for budget in (256, 64):
         expected = processor(images, max_num_patches=budget, return_tensors="pt")
         ours = _ours(dataclasses.replace(preprocess, max_num_patches=budget), images, budget)
