@@ -506,6 +506,8 @@ def bench_serve(args) -> dict:
           f"max_batch_size {args.max_batch}, max_queue_delay_ms {args.delay_ms}")  # fmt: skip
     print(format_table(["input", "batching", "requests", "requests/s", "p50 ms", "p99 ms", "mean batch"], rows))
     return {"model": args.model, "clients": args.clients, **results}
+
+
 def _transform_ms(preprocess, root: str, count: int = 64) -> float:
     """Milliseconds a sample of the training transform (defaults of ``dataset.augmentation``), after a warm-up."""
     import glob
