@@ -44,6 +44,12 @@ def _export(cfg: ExperimentConfig) -> dict:
     device = torch.device("cuda", x.gpu_id) if use_gpu else torch.device("cpu")
     # No checkpoint means the model type's own (pretrained) weights, as TAO does.
     model = build_model(cfg, x.checkpoint)
+    if x.triton_repository and model.preprocess.naflex:
+        # Triton's config describes fixed [3, H, W] images; a patch-sequence graph needs its own (not written yet).
+        raise ConfigError(
+            "export.triton_repository: NaFlex models are not written as a Triton repository yet; "
+            "serve the exported ONNX file with clip-tao serve or leave triton_repository null"
+        )
     report = export_onnx(
         model,
         x.onnx_file,
@@ -76,12 +82,6 @@ def _export(cfg: ExperimentConfig) -> dict:
     )
     print(format_table(["file", "inputs", "outputs", "size", "max |ORT - PyTorch|"], rows))
     print(f"beside it: {os.path.basename(report.files.config)}, {os.path.basename(report.files.tokenizer)}/")
-    if x.triton_repository and model.naflex:
-        # Triton's config describes fixed [3, H, W] images; a patch-sequence graph needs its own (not written yet).
-        raise ConfigError(
-            "export.triton_repository: NaFlex models are not written as a Triton repository yet; "
-            "serve the exported ONNX file with clip-tao serve or leave triton_repository null"
-        )
     if x.triton_repository:
         folders = write_triton_repository(
             report.files,
