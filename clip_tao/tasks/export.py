@@ -48,7 +48,7 @@ def _export(cfg: ExperimentConfig) -> dict:
         # Triton's config describes fixed [3, H, W] images; a patch-sequence graph needs its own (not written yet).
         raise ConfigError(
             "export.triton_repository: NaFlex models are not written as a Triton repository yet; "
-            "serve the exported ONNX file with clip-tao serve or leave triton_repository null"
+            "leave export.triton_repository null (the ONNX file itself runs with evaluate/inference.onnx_file)"
         )
     report = export_onnx(
         model,
