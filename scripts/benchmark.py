@@ -5,6 +5,7 @@
     python scripts/benchmark.py eval --n 200000 --dim 1152 --dense-n 30000
     python scripts/benchmark.py data --n 1024 --size 224 --workers 0 1 2
     python scripts/benchmark.py serve --model tiny-clip --clients 16 --requests 2000
+    python scripts/benchmark.py embed --model tiny-siglip2-naflex --batch 32
 
 ``train``: training samples/s (forward + backward + optimiser step) on random inputs, against the bare
 forward+backward of the same model (the floor clip-tao's step adds to).
@@ -13,7 +14,10 @@ matrix product of the same size (the floor), and against the dense computation a
 Each measurement runs in a fresh process so its peak memory is its own.
 ``data``: samples/s of the training loaders (decode + augment + tokenize + collate) for custom folders and
 WebDataset shards with N workers, against the same pipeline written with plain PIL + torchvision in one
-process, on the same generated JPEGs.
+process, on the same generated JPEGs; then the NaFlex pipeline (``--naflex-patches``: crop, aspect-preserving
+resize into the patch budget, patch batches) on the same files, with how much of its batches is padding
+(padded to each batch's longest sequence, to the budget, and if batches were grouped by patch count).
+``embed``: for a NaFlex type the inputs are patch batches of mixed aspect ratios (portrait, landscape, strip).
 ``serve``: ``clip-tao serve`` started on 127.0.0.1 with dynamic batching on, then off; N concurrent
 ``tritonclient.http`` clients send one-item requests; requests/s, p50/p99 latency and the mean batch.
 """
@@ -154,6 +158,10 @@ def bench_embed(args) -> dict:
     model = create_model(args.model, pretrained=False).eval()
     size = model.image_size
     pixels = torch.randn(args.batch, 3, size, size)
+    if model.preprocess.naflex:  # images of mixed aspect ratios at the model's patch budget
+        from clip_tao.deploy.naflex_export import example_patch_batch
+
+        pixels = example_patch_batch(model, args.batch, model.preprocess.max_num_patches)
     ids = model.tokenizer([f"a photo of thing number {i} on a table" for i in range(args.batch)])
 
     def rate(encode_image, encode_text, inputs_device) -> dict:
@@ -201,6 +209,9 @@ def bench_embed(args) -> dict:
         "benchmark": "embed",
         "model": args.model,
         "batch": args.batch,
+        "inputs": f"patch batches of mixed aspect ratios, {pixels.num_patches} patches"
+        if model.preprocess.naflex
+        else f"{size}x{size} images",
         "runs": rows,
         "ort_cpu_vs_eager_cpu": speedup,
     }
@@ -375,6 +386,8 @@ def bench_data(args) -> dict:
             result[f"{kind}_{workers}_workers_per_worker_vs_baseline"] = round(
                 rate / max(workers, 1) / result["baseline_samples_per_s"], 2
             )
+    if args.naflex_patches:
+        result["naflex"] = _bench_naflex_data(args, root, tokenizer, n_batches, result)
     return result
 
 
@@ -495,6 +508,87 @@ def bench_serve(args) -> dict:
     return {"model": args.model, "clients": args.clients, **results}
 
 
+def _transform_ms(preprocess, root: str, count: int = 64) -> float:
+    """Milliseconds a sample of the training transform (defaults of ``dataset.augmentation``), after a warm-up."""
+    import glob
+
+    from PIL import Image
+
+    from clip_tao.config.schema import AugmentationConfig
+    from clip_tao.data.transforms import build_train_transform
+
+    transform = build_train_transform(preprocess, AugmentationConfig())
+    images = []
+    for path in sorted(glob.glob(os.path.join(root, "images", "*.jpg")))[:count]:
+        with Image.open(path) as image:
+            images.append(image.convert("RGB"))
+    for image in images[:8]:
+        transform(image)
+    start = time.perf_counter()
+    for image in images:
+        transform(image)
+    return round((time.perf_counter() - start) / len(images) * 1e3, 2)
+
+
+def _bench_naflex_data(args, root: str, tokenizer, n_batches: int, fixed: dict) -> dict:
+    """The NaFlex training loaders on the same files: samples/s, and the share of patch slots that is padding."""
+    from clip_tao.config.schema import DatasetConfig, DatasetEntry, WdsConfig
+    from clip_tao.data.loaders import build_train_loader
+    from clip_tao.models.base import Preprocess
+
+    budget = args.naflex_patches
+    preprocess = Preprocess(args.size, (0.5,) * 3, (0.5,) * 3, "bilinear", "squash", patch_size=16,
+                            max_num_patches=budget)  # fmt: skip
+    out: dict = {"max_num_patches": budget, "patch_size": 16}
+    # The per-sample transforms alone, in this process (the loader figures also carry worker scheduling noise).
+    out["transform_ms_a_sample"] = {
+        "fixed_size": _transform_ms(Preprocess(image_size=args.size), root),
+        "naflex": _transform_ms(preprocess, root),
+    }
+    for kind in ("custom", "wds"):
+        for workers in args.workers:
+            cfg = DatasetConfig(seed=0, pin_memory=False)
+            cfg.train.type = kind
+            cfg.train.batch_size = args.batch
+            cfg.train.num_workers = workers
+            cfg.train.datasets = [DatasetEntry(os.path.join(root, "images"))]
+            cfg.train.wds = WdsConfig(root_dir=os.path.join(root, "shards"), samples_per_shard=args.per_shard)
+            bundle = build_train_loader(cfg, preprocess, tokenizer)
+            bundle.set_epoch(0)
+            rate = _rate(bundle.loader, min(n_batches, len(bundle.loader)), args.batch)
+            out[f"{kind}_{workers}_workers_samples_per_s"] = round(rate, 1)
+            out[f"{kind}_{workers}_workers_per_worker"] = round(rate / max(workers, 1), 1)
+            out[f"{kind}_{workers}_workers_vs_fixed_size"] = round(
+                rate / fixed[f"{kind}_{workers}_workers_samples_per_s"], 2
+            )
+    # Padding, over one epoch of the custom loader: what each sample really has, and what its batch pads to.
+    counts, padded = [], 0
+    bundle.set_epoch(0)
+    cfg.train.type, cfg.train.num_workers = "custom", max(args.workers)
+    bundle = build_train_loader(cfg, preprocess, tokenizer)
+    bundle.set_epoch(0)
+    for batch in bundle.loader:
+        real = batch["pixels"].pixel_attention_mask.sum(1).tolist()
+        counts += real
+        padded += len(real) * batch["pixels"].num_patches
+    total = sum(counts)
+    grouped = 0  # batches cut from samples sorted by patch count, within windows of 16 batches
+    window = 16 * args.batch
+    for start in range(0, len(counts), window):
+        ordered = sorted(counts[start : start + window])
+        for b in range(0, len(ordered), args.batch):
+            chunk = ordered[b : b + args.batch]
+            grouped += len(chunk) * max(chunk)
+    out.update({
+        "mean_patches_a_sample": round(total / len(counts), 1),
+        "min_patches_a_sample": min(counts),
+        "padding_to_batch_longest": round(1 - total / padded, 4),
+        "padding_to_budget": round(1 - total / (len(counts) * budget), 4),
+        "padding_if_grouped_by_patch_count": round(1 - total / grouped, 4),
+    })  # fmt: skip
+    return out
+
+
 def main() -> None:
     if len(sys.argv) > 1 and sys.argv[1] == "_eval_child":
         mode, n, dim, chunk = sys.argv[2], *map(int, sys.argv[3:6])
@@ -531,6 +625,7 @@ def main() -> None:
     d.add_argument("--per-shard", type=int, default=128)
     d.add_argument("--workers", type=int, nargs="+", default=[0, 1, 2])
     d.add_argument("--dir", default="/tmp/clip_tao_bench_data", help="where the images and shards are written")
+    d.add_argument("--naflex-patches", type=int, default=256, help="NaFlex patch budget (0: skip the NaFlex runs)")
     v = sub.add_parser("serve", help="clip-tao serve on 127.0.0.1: throughput and p50/p99 latency, batching on and off")
     v.add_argument("--model", default="tiny-clip")
     v.add_argument("--onnx-file", help="serve this exported file (ONNX Runtime) instead of the PyTorch model")

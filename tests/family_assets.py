@@ -106,6 +106,21 @@ def make_siglip_folder(folder: Path, tokenizer_folder: Path) -> Path:
     return folder
 
 
+def make_naflex_folder(folder: Path, tokenizer_folder: Path, seed: int = 4) -> Path:
+    """A tiny random ``Siglip2Model`` (NaFlex: patch 8, a 4x4 position table) saved with ``save_pretrained``,
+    the Gemma tokenizer files beside it."""
+    from transformers import AutoTokenizer, Siglip2Config, Siglip2Model
+
+    tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_folder))
+    text = {**TINY_SIGLIP_TEXT, **GEMMA_SPECIAL_IDS, "vocab_size": len(tokenizer), "max_position_embeddings": 64}
+    vision = {**TINY_SIGLIP_TEXT, "patch_size": 8, "num_patches": 16}
+    torch.manual_seed(seed)
+    model = Siglip2Model(Siglip2Config(text_config=text, vision_config=vision))
+    model.save_pretrained(str(folder))
+    tokenizer.save_pretrained(str(folder))
+    return folder
+
+
 TINY_NVCLIP = {
     "embed_dim": 32,
     "vision_cfg": {

@@ -129,3 +129,15 @@ def test_tensorrt_engines_get_the_tensorrt_platform(tmp_path):
         assert config.platform == "tensorrt_plan" and config.default_model_filename == "model.plan"
         assert config.max_batch_size == 8 and (tmp_path / "repo" / name / "1" / "model.plan").is_file()
     assert list(_parse(tmp_path / "repo" / "clip_image" / "config.pbtxt").input[0].dims) == [3, 224, 224]
+
+
+def test_naflex_models_are_refused_before_any_file_is_written(tiny_spec, tmp_path, capsys):
+    spec = tiny_spec("tiny-siglip2-naflex")
+    onnx_file, repo = tmp_path / "x" / "clip.onnx", tmp_path / "triton"
+    args = [f"export.onnx_file={onnx_file}", f"export.triton_repository={repo}"]
+    assert main(["export", "-e", str(spec), *args]) == 1
+    assert "NaFlex models are not written as a Triton repository" in capsys.readouterr().err
+    assert not onnx_file.exists() and not repo.exists()
+    # serve refuses them the same way, before it listens
+    assert main(["serve", "-e", str(spec), "serve.port=0"]) == 1
+    assert "NaFlex models are not served yet" in capsys.readouterr().err

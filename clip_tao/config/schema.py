@@ -81,6 +81,9 @@ class ModelConfig:
     # and a local clone of NVlabs/RADIO to build the image tower with torch.hub (source='local').
     text_pretrained_path: str | None = None
     radio_repo_dir: str | None = None
+    # clip-tao, NaFlex types: an image's patch budget (its aspect ratio is kept); null means 256,
+    # the default of the model's own processor. May differ between training and evaluation.
+    max_num_patches: int | None = None
 
 
 @dataclass
@@ -285,6 +288,9 @@ class DeployInfo:
     logit_scale: float | None = None  # already exponentiated, as the ONNX output
     logit_bias: float | None = None
     opset_version: int | None = None
+    # NaFlex exports: the patch size and budget the runtime pre-processes with.
+    patch_size: int | None = None
+    max_num_patches: int | None = None
 
 
 @dataclass

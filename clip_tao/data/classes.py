@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 from collections.abc import Sequence
 
@@ -11,6 +12,7 @@ from torch.utils.data import DataLoader
 from clip_tao.config.schema import DatasetEntry
 from clip_tao.data.custom import IMAGE_EXTENSIONS, Sample
 from clip_tao.data.loaders import ImageTextDataset, collate_skipping_bad, effective_workers
+from clip_tao.data.naflex import batch_stacker
 from clip_tao.data.transforms import build_eval_transform
 from clip_tao.errors import DataError
 from clip_tao.models.base import Preprocess
@@ -105,6 +107,6 @@ def build_image_loader(
         batch_size=batch_size,
         shuffle=False,
         num_workers=effective_workers(num_workers, key),
-        collate_fn=collate_skipping_bad,
+        collate_fn=functools.partial(collate_skipping_bad, stack=batch_stacker(preprocess)),
         pin_memory=pin_memory and torch.cuda.is_available(),
     )

@@ -1,6 +1,7 @@
 """DataLoaders built from the spec: image-text batches for training/evaluation, images or texts for embedding.
 
-A batch is a dict: ``pixels [B,3,H,W]``, ``input_ids [B,L]`` (when captions are loaded), ``indices [B]``
+A batch is a dict: ``pixels [B,3,H,W]`` (a :class:`~clip_tao.models.patches.PatchBatch` for NaFlex
+models, whose images keep their aspect ratio), ``input_ids [B,L]`` (when captions are loaded), ``indices [B]``
 (positions in the dataset), ``keys`` (sample names) and ``skipped`` (a :class:`SkipCounter` of files dropped
 from this batch). An image that cannot be decoded is dropped from its batch and counted, never fatal.
 Training batches of WebDataset shards also carry ``position`` (where their loader worker stands).
@@ -26,9 +27,11 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from clip_tao.config.schema import DatasetConfig, DatasetEntry
 from clip_tao.data import wds
 from clip_tao.data.custom import Sample, SkipCounter, scan_custom_datasets
+from clip_tao.data.naflex import batch_stacker
 from clip_tao.data.transforms import build_eval_transform, build_train_transform
 from clip_tao.errors import ConfigError, DataError
 from clip_tao.models.base import Preprocess
+from clip_tao.models.patches import PatchBudgetError
 
 log = logging.getLogger(__name__)
 
@@ -74,6 +77,9 @@ class ImageTextDataset(Dataset):
         try:
             image = wds.open_rgb(sample.image_path, self.draft_side)
             pixels = wds.seeded_transform(self.transform, image, seed)
+        except PatchBudgetError as exc:
+            log.warning("%s: %s; skipped", sample.image_path, exc)
+            return _Bad(PatchBudgetError.reason)
         except (OSError, UnidentifiedImageError, ValueError, Image.DecompressionBombError):
             return _Bad("undecodable_image")
         item = {"pixels": pixels, "index": index, "key": sample.key}
@@ -95,8 +101,9 @@ class ImageTextDataset(Dataset):
         return captions[seed % len(captions)]
 
 
-def collate_skipping_bad(items: list, tokenizer: Callable | None = None) -> dict:
-    """Stack the good items; count the bad ones in ``batch["skipped"]``; tokenize ``caption`` items together."""
+def collate_skipping_bad(items: list, tokenizer: Callable | None = None, stack: Callable = torch.stack) -> dict:
+    """Stack the good items (``stack``: see :func:`~clip_tao.data.naflex.batch_stacker`); count the bad ones
+    in ``batch["skipped"]``; tokenize ``caption`` items together."""
     skipped = SkipCounter(item.reason for item in items if isinstance(item, _Bad))
     good = [item for item in items if not isinstance(item, _Bad)]
     batch: dict = {
@@ -105,7 +112,7 @@ def collate_skipping_bad(items: list, tokenizer: Callable | None = None) -> dict
         "keys": [item.get("key") for item in good],
     }
     if good:
-        batch["pixels"] = torch.stack([item["pixels"] for item in good])
+        batch["pixels"] = stack([item["pixels"] for item in good])
         if "input_ids" in good[0]:
             batch["input_ids"] = torch.stack([item["input_ids"] for item in good])
         elif "caption" in good[0] and tokenizer is not None:
@@ -229,12 +236,14 @@ def build_train_loader(
     transform = build_train_transform(preprocess, data_cfg.augmentation)
     workers = effective_workers(train.num_workers, "dataset.train.num_workers")
     pin = data_cfg.pin_memory and torch.cuda.is_available()
-    draft = wds.draft_side_for(preprocess.image_size, data_cfg.augmentation.scale[0])
+    # NaFlex sizes follow each crop's shape: decode at full scale rather than risk upsampling a crop.
+    draft = None if preprocess.naflex else wds.draft_side_for(preprocess.image_size, data_cfg.augmentation.scale[0])
+    stack = batch_stacker(preprocess)
     if train.type == "wds":
         shards = wds.list_shards(train.wds, "dataset.train.wds")
         total = wds.epoch_samples(shards, train.wds.samples_per_shard)
         plan = wds.plan_slots(shards, total, train.batch_size, world_size, workers, "dataset.train.wds")
-        stream = wds.WdsTrainStream(shards, plan, rank, transform, tokenizer, data_cfg.seed, draft)
+        stream = wds.WdsTrainStream(shards, plan, rank, transform, tokenizer, data_cfg.seed, draft, stack)
         loader = DataLoader(stream, batch_size=None, num_workers=plan.workers, pin_memory=pin)
         log.info("dataset.train.wds: %d shards, %d samples an epoch, %d steps a rank", len(shards), total,
                  plan.batches_per_rank)  # fmt: skip
@@ -250,7 +259,7 @@ def build_train_loader(
         batch_size=train.batch_size,
         sampler=sampler,
         num_workers=workers,
-        collate_fn=functools.partial(collate_skipping_bad, tokenizer=tokenizer),
+        collate_fn=functools.partial(collate_skipping_bad, tokenizer=tokenizer, stack=stack),
         pin_memory=pin,
         # Contrastive batches lose their point when tiny; keep every sample only if there is one batch.
         drop_last=sampler.per_rank > train.batch_size,
@@ -293,7 +302,7 @@ def build_wds_eval_loader(
         stream,
         batch_size=batch_size,
         num_workers=workers,
-        collate_fn=collate_skipping_bad,
+        collate_fn=functools.partial(collate_skipping_bad, stack=batch_stacker(preprocess)),
         pin_memory=pin_memory and torch.cuda.is_available(),
     )
     return LoaderBundle(loader, [], SkipCounter(), kind="wds",
@@ -320,7 +329,7 @@ def build_eval_loader(
         batch_size=batch_size,
         shuffle=False,
         num_workers=effective_workers(num_workers, f"{section.rsplit('.', 1)[0]}.num_workers"),
-        collate_fn=collate_skipping_bad,
+        collate_fn=functools.partial(collate_skipping_bad, stack=batch_stacker(preprocess)),
         pin_memory=pin_memory and torch.cuda.is_available(),
     )
     return LoaderBundle(loader, samples, skipped)

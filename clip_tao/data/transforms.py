@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from torchvision import transforms as T
 
 from clip_tao.config.schema import AugmentationConfig
@@ -13,10 +15,14 @@ def _interpolation(preprocess: Preprocess) -> T.InterpolationMode:
     return T.InterpolationMode[preprocess.interpolation.upper()]
 
 
-def build_eval_transform(preprocess: Preprocess) -> T.Compose:
+def build_eval_transform(preprocess: Preprocess) -> Callable:
     """Resize to the model's size as the model was trained — the short side then a center crop
     (``resize_mode: shortest``, CLIP), or both sides without a crop (``squash``, SigLIP's processor) —
-    and normalise."""
+    and normalise. NaFlex models keep each image's aspect ratio (:mod:`clip_tao.data.naflex`)."""
+    if preprocess.naflex:
+        from clip_tao.data.naflex import NaFlexResize
+
+        return NaFlexResize(preprocess)
     size = preprocess.image_size
     if preprocess.resize_mode == "squash":
         resize = [T.Resize((size, size), interpolation=_interpolation(preprocess))]
@@ -25,9 +31,14 @@ def build_eval_transform(preprocess: Preprocess) -> T.Compose:
     return T.Compose([*resize, T.ToTensor(), T.Normalize(preprocess.mean, preprocess.std)])
 
 
-def build_train_transform(preprocess: Preprocess, aug: AugmentationConfig) -> T.Compose:
-    """Random resized crop (``aug.scale``), color jitter with probability, random grayscale, normalise."""
+def build_train_transform(preprocess: Preprocess, aug: AugmentationConfig) -> Callable:
+    """Random resized crop (``aug.scale``), color jitter with probability, random grayscale, normalise.
+    NaFlex models crop, then resize keeping the crop's aspect ratio (:mod:`clip_tao.data.naflex`)."""
     check_augmentation(aug)
+    if preprocess.naflex:
+        from clip_tao.data.naflex import NaFlexTrainTransform
+
+        return NaFlexTrainTransform(preprocess, aug)
     probability, brightness, contrast, saturation, hue = aug.color_jitter
     return T.Compose(
         [

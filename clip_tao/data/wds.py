@@ -33,6 +33,7 @@ from clip_tao.config.schema import WdsConfig
 from clip_tao.data.custom import SkipCounter
 from clip_tao.data.s3 import is_s3_url, open_s3, parse_s3_url, read_s3_bytes
 from clip_tao.errors import DataError
+from clip_tao.models.patches import PatchBudgetError
 
 log = logging.getLogger(__name__)
 
@@ -352,9 +353,11 @@ class WdsTrainStream(IterableDataset):
         tokenizer: Callable,
         seed: int,
         draft_side: int | None = None,
+        stack: Callable = torch.stack,
     ):
         self.shards = list(shards)
         self.draft_side = draft_side
+        self.stack = stack  # torch.stack, or NaFlex's patch batching
         self.plan = plan
         self.rank = rank
         self.transform = transform
@@ -403,7 +406,7 @@ class WdsTrainStream(IterableDataset):
                     pending.append(item)
                     position["yielded"] += 1
                     if len(pending) == self.plan.batch_size:
-                        yield _collate(pending, skipped, {"worker": worker, **position}, self.tokenizer)
+                        yield _collate(pending, skipped, {"worker": worker, **position}, self.tokenizer, self.stack)
                         pending = []
                         skipped.clear()  # the shard reader holds this counter: clear it, never replace it
                     if position["yielded"] >= quota:
@@ -422,12 +425,20 @@ class WdsTrainStream(IterableDataset):
             return None
         key = f"{os.path.basename(shard.name)}/{raw['__key__']}"
         seed = sample_seed(self.seed, self.epoch, pass_index, shard.name, raw["__key__"])
-        return {"pixels": seeded_transform(self.transform, image, seed), "caption": caption, "key": key}
+        try:
+            pixels = seeded_transform(self.transform, image, seed)
+        except PatchBudgetError as exc:
+            log.warning("%s: %s; skipped", key, exc)
+            skipped[PatchBudgetError.reason] += 1
+            return None
+        return {"pixels": pixels, "caption": caption, "key": key}
 
 
-def _collate(items: list[dict], skipped: SkipCounter, position: dict, tokenizer: Callable) -> dict:
+def _collate(
+    items: list[dict], skipped: SkipCounter, position: dict, tokenizer: Callable, stack: Callable = torch.stack
+) -> dict:
     return {
-        "pixels": torch.stack([i["pixels"] for i in items]),
+        "pixels": stack([i["pixels"] for i in items]),
         "input_ids": tokenizer([i["caption"] for i in items]),  # a batch at once: cheaper than one by one
         "keys": [i["key"] for i in items],
         "indices": torch.arange(position["yielded"] - len(items), position["yielded"]),
@@ -461,8 +472,14 @@ class WdsEvalStream(IterableDataset):
                 if problem:
                     yield self.bad(problem)
                     continue
+                try:
+                    pixels = self.transform(image)
+                except PatchBudgetError as exc:
+                    log.warning("%s: %s; skipped", raw["__key__"], exc)
+                    yield self.bad(PatchBudgetError.reason)
+                    continue
                 item = {
-                    "pixels": self.transform(image),
+                    "pixels": pixels,
                     # Unique across workers (not dense): the n-th sample of worker w.
                     "index": count * workers + worker,
                     "key": f"{os.path.basename(shard.name)}/{raw['__key__']}",

@@ -3,8 +3,9 @@
 Combined file: inputs ``image`` [B,3,H,W] float32, ``input_ids`` [B,L] int64, ``attention_mask`` [B,L]
 (accepted and ignored: the models always use an all-ones mask); outputs ``image_embedding`` [B,D],
 ``text_embedding`` [B,D] (L2-normalised), ``logit_scale`` [1] (exponentiated) and ``logit_bias`` [1].
-Separate files: ``X_vision.onnx`` (image -> image_embedding, logit_scale, logit_bias, as TAO's) and ``X_text.onnx`` (input_ids,
-attention_mask -> text_embedding, logit_scale, logit_bias).
+Separate files: ``X_vision.onnx`` (image -> image_embedding, logit_scale, logit_bias, as TAO's) and
+``X_text.onnx`` (input_ids, attention_mask -> text_embedding, logit_scale, logit_bias). NaFlex models take
+the patch sequence in place of ``image`` (see :mod:`clip_tao.deploy.naflex_export`).
 
 Every file is written to a temporary folder, checked with ``onnx.checker`` and compared with PyTorch
 through ONNX Runtime, and only then moved into place: a failed export leaves nothing behind.
@@ -94,6 +95,8 @@ class _EncoderSpec:
     module: type[nn.Module]
     inputs: tuple[str, ...]
     outputs: tuple[str, ...]
+    # Dynamic axes beyond the batch (NaFlex's patch count): input name -> {axis: name}.
+    axes: dict = field(default_factory=dict)
 
 
 ENCODER_SPECS = {
@@ -121,9 +124,20 @@ class ExportReport:
     external_data: list[str] = field(default_factory=list)
 
 
+def encoder_specs(model: ClipModel) -> dict[str, _EncoderSpec]:
+    """The graphs a model exports to: :data:`ENCODER_SPECS`, or NaFlex's patch-sequence ones."""
+    if model.preprocess.naflex:
+        from clip_tao.deploy.naflex_export import naflex_encoder_specs
+
+        return naflex_encoder_specs()
+    return ENCODER_SPECS
+
+
 def check_exportable(model: ClipModel, height: int, width: int, channels: int) -> None:
     """Refuse what cannot become a fixed-graph ONNX file, with the fix in the message."""
-    if "naflex" in model.model_type or not getattr(model, "exportable", True):
+    if model.preprocess.naflex:
+        return  # images of any size arrive as patch sequences; export.input_height/width do not apply
+    if not getattr(model, "exportable", True):
         raise ModelError(
             f"{model.model_type} has dynamic resolution and cannot be exported to ONNX; "
             "use a fixed-resolution type such as siglip2-so400m-patch16-384"
@@ -188,6 +202,11 @@ def export_onnx(
     model = model.to(device).eval()
     trace_batch = batch_size if batch_size > 0 else 2
     inputs = example_inputs(model, trace_batch, height, width, device)
+    specs, extra_checks = encoder_specs(model), []
+    if model.preprocess.naflex:
+        from clip_tao.deploy.naflex_export import naflex_example_inputs
+
+        inputs, *extra_checks = naflex_example_inputs(model, trace_batch, batch_size <= 0, device, inputs)
     parent = os.path.dirname(os.path.abspath(onnx_file))
     os.makedirs(parent, exist_ok=True)
     report = ExportReport(files)
@@ -198,11 +217,13 @@ def export_onnx(
             own = os.path.join(staging, encoder)
             os.mkdir(own)
             staged = os.path.join(own, os.path.basename(final_path))
-            encoder_spec = ENCODER_SPECS[encoder]
+            encoder_spec = specs[encoder]
             _export_one(encoder_spec, model, inputs, staged, opset_version, batch_size, verbose)
             if _finalise(staged, model.embed_dim, external_data_threshold):
                 report.external_data.append(final_path + ".data")
-            report.max_abs_diff[encoder] = verify_onnx(staged, encoder_spec, model, inputs)
+            report.max_abs_diff[encoder] = max(
+                verify_onnx(staged, encoder_spec, model, checked) for checked in [inputs, *extra_checks]
+            )
             log.info(
                 "%s: max |ONNX Runtime - PyTorch| = %.2e", os.path.basename(final_path), report.max_abs_diff[encoder]
             )
@@ -242,6 +263,8 @@ def deploy_config(model: ClipModel, spec: dict, encoder_type: str, opset_version
         "logit_bias": bias,
         "opset_version": opset_version,
     }
+    if p.naflex:
+        config["deploy"].update({"patch_size": p.patch_size, "max_num_patches": p.max_num_patches})
     return config
 
 
@@ -251,6 +274,9 @@ def _export_one(spec: _EncoderSpec, model, inputs, path: str, opset: int, batch_
     dynamic_axes = None
     if batch_size <= 0:
         dynamic_axes = {name: {0: _BATCH_AXIS[name]} for name in (*spec.inputs, *spec.outputs) if name in _BATCH_AXIS}
+        dynamic_axes.update(spec.axes)
+    elif spec.axes:  # a fixed batch: only the other dynamic axes
+        dynamic_axes = {name: {k: v for k, v in axes.items() if k != 0} for name, axes in spec.axes.items()}
     with torch.no_grad(), warnings.catch_warnings(), _no_attention_fastpath():
         warnings.simplefilter("ignore")  # tracer warnings about Python control flow are expected
         torch.onnx.export(

@@ -9,6 +9,7 @@ import torch
 
 from clip_tao.deploy.files import find_files
 from clip_tao.deploy.runtime import DeployedEncoder
+from clip_tao.models.patches import PatchBatch
 
 log = logging.getLogger(__name__)
 
@@ -50,15 +51,28 @@ class OnnxRuntimeEncoder(DeployedEncoder):
     def _dummy_inputs(self) -> dict[str, np.ndarray]:
         size = self.preprocess.image_size
         ids = np.zeros((1, self.context_length), dtype=np.int64)
-        return {
-            "image": np.zeros((1, 3, size, size), np.float32),
-            "input_ids": ids,
-            "attention_mask": np.ones_like(ids),
-        }
+        if self.preprocess.naflex:
+            p = self.preprocess.patch_size
+            image = _patch_feed(PatchBatch(torch.zeros(1, 1, p * p * 3), torch.ones(1, 1, dtype=torch.int32),
+                                           torch.ones(1, 2, dtype=torch.long)))  # fmt: skip
+        else:
+            image = {"image": np.zeros((1, 3, size, size), np.float32)}
+        return {**image, "input_ids": ids, "attention_mask": np.ones_like(ids)}
 
-    def encode_image(self, pixels: torch.Tensor) -> torch.Tensor:
+    def encode_image(self, pixels: torch.Tensor | PatchBatch) -> torch.Tensor:
+        if isinstance(pixels, PatchBatch):
+            return self._run("vision", "image_embedding", _patch_feed(pixels))
         return self._run("vision", "image_embedding", {"image": pixels.detach().float().cpu().numpy()})
 
     def encode_text(self, input_ids: torch.Tensor) -> torch.Tensor:
         ids = input_ids.detach().cpu().numpy().astype(np.int64)
         return self._run("text", "text_embedding", {"input_ids": ids, "attention_mask": np.ones_like(ids)})
+
+
+def _patch_feed(batch: PatchBatch) -> dict[str, np.ndarray]:
+    """A NaFlex export's image inputs, in the dtypes its graph declares."""
+    return {
+        "pixel_values": batch.pixel_values.detach().float().cpu().numpy(),
+        "pixel_attention_mask": batch.pixel_attention_mask.cpu().numpy().astype(np.int32),
+        "spatial_shapes": batch.spatial_shapes.cpu().numpy().astype(np.int64),
+    }

@@ -42,6 +42,9 @@ class DeployedEncoder:
             std=tuple(self.info.std),
             interpolation=self.info.interpolation,
             resize_mode=self.info.resize_mode,
+            # NaFlex exports: the loaders cut images into patch sequences exactly as for the PyTorch model.
+            patch_size=self.info.patch_size,
+            max_num_patches=self.info.max_num_patches,
         )
         self.model_type = self.info.model_type
         self.embed_dim = self.info.embed_dim

@@ -166,7 +166,8 @@ def _fully_shard(net: ContrastiveForward, ctx: DistContext) -> nn.Module:
             for block in module:
                 if any(p.requires_grad for p in block.parameters()):
                     fully_shard(block, mesh=mesh)
-    scalars = {p for p in net.parameters() if p.ndim == 0}
+    # Scalars, also stored as shape [1] (transformers' SigLIP logit scale/bias): a shard of one value is empty.
+    scalars = {p for p in net.parameters() if p.numel() == 1}
     fully_shard(net, mesh=mesh, ignored_params=scalars)
     net._replicated_params = [p for p in scalars if p.requires_grad]
     return net

@@ -35,6 +35,7 @@ def build_model(cfg: ExperimentConfig, checkpoint: str | None = None) -> ClipMod
         radio_repo_dir=m.radio_repo_dir,
         text_pretrained_path=m.text_pretrained_path,
         tokenizer_path=m.tokenizer_path,
+        max_num_patches=m.max_num_patches,
     )
     if checkpoint:
         load_weights(model, checkpoint, cfg.peft)

@@ -39,6 +39,14 @@ class Preprocess:
     std: tuple[float, float, float] = OPENAI_STD
     interpolation: str = "bicubic"  # a torchvision InterpolationMode name
     resize_mode: str = "shortest"  # resize the short side, then center-crop
+    # NaFlex: each image keeps its aspect ratio within a budget of ``max_num_patches`` patches of
+    # ``patch_size`` pixels and reaches the model as a PatchBatch (``image_size`` is then unused by the data).
+    patch_size: int | None = None
+    max_num_patches: int | None = None
+
+    @property
+    def naflex(self) -> bool:
+        return self.max_num_patches is not None
 
 
 class ClipModel(nn.Module, metaclass=ABCMeta):
@@ -51,7 +59,7 @@ class ClipModel(nn.Module, metaclass=ABCMeta):
     model_type: str
     tokenizer: Tokenizer
     preprocess: Preprocess
-    # False for models whose inputs an ONNX graph cannot express (NaFlex's variable-length patch sequences).
+    # False for models whose inputs an ONNX graph cannot express.
     exportable: bool = True
 
     # -- what a family implements ---------------------------------------------------------------

@@ -1,15 +1,16 @@
-"""SigLIP2 NaFlex: transformers ``Siglip2Model``, images as variable-length patch sequences.
+"""SigLIP2 NaFlex: transformers ``Siglip2Model``, images at their own aspect ratio as patch sequences.
 
-NaFlex keeps an image's aspect ratio: the image is cut into a ``rows x cols`` grid of 16-px patches,
-the patches are flattened (``pixel_values [B, N, p*p*3]``), padded to the longest sequence of the batch
-(``pixel_attention_mask [B, N]``), and the grid shape (``spatial_shapes [B, 2]``) tells the model how
-to resize its position embeddings. ``encode_image`` takes the usual ``[B, 3, H, W]`` batch; images
-smaller than the batch's canvas give their real size in ``image_sizes [B, 2]`` (height, width, top-left
-aligned) and only their own patches are attended to. Not exportable (the ONNX graph has fixed inputs).
+NaFlex keeps an image's aspect ratio: it is resized to the largest ``rows x cols`` grid of 16-px patches
+that fits ``max_num_patches`` (``model.max_num_patches``, 256 by default as in the model's processor),
+its patches are flattened and padded to the batch's longest sequence, and the grid shape tells the model
+how to resize its position embeddings (see :mod:`clip_tao.models.patches`). ``encode_image`` takes that
+:class:`~clip_tao.models.patches.PatchBatch`, or a plain ``[B, 3, H, W]`` batch of one size (H and W
+multiples of the patch).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 
 import torch
@@ -18,38 +19,14 @@ from torch import nn
 
 from clip_tao.errors import ModelError
 from clip_tao.models.base import Preprocess, checked_image_size, preprocess_from_config, seeded_init
+from clip_tao.models.patches import PatchBatch, check_max_num_patches, image_to_patch_sequence
 from clip_tao.models.registry import BuildOptions, ModelInfo, register_family
-from clip_tao.models.siglip_family import SiglipClipModel, quiet_hf_loading, tokenizer_source
-from clip_tao.models.tokenizer import HfTokenizer, Tokenizer
+from clip_tao.models.siglip_family import SiglipClipModel, _siglip_tokenizer, quiet_hf_loading
+from clip_tao.models.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
 
-
-def image_to_patches(images: torch.Tensor, patch_size: int) -> torch.Tensor:
-    """``[B, C, H, W]`` -> ``[B, rows*cols, p*p*C]``, patches row-major, each (y, x, channel) as NaFlex's processor."""
-    batch, channels, height, width = images.shape
-    rows, cols = height // patch_size, width // patch_size
-    patches = images.reshape(batch, channels, rows, patch_size, cols, patch_size).permute(0, 2, 4, 3, 5, 1)
-    return patches.reshape(batch, rows * cols, patch_size * patch_size * channels)
-
-
-def naflex_image_size(height: int, width: int, patch_size: int = 16, max_num_patches: int = 256) -> tuple[int, int]:
-    """The size NaFlex's processor resizes an image to: aspect kept, multiples of the patch, at most N patches."""
-    from transformers.models.siglip2.image_processing_siglip2 import get_image_size_for_max_num_patches
-
-    return get_image_size_for_max_num_patches(height, width, patch_size, max_num_patches)
-
-
-def pad_to_canvas(images: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Images of different sizes -> ``([B, 3, H_max, W_max]`` zero-padded at the bottom/right, ``image_sizes [B, 2])``.
-
-    What a data loader's collate gives :meth:`NaFlexClipModel.encode_image` for variable-resolution batches.
-    """
-    height = max(image.shape[1] for image in images)
-    width = max(image.shape[2] for image in images)
-    canvas = torch.stack([F.pad(image, (0, width - image.shape[2], 0, height - image.shape[1])) for image in images])
-    sizes = torch.tensor([[image.shape[1], image.shape[2]] for image in images], dtype=torch.long)
-    return canvas, sizes
+DEFAULT_MAX_NUM_PATCHES = 256  # Siglip2ImageProcessor's default
 
 
 class NaFlexClipModel(SiglipClipModel):
@@ -58,49 +35,40 @@ class NaFlexClipModel(SiglipClipModel):
     Text tower, logit parameters and checkpointing are SigLIP's; only the image input differs.
     """
 
-    exportable = False
-
     def __init__(self, model_type: str, hf_model: nn.Module, tokenizer: Tokenizer, preprocess: Preprocess):
         super().__init__(model_type, hf_model, tokenizer, preprocess)
-        self.patch_size = hf_model.config.vision_config.patch_size
-        # The patch budget of NaFlex's processor, for data pipelines that resize with naflex_image_size().
-        self.max_num_patches = hf_model.config.vision_config.num_patches
+        self.patch_size = preprocess.patch_size
+        self.max_num_patches = preprocess.max_num_patches
 
-    def naflex_inputs(
-        self, pixels: torch.Tensor, image_sizes: torch.Tensor | None = None
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """``(pixel_values [B,N,p*p*3], pixel_attention_mask [B,N], spatial_shapes [B,2])`` for ``Siglip2Model``."""
+    def patch_inputs(self, pixels: torch.Tensor | PatchBatch) -> PatchBatch:
+        """A :class:`PatchBatch` as is; a ``[B, 3, H, W]`` batch cut into its ``H/p x W/p`` patches."""
+        if isinstance(pixels, PatchBatch):
+            return pixels
         p = self.patch_size
         batch, _, height, width = pixels.shape
-        if image_sizes is None:
-            if height % p or width % p:
-                raise ModelError(f"{self.model_type} needs image sizes that are multiples of {p}; got {height}x{width}")
-            patches = image_to_patches(pixels, p)
-            mask = torch.ones(patches.shape[:2], dtype=torch.long, device=pixels.device)
-            shapes = torch.tensor([[height // p, width // p]] * batch, device=pixels.device)
-            return patches, mask, shapes
-        grids = (image_sizes.to(torch.long) // p).tolist()
-        sequences = [image_to_patches(pixels[i : i + 1, :, : r * p, : c * p], p)[0] for i, (r, c) in enumerate(grids)]
-        longest = max(s.shape[0] for s in sequences)
-        patches = torch.stack([F.pad(s, (0, 0, 0, longest - s.shape[0])) for s in sequences])
-        mask = torch.zeros(batch, longest, dtype=torch.long, device=pixels.device)
-        for i, sequence in enumerate(sequences):
-            mask[i, : sequence.shape[0]] = 1
-        return patches, mask, torch.tensor(grids, device=pixels.device)
+        if height % p or width % p:
+            raise ModelError(f"{self.model_type} needs image sizes that are multiples of {p}; got {height}x{width}")
+        values = torch.stack([image_to_patch_sequence(image, p) for image in pixels])
+        mask = torch.ones(values.shape[:2], dtype=torch.int32, device=pixels.device)
+        shapes = torch.tensor([[height // p, width // p]] * batch, dtype=torch.long, device=pixels.device)
+        return PatchBatch(values, mask, shapes)
 
-    def image_features(self, pixels: torch.Tensor, image_sizes: torch.Tensor | None = None) -> torch.Tensor:
-        values, mask, shapes = self.naflex_inputs(pixels, image_sizes)
-        out = self.model.vision_model(pixel_values=values, pixel_attention_mask=mask, spatial_shapes=shapes)
+    def image_features(self, pixels: torch.Tensor | PatchBatch) -> torch.Tensor:
+        batch = self.patch_inputs(pixels)
+        return self.patch_features(batch.pixel_values, batch.pixel_attention_mask, batch.spatial_shapes)
+
+    def patch_features(
+        self, pixel_values: torch.Tensor, pixel_attention_mask: torch.Tensor, spatial_shapes: torch.Tensor
+    ) -> torch.Tensor:
+        """``Siglip2Model``'s image tower on its own inputs -> ``[B, D]`` un-normalised."""
+        out = self.model.vision_model(
+            pixel_values=pixel_values, pixel_attention_mask=pixel_attention_mask, spatial_shapes=spatial_shapes
+        )
         return out.pooler_output
 
-    def encode_image(self, pixels: torch.Tensor, image_sizes: torch.Tensor | None = None) -> torch.Tensor:
-        """``[B,3,H,W]`` (padded) + optional ``image_sizes [B,2]`` -> ``[B, D]`` L2-normalised."""
-        return F.normalize(self.image_features(pixels, image_sizes), dim=-1)
-
-    def forward(
-        self, pixels: torch.Tensor, input_ids: torch.Tensor, image_sizes: torch.Tensor | None = None
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.encode_image(pixels, image_sizes), self.encode_text(input_ids)
+    def encode_image(self, pixels: torch.Tensor | PatchBatch) -> torch.Tensor:
+        """:class:`PatchBatch` (or ``[B,3,H,W]``) -> ``[B, D]`` L2-normalised."""
+        return F.normalize(self.image_features(pixels), dim=-1)
 
 
 def build_naflex_module(info: ModelInfo) -> nn.Module:
@@ -139,16 +107,22 @@ def build_naflex(info: ModelInfo, options: BuildOptions) -> tuple[NaFlexClipMode
                 f"model.pretrained_path {options.pretrained_path!r} is not a folder: give a Siglip2 save_pretrained folder"
             )
         hf_model = load_naflex_pretrained(options.pretrained_path, is_local=True)
-    elif options.pretrained:
+    elif options.pretrained and cfg.get("hf_id"):
         hf_model = load_naflex_pretrained(cfg["hf_id"], is_local=False)
     else:
+        if options.pretrained:
+            log.warning("%s has no published weights: using a fixed random initialisation", info.name)
         with seeded_init():
             hf_model = build_naflex_module(info)
-    loaded = bool(options.pretrained_path) or options.pretrained
-    # The image size is the square the fixed-size data pipeline produces; NaFlex itself takes any grid.
-    image_size = checked_image_size(
-        info.name, options.image_size, info.image_size, hf_model.config.vision_config.patch_size
-    )
+    loaded = bool(options.pretrained_path) or (options.pretrained and bool(cfg.get("hf_id")))
+    vision = hf_model.config.vision_config
+    # image_size is only the square of a plain [B, 3, H, W] batch (benchmarks); the data keeps aspect ratios.
+    image_size = checked_image_size(info.name, options.image_size, info.image_size, vision.patch_size)
+    budget = DEFAULT_MAX_NUM_PATCHES if options.max_num_patches is None else options.max_num_patches
+    check_max_num_patches(budget, vision.num_patches)
     canonicalize = options.canonicalize_text or cfg.get("canonicalize_text", False)
-    tokenizer = HfTokenizer(tokenizer_source(info, options), info.context_length, canonicalize)
-    return NaFlexClipModel(info.name, hf_model, tokenizer, preprocess_from_config(cfg, image_size)), loaded
+    preprocess = dataclasses.replace(
+        preprocess_from_config(cfg, image_size), patch_size=vision.patch_size, max_num_patches=budget
+    )
+    tokenizer = _siglip_tokenizer(info, options, canonicalize)
+    return NaFlexClipModel(info.name, hf_model, tokenizer, preprocess), loaded

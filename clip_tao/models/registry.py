@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from clip_tao.errors import ModelError
+from clip_tao.errors import ConfigError, ModelError
 from clip_tao.models.base import DEFAULT_LOGIT_INIT, MAX_LOGIT_SCALE, ClipModel
 
 CONFIG_DIR = Path(__file__).parent / "configs"
@@ -58,6 +58,7 @@ class BuildOptions:
     radio_repo_dir: str | None = None  # Radio-CLIP: a local clone of NVlabs/RADIO for torch.hub (source='local')
     text_pretrained_path: str | None = None  # Radio-CLIP: the teacher text tower, local folder/file
     tokenizer_path: str | None = None  # a local tokenizer folder instead of the hub (Gemma, BERT)
+    max_num_patches: int | None = None  # NaFlex: the patch budget of an image (None: the model's default)
 
 
 Builder = Callable[[ModelInfo, BuildOptions], tuple[ClipModel, bool]]
@@ -136,6 +137,7 @@ def create_model(
     radio_repo_dir: str | None = None,
     text_pretrained_path: str | None = None,
     tokenizer_path: str | None = None,
+    max_num_patches: int | None = None,
 ) -> ClipModel:
     """Build ``model_type``: the one public entry point to every family.
 
@@ -143,7 +145,8 @@ def create_model(
     else random initialisation. The logit scale/bias start at TAO's defaults for ``loss_type`` when the
     model is randomly initialised; an explicit ``init_logit_scale``/``init_logit_bias`` always wins.
     ``adaptor_name``, ``radio_repo_dir`` and ``text_pretrained_path`` are Radio-CLIP's;
-    ``tokenizer_path`` is a local tokenizer folder for families whose tokenizer lives on the hub.
+    ``tokenizer_path`` is a local tokenizer folder for families whose tokenizer lives on the hub;
+    ``max_num_patches`` is the patch budget of NaFlex types (refused by the others).
     """
     if init_logit_scale is not None and not 0.0 <= init_logit_scale <= MAX_LOGIT_SCALE:
         raise ModelError(f"model.init_logit_scale={init_logit_scale} must lie in [0, ln 100 = 4.605]")
@@ -158,8 +161,14 @@ def create_model(
         radio_repo_dir=radio_repo_dir,
         text_pretrained_path=text_pretrained_path,
         tokenizer_path=tokenizer_path,
+        max_num_patches=max_num_patches,
     )
     model, loaded_weights = builder(info, options)
+    if max_num_patches is not None and not model.preprocess.naflex:
+        raise ConfigError(
+            f"model.max_num_patches is for NaFlex types (siglip2-so400m-patch16-naflex); {model_type} takes "
+            "fixed-size images: remove the key or set model.image_size"
+        )
     default_scale, default_bias = DEFAULT_LOGIT_INIT[loss_type]
     if not loaded_weights:
         model.init_logits(default_scale, default_bias)

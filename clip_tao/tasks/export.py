@@ -9,7 +9,7 @@ import torch
 
 from clip_tao.config.loader import config_to_dict
 from clip_tao.config.schema import ExperimentConfig
-from clip_tao.deploy.onnx_export import ENCODER_SPECS, export_onnx
+from clip_tao.deploy.onnx_export import encoder_specs, export_onnx
 from clip_tao.deploy.triton_repository import Sizes, check_repository_free, write_triton_repository
 from clip_tao.engine.model_setup import build_model
 from clip_tao.errors import ConfigError
@@ -44,6 +44,12 @@ def _export(cfg: ExperimentConfig) -> dict:
     device = torch.device("cuda", x.gpu_id) if use_gpu else torch.device("cpu")
     # No checkpoint means the model type's own (pretrained) weights, as TAO does.
     model = build_model(cfg, x.checkpoint)
+    if x.triton_repository and model.preprocess.naflex:
+        # Triton's config describes fixed [3, H, W] images; a patch-sequence graph needs its own (not written yet).
+        raise ConfigError(
+            "export.triton_repository: NaFlex models are not written as a Triton repository yet; "
+            "leave export.triton_repository null (the ONNX file itself runs with evaluate/inference.onnx_file)"
+        )
     report = export_onnx(
         model,
         x.onnx_file,
@@ -60,7 +66,7 @@ def _export(cfg: ExperimentConfig) -> dict:
     )
     rows = []
     for encoder, path in report.files.encoders.items():
-        spec = ENCODER_SPECS[encoder]
+        spec = encoder_specs(model)[encoder]
         size_mb = os.path.getsize(path) / 2**20
         rows.append(
             [

@@ -60,6 +60,12 @@ def run(cfg: ExperimentConfig) -> dict:
     s = cfg.serve
     check_serve_config(s)
     model, device = build_encoder(cfg, "serve")
+    if model.preprocess.naflex:
+        # clip_image's Triton input is a fixed [3, H, W] image; patch sequences would need their own protocol.
+        raise ConfigError(
+            f"model.type={cfg.model.type}: NaFlex models are not served yet; embed with clip-tao inference, "
+            "or serve a fixed-size type"
+        )
     embedder = Embedder(model, device)
     collection = None
     if s.image_embeddings_file:
