@@ -52,7 +52,9 @@ def build_parser() -> argparse.ArgumentParser:
     lm = sub.add_parser(
         "list-models", parents=[debug], help="list the model types", description="List the model types."
     )
-    lm.add_argument("pattern", nargs="?", default="*", help="shell-style filter, e.g. 'siglip2*'")
+    lm.add_argument(
+        "pattern", nargs="?", default="*", help="a word in the name ('radio') or a shell-style filter ('siglip2*')"
+    )
     return parser
 
 
@@ -96,7 +98,11 @@ def _list_models(pattern: str) -> int:
     from clip_tao.io.tables import format_table
     from clip_tao.models import list_models
 
-    infos = list_models(pattern)
+    # A plain word matches anywhere in the name, as users expect from a search box.
+    infos = list_models(pattern if any(c in pattern for c in "*?[") else f"*{pattern}*")
+    if not infos:
+        print(f"no model type matches {pattern!r}; run `clip-tao list-models` for all of them")
+        return 1
     rows = [[i.name, i.family, i.image_size, i.embed_dim, i.context_length, i.weights] for i in infos]
     print(format_table(["type", "family", "image size", "embed dim", "context", "weights"], rows))
     return 0

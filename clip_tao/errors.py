@@ -23,3 +23,7 @@ class ModelError(ClipTaoError):
 
 class NotAvailableError(ClipTaoError):
     """A task or backend that this installation cannot run."""
+
+
+class TrainingError(ClipTaoError):
+    """Training cannot go on (the loss or the weights became NaN or infinite)."""

@@ -20,7 +20,9 @@ import yaml
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from clip_tao.config.ranges import check_ranges
 from clip_tao.config.schema import ExperimentConfig
+from clip_tao.config.spec_limits import MAX_SPEC_BYTES, check_spec_size
 from clip_tao.errors import ConfigError
 
 
@@ -36,12 +38,14 @@ def read_spec_file(spec_path: str | os.PathLike) -> dict:
     if not os.path.isfile(path):
         raise ConfigError(f"spec file {path!r} does not exist: pass an existing YAML or JSON file with -e")
     try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read(MAX_SPEC_BYTES + 1)
+        check_spec_size(path, text)
         if path.endswith(".json"):
-            with open(path, encoding="utf-8") as f:
-                data = json.load(f)
+            data = json.loads(text)
         else:
             # OmegaConf's YAML loader reads 1e-4 as a float (plain PyYAML reads it as a string).
-            data = OmegaConf.to_container(OmegaConf.load(path), resolve=False)
+            data = OmegaConf.to_container(OmegaConf.create(text), resolve=False)
     except (json.JSONDecodeError, yaml.YAMLError, OmegaConfBaseException, UnicodeDecodeError) as exc:
         detail = " ".join(str(exc).split())
         raise ConfigError(f"spec file {path!r} cannot be parsed: {detail}") from exc
@@ -93,6 +97,7 @@ _MISSING = object()
 def build_config(raw: dict, source: str = "spec") -> ExperimentConfig:
     """Validate a plain dict against the schema and build the dataclasses."""
     cfg = _build_dataclass(ExperimentConfig, raw, path="")
+    check_ranges(cfg)
     if not cfg.results_dir:
         raise ConfigError(f"{source}: results_dir is required: set it in the spec or pass results_dir=/path")
     return cfg
@@ -182,13 +187,15 @@ def _convert(hint: Any, value: Any, key: str) -> Any:
             return int(value)
         raise ConfigError(f"{key} must be an integer, got {_show(value)}")
     if hint is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):
-            try:
+        try:
+            if isinstance(value, (int, float)) and not isinstance(value, bool):
                 return float(value)
-            except ValueError:
-                pass
+            if isinstance(value, str):
+                return float(value)
+        except OverflowError:  # a 400-digit integer
+            raise ConfigError(f"{key} has {len(str(value))} digits: too large for a number") from None
+        except ValueError:
+            pass
         raise ConfigError(f"{key} must be a number, got {_show(value)}")
     if hint is str:
         if isinstance(value, str):

@@ -32,6 +32,7 @@ from torch.utils.data import IterableDataset, get_worker_info
 from clip_tao.config.schema import WdsConfig
 from clip_tao.data.custom import SkipCounter
 from clip_tao.data.s3 import is_s3_url, open_s3, parse_s3_url, read_s3_bytes
+from clip_tao.data.walk import walk_files_once
 from clip_tao.errors import DataError
 
 log = logging.getLogger(__name__)
@@ -67,10 +68,9 @@ def list_shards(cfg: WdsConfig, section: str) -> list[Shard]:
             )
         if not os.path.isdir(cfg.root_dir):
             raise DataError(f"{section}.root_dir {cfg.root_dir!r} does not exist or is not a folder")
-        urls = []
-        for root, dirs, files in os.walk(cfg.root_dir, followlinks=True):
-            dirs.sort()
-            urls += [os.path.join(root, f) for f in sorted(files) if f.endswith(SHARD_SUFFIXES)]
+        urls = [
+            os.path.join(cfg.root_dir, rel) for rel in walk_files_once(cfg.root_dir) if rel.endswith(SHARD_SUFFIXES)
+        ]
         if not urls:
             raise DataError(f"{section}.root_dir {cfg.root_dir!r} holds no .tar shards")
     else:

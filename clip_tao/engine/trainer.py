@@ -37,6 +37,7 @@ from clip_tao.engine.checkpoint import (
 )
 from clip_tao.engine.device import resolve_precision
 from clip_tao.engine.embedding import embed_loader
+from clip_tao.engine.finite import check_weights
 from clip_tao.engine.optim import build_optimizer, build_scheduler
 from clip_tao.engine.step import contrastive_backward
 from clip_tao.errors import ConfigError, ModelError
@@ -110,6 +111,7 @@ class Trainer:
         self.optimizer = build_optimizer(model, self.tcfg.optim)
         self.scheduler = build_scheduler(self.optimizer, self.tcfg.optim, self.total_steps)
         self._resume_from: dict[str, Any] | None = None
+        self.last_saved: str | None = None  # named when training diverges: the last checkpoint with good weights
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.precision.use_grad_scaler)
         self.loss_fn = ContrastiveLoss(self.tcfg.loss_type, self.dist.rank, self.dist.world_size)
         self.validation_every = self._validation_every()
@@ -179,6 +181,7 @@ class Trainer:
                     "use train.pretrained_model_path to start from its weights"
                 )
         self.model.load_state_dict(model_state_from(checkpoint, path))
+        self.last_saved = path
         self._resume_from = checkpoint  # optimiser and schedule are loaded in fit(), after wrapping
         if checkpoint.get("scaler"):
             self.scaler.load_state_dict(checkpoint["scaler"])
@@ -408,9 +411,11 @@ class Trainer:
         path = os.path.join(self.out_dir, checkpoint_name(epoch, self.state.global_step))
         state = self._checkpoint_state()
         if self.dist.is_main:
+            check_weights(state["model"], self.state.global_step, self.last_saved)
             save_checkpoint(path, state)
             link_or_copy(path, os.path.join(self.out_dir, LATEST_NAME))
             log.info("saved %s", path)
+        self.last_saved = path
         D.barrier(self.dist)
         return path
 
@@ -420,6 +425,7 @@ class Trainer:
         state = self._checkpoint_state() if saved is None else None
         if self.dist.is_main:
             if saved is None:
+                check_weights(state["model"], self.state.global_step, self.last_saved)
                 save_checkpoint(best, state)
             else:
                 link_or_copy(saved, best)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import shutil
 import tempfile
@@ -38,8 +39,22 @@ def write_text(path: str | os.PathLike, text: str) -> None:
         f.write(text)
 
 
+def json_safe(data: Any) -> Any:
+    """``data`` with NaN and infinities as ``null`` (JSON has no such numbers; Python would write bare ``NaN``)."""
+    if isinstance(data, float):
+        return data if math.isfinite(data) else None
+    if isinstance(data, dict):
+        return {k: json_safe(v) for k, v in data.items()}
+    if isinstance(data, (list, tuple)):
+        return [json_safe(v) for v in data]
+    if hasattr(data, "item") and getattr(data, "ndim", None) == 0:  # numpy / torch scalars
+        return json_safe(data.item())
+    return data
+
+
 def write_json(path: str | os.PathLike, data: Any) -> None:
-    write_text(path, json.dumps(data, indent=2, sort_keys=False) + "\n")
+    """Valid JSON only: non-finite numbers are written as ``null``."""
+    write_text(path, json.dumps(json_safe(data), indent=2, sort_keys=False, allow_nan=False) + "\n")
 
 
 def write_yaml(path: str | os.PathLike, data: Any) -> None:

@@ -21,6 +21,7 @@ from torch import nn
 
 from clip_tao.errors import ModelError
 from clip_tao.models.base import OPENAI_MEAN, OPENAI_STD, ClipModel, Preprocess, checked_image_size, seeded_init
+from clip_tao.models.hub_cli import download_command
 from clip_tao.models.radio_backbone import (
     MlpHeadV2,
     RadioBackbone,
@@ -227,7 +228,7 @@ def _published_checkpoint(cfg: dict) -> str:
     except Exception as exc:  # hub errors come in many types; all mean "not reachable"
         raise ModelError(
             f"RADIO weights {repo}/{filename} are not reachable ({type(exc).__name__}): pre-fetch them with "
-            f"`huggingface-cli download {repo} {filename}` (then HF_HUB_OFFLINE=1 works) or set "
+            f"`{download_command(repo, filename)}` (then HF_HUB_OFFLINE=1 works) or set "
             "model.pretrained_path to the .pth.tar file"
         ) from exc
 

@@ -17,6 +17,7 @@ from torch import nn
 
 from clip_tao.errors import ModelError
 from clip_tao.models.base import ClipModel, Preprocess, checked_image_size, preprocess_from_config, seeded_init
+from clip_tao.models.hub_cli import download_command
 from clip_tao.models.registry import BuildOptions, ModelInfo, register_family
 from clip_tao.models.tokenizer import HfTokenizer, Tokenizer, build_tokenizer
 
@@ -174,6 +175,6 @@ def load_siglip_pretrained(source: str, is_local: bool) -> nn.Module:
         if is_local:
             raise ModelError(f"cannot load SigLIP weights from {source!r}: {first}") from exc
         raise ModelError(
-            f"weights {source!r} are not reachable ({first}): pre-fetch them with `huggingface-cli download {source}` "
+            f"weights {source!r} are not reachable ({first}): pre-fetch them with `{download_command(source)}` "
             "(then HF_HUB_OFFLINE=1 works) or set model.pretrained_path to a local save_pretrained folder"
         ) from exc
