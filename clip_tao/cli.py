@@ -9,7 +9,9 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import signal
 import sys
+import threading
 from collections.abc import Sequence
 
 from clip_tao import __version__
@@ -61,6 +63,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     _setup_logging()
+    previous = _interrupt_on_sigterm()
     try:
         if args.command == "list-models":
             return _list_models(args.pattern)
@@ -70,9 +73,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise
         print(f"clip-tao {args.command}: error: {exc}", file=sys.stderr)
         return 1
-    except KeyboardInterrupt:
-        print(f"clip-tao {args.command}: interrupted", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as exc:
+        name = exc.args[0] if exc.args else "SIGINT"
+        print(f"clip-tao {args.command}: interrupted ({name})", file=sys.stderr)
+        return 128 + getattr(signal, name, signal.SIGINT)
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
 
 
 def _run_task(task: str, spec: str, overrides: Sequence[str]) -> int:
@@ -106,6 +113,19 @@ def _list_models(pattern: str) -> int:
     rows = [[i.name, i.family, i.image_size, i.embed_dim, i.context_length, i.weights] for i in infos]
     print(format_table(["type", "family", "image size", "embed dim", "context", "weights"], rows))
     return 0
+
+
+def _interrupt_on_sigterm():
+    """SIGTERM (a scheduler's stop, ``kill``) unwinds like Ctrl-C, so tasks write a final status line.
+
+    Returns the previous handler (``None`` off the main thread, where handlers cannot be set)."""
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt(signal.Signals(signum).name)
+
+    if threading.current_thread() is not threading.main_thread():
+        return None
+    return signal.signal(signal.SIGTERM, interrupt)
 
 
 def _setup_logging() -> None:

@@ -27,3 +27,7 @@ class NotAvailableError(ClipTaoError):
 
 class TrainingError(ClipTaoError):
     """Training cannot go on (the loss or the weights became NaN or infinite)."""
+
+
+class OutputError(ClipTaoError):
+    """An output cannot be written: the disk is full, the folder is read-only, or another run holds it."""

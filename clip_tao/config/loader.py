@@ -22,15 +22,18 @@ from omegaconf.errors import OmegaConfBaseException
 
 from clip_tao.config.ranges import check_ranges
 from clip_tao.config.schema import ExperimentConfig
+from clip_tao.config.secrets import protect, written_expressions
 from clip_tao.config.spec_limits import MAX_SPEC_BYTES, check_spec_size
 from clip_tao.errors import ConfigError
 
 
 def load_experiment(spec_path: str | os.PathLike, overrides: Sequence[str] = ()) -> ExperimentConfig:
     """Read ``spec_path``, apply ``overrides`` and return the validated config."""
-    raw = read_spec_file(spec_path)
-    raw = apply_overrides(raw, overrides)
-    return build_config(raw, source=str(spec_path))
+    merged = merge_overrides(read_spec_file(spec_path), overrides)
+    cfg = build_config(_resolve(merged), source=str(spec_path))
+    # What we write keeps the expressions that read secrets (the environment), never their values.
+    cfg.written_expressions = written_expressions(OmegaConf.to_container(merged, resolve=False))
+    return cfg
 
 
 def read_spec_file(spec_path: str | os.PathLike) -> dict:
@@ -58,6 +61,11 @@ def read_spec_file(spec_path: str | os.PathLike) -> dict:
 
 def apply_overrides(raw: dict, overrides: Sequence[str]) -> dict:
     """Apply Hydra-grammar overrides to the raw spec and resolve ``${...}`` interpolations."""
+    return _resolve(merge_overrides(raw, overrides))
+
+
+def merge_overrides(raw: dict, overrides: Sequence[str]):
+    """The raw spec with Hydra-grammar overrides applied, interpolations not yet resolved (a DictConfig)."""
     from hydra.core.override_parser.overrides_parser import OverridesParser
     from hydra.core.override_parser.types import OverrideType
     from hydra.errors import HydraException
@@ -85,6 +93,10 @@ def apply_overrides(raw: dict, overrides: Sequence[str]) -> dict:
                 f"use {key}=... to change it or ++{key}=... to force"
             )
         OmegaConf.update(cfg, key, override.value(), merge=False, force_add=True)
+    return cfg
+
+
+def _resolve(cfg) -> dict:
     try:
         return OmegaConf.to_container(cfg, resolve=True)
     except OmegaConfBaseException as exc:
@@ -104,8 +116,12 @@ def build_config(raw: dict, source: str = "spec") -> ExperimentConfig:
 
 
 def config_to_dict(cfg: Any) -> dict:
-    """The config as plain data (for experiment.yaml and checkpoints)."""
-    return dataclasses.asdict(cfg)
+    """The config as plain data for the files we write (experiment.yaml, checkpoints, export configs).
+
+    Values that came from a resolver (``${oc.env:...}``) are written as their expression, and keys named like
+    secrets are masked, so no secret reaches a file.
+    """
+    return protect(dataclasses.asdict(cfg), getattr(cfg, "written_expressions", {}))
 
 
 def all_keys(cls: type = ExperimentConfig, prefix: str = "") -> list[str]:

@@ -23,7 +23,7 @@ from clip_tao.errors import DataError
 from clip_tao.io import plots
 from clip_tao.io.atomic import atomic_path, write_json
 from clip_tao.io.tables import format_retrieval_table, format_table
-from clip_tao.io.task_dir import prepare_task_dir
+from clip_tao.io.task_dir import failure_message, prepare_task_dir
 from clip_tao.metrics import compute_retrieval
 
 log = logging.getLogger(__name__)
@@ -37,8 +37,8 @@ def run(cfg: ExperimentConfig) -> dict:
             results = _classification(cfg, out_dir)
         else:
             results = _retrieval(cfg, out_dir)
-    except Exception as exc:
-        status.write("FAILURE", f"Evaluation failed: {exc}")
+    except (Exception, KeyboardInterrupt) as exc:
+        status.write("FAILURE", failure_message("Evaluation", exc))
         raise
     kpi = {k: v for k, v in results.items() if isinstance(v, (int, float))}
     status.write("SUCCESS", "Evaluation finished.", kpi=kpi)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 
@@ -15,7 +16,7 @@ from clip_tao.io.atomic import write_json
 from clip_tao.io.plots import training_curves_png
 from clip_tao.io.status import StatusWriter
 from clip_tao.io.tables import format_retrieval_table, format_table
-from clip_tao.io.task_dir import prepare_task_dir
+from clip_tao.io.task_dir import claim_task_dir, failure_message, prepare_task_dir
 
 log = logging.getLogger(__name__)
 
@@ -24,19 +25,22 @@ def run(cfg: ExperimentConfig) -> dict:
     """Train in this process, or as one rank of a torchrun job (only rank 0 writes files)."""
     dist = setup_distributed(cfg.train)
     try:
-        if dist.is_main:
-            out_dir, status = prepare_task_dir(cfg, "train")
-        barrier(dist)  # the folder exists before any rank opens files in it
-        if not dist.is_main:
-            out_dir, status = cfg.task_dir("train"), StatusWriter(cfg.task_dir("train"), enabled=False)
-        try:
-            summary = _train(cfg, out_dir, status, dist)
-        except Exception as exc:
-            status.write("FAILURE", f"Training failed: {exc}")
-            raise
-        status.write("SUCCESS", "Training finished.", kpi=summary["final"])
-        barrier(dist)  # on success only: a failed rank is torn down by torchrun instead
-        return summary
+        with contextlib.ExitStack() as claims:
+            if dist.is_main:
+                # One run a folder: a second one would interleave checkpoints and status lines.
+                claims.enter_context(claim_task_dir(cfg.task_dir("train"), "train"))
+                out_dir, status = prepare_task_dir(cfg, "train")
+            barrier(dist)  # the folder exists before any rank opens files in it
+            if not dist.is_main:
+                out_dir, status = cfg.task_dir("train"), StatusWriter(cfg.task_dir("train"), enabled=False)
+            try:
+                summary = _train(cfg, out_dir, status, dist)
+            except (Exception, KeyboardInterrupt) as exc:
+                status.write("FAILURE", failure_message("Training", exc))
+                raise
+            status.write("SUCCESS", "Training finished.", kpi=summary["final"])
+            barrier(dist)  # on success only: a failed rank is torn down by torchrun instead
+            return summary
     finally:
         cleanup_distributed()
 
