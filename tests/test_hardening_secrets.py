@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import pytest
 import yaml
 
 from clip_tao.cli import main
 from clip_tao.config import load_experiment
+from tests.test_s3 import SECRET as S3_SECRET
+from tests.test_s3 import s3_server  # noqa: F401, F811 (the local S3 server fixture)
 
 SECRET = "wJalrXUtnFEMI-K7MDENG-bPxRfiCYEXAMPLEKEY"
 
@@ -54,3 +57,29 @@ def test_an_override_that_reads_the_environment_is_kept_as_written(tiny_spec, mo
     written = config_to_dict(cfg)
     assert written["wandb"]["project"] == "${oc.env:AWS_SECRET_ACCESS_KEY}"
     assert SECRET not in yaml.safe_dump(written)
+
+
+@pytest.mark.parametrize(
+    "line",
+    [
+        # credentials in the endpoint's user part
+        "s3://clip-data/train/shard-000000.tar?endpoint=http://testing:{secret}@127.0.0.1:{port}&region=us-east-1",
+        # an unbalanced brace on a line whose query carries a secret
+        "s3://clip-data/train/shard-{{000000..000003.tar?endpoint=http://127.0.0.1:{port}&aws_secret_access_key={secret}",
+    ],
+)
+def test_a_shard_list_with_credentials_never_echoes_them(s3_server, tiny_spec, tmp_path, capsys, caplog, line):
+    port = s3_server["query"].split("127.0.0.1:", 1)[1].split("&", 1)[0]
+    listing = tmp_path / "shards.txt"
+    listing.write_text(line.format(secret=S3_SECRET, port=port) + "\n")
+    spec = tiny_spec(num_train=8)
+    wds = f"dataset.train={{type: wds, batch_size: 4, num_workers: 0, wds: {{shard_list_file: {listing}}}}}"
+    assert main(["train", "-e", str(spec), wds]) == 1
+    out = capsys.readouterr()
+    error = [part for part in out.err.splitlines() if part.startswith("clip-tao ")]
+    assert len(error) == 1 and "shards.txt" in error[0]
+    assert "credentials do not belong in URLs" in error[0] or "unbalanced braces" in error[0]
+    status = (tmp_path / "results" / "train" / "status.json").read_text()
+    assert '"FAILURE"' in status
+    for text in (out.out, out.err, caplog.text, status):
+        assert S3_SECRET not in text

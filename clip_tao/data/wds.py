@@ -31,7 +31,7 @@ from torch.utils.data import IterableDataset, get_worker_info
 
 from clip_tao.config.schema import WdsConfig
 from clip_tao.data.custom import SkipCounter
-from clip_tao.data.s3 import is_s3_url, open_s3, parse_s3_url, read_s3_bytes
+from clip_tao.data.s3 import is_s3_url, open_s3, parse_s3_url, read_s3_bytes, redact_url
 from clip_tao.data.walk import walk_files_once
 from clip_tao.errors import DataError
 
@@ -90,13 +90,24 @@ def _read_shard_list(cfg: WdsConfig, section: str) -> list[str]:
     base = cfg.root_dir or os.path.dirname(os.path.abspath(path))
     urls = []
     with open(path, encoding="utf-8") as f:
-        for line in f:
+        for number, line in enumerate(f, start=1):
             line = line.strip()
             if not line or line.startswith("#"):
                 continue
-            for item in braceexpand.braceexpand(line):
+            try:
+                items = list(braceexpand.braceexpand(line))
+            except braceexpand.UnbalancedBracesError:
+                # Never echo the line: its query string or user part may hold a secret.
+                raise DataError(
+                    f"{section}.shard_list_file {path!r} line {number} ({redact_url(line)}): unbalanced braces; "
+                    "write ranges as {000000..000099}"
+                ) from None
+            for item in items:
                 if is_s3_url(item):
-                    parse_s3_url(item)  # refuse bad or credential-carrying URLs up front
+                    try:
+                        parse_s3_url(item)  # refuse bad or credential-carrying URLs up front
+                    except DataError as exc:
+                        raise DataError(f"{section}.shard_list_file {path!r} line {number}: {exc}") from None
                     urls.append(item)
                     continue
                 local = item if os.path.isabs(item) else os.path.join(base, item)
