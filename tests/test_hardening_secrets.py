@@ -8,7 +8,7 @@ import yaml
 from clip_tao.cli import main
 from clip_tao.config import load_experiment
 from tests.test_s3 import SECRET as S3_SECRET
-from tests.test_s3 import s3_server  # noqa: F401, F811 (the local S3 server fixture)
+from tests.test_s3 import s3_server  # noqa: F401 (the local S3 server fixture)
 
 SECRET = "wJalrXUtnFEMI-K7MDENG-bPxRfiCYEXAMPLEKEY"
 
@@ -68,7 +68,7 @@ def test_an_override_that_reads_the_environment_is_kept_as_written(tiny_spec, mo
         "s3://clip-data/train/shard-{{000000..000003.tar?endpoint=http://127.0.0.1:{port}&aws_secret_access_key={secret}",
     ],
 )
-def test_a_shard_list_with_credentials_never_echoes_them(s3_server, tiny_spec, tmp_path, capsys, caplog, line):
+def test_a_shard_list_with_credentials_never_echoes_them(s3_server, tiny_spec, tmp_path, capsys, caplog, line):  # noqa: F811
     port = s3_server["query"].split("127.0.0.1:", 1)[1].split("&", 1)[0]
     listing = tmp_path / "shards.txt"
     listing.write_text(line.format(secret=S3_SECRET, port=port) + "\n")
