@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import os
 import signal
 import sys
 import threading
@@ -129,8 +130,12 @@ def _interrupt_on_sigterm():
 
 
 def _setup_logging() -> None:
+    # Under torchrun every process logs; only rank 0 tells the story, the others report problems only.
+    rank = os.environ.get("RANK", "0")
     logging.basicConfig(
-        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S"
+        level=logging.INFO if rank in ("", "0") else logging.WARNING,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
     )
     for noisy in ("transformers", "open_clip", "timm", "urllib3", "PIL", "matplotlib", "h5py"):
         logging.getLogger(noisy).setLevel(logging.WARNING)

@@ -309,7 +309,8 @@ class Trainer:
         bar = tqdm(
             total=self.steps_per_epoch,
             initial=skip_batches // self.accumulate,
-            desc=f"epoch {epoch}/{t.num_epochs - 1}",
+            # The index that names the epoch's files (model_epoch_000 ...), and the count, so "0/1" is never read as "0 of 1".
+            desc=f"epoch {epoch:03d} ({epoch + 1} of {t.num_epochs})",
             unit="step",
             dynamic_ncols=True,
             disable=not self.dist.is_main,

@@ -42,6 +42,7 @@ def run(cfg: ExperimentConfig) -> dict:
         raise
     kpi = {k: v for k, v in results.items() if isinstance(v, (int, float))}
     status.write("SUCCESS", "Evaluation finished.", kpi=kpi)
+    print(f"results: {os.path.join(out_dir, 'results.json')} (plots and status.json beside it)")
     return results
 
 

@@ -8,6 +8,7 @@ import os
 
 from clip_tao.config.schema import ExperimentConfig
 from clip_tao.data.loaders import build_train_loader, build_val_loader
+from clip_tao.engine.checkpoint import load_checkpoint
 from clip_tao.engine.device import seed_everything
 from clip_tao.engine.distributed import DistContext, barrier, cleanup_distributed, setup_distributed
 from clip_tao.engine.model_setup import build_model
@@ -47,6 +48,11 @@ def run(cfg: ExperimentConfig) -> dict:
 
 def _train(cfg: ExperimentConfig, out_dir: str, status, dist: DistContext) -> dict:
     t = cfg.train
+    finished = _finished_run(cfg, out_dir)
+    if finished is not None:  # nothing to train: no model to build, no empty TensorBoard file
+        if dist.is_main:
+            _print_summary(finished, out_dir)
+        return finished
     # Same seed on every rank: identical initial weights (DDP also broadcasts rank 0's).
     seed_everything(t.seed, t.cudnn.benchmark, t.cudnn.deterministic)
     model = build_model(cfg)
@@ -83,6 +89,30 @@ def _train(cfg: ExperimentConfig, out_dir: str, status, dist: DistContext) -> di
             training_curves_png(state.history, os.path.join(out_dir, "training_curves.png"))
         _print_summary(summary, out_dir)
     return summary
+
+
+def _finished_run(cfg: ExperimentConfig, out_dir: str) -> dict | None:
+    """The summary of the run in ``out_dir`` when auto-resume would continue it past its last epoch, else None."""
+    t = cfg.train
+    latest = t.resume_training_checkpoint_path or os.path.join(out_dir, LATEST_NAME)
+    if not (t.resume_training_checkpoint_path or (t.auto_resume and os.path.isfile(latest))):
+        return None
+    checkpoint = load_checkpoint(latest)
+    epoch = checkpoint.get("epoch")
+    if not isinstance(epoch, int) or epoch < t.num_epochs:
+        return None  # a run to continue (resume() checks the checkpoint in full)
+    log.info("%s already finished %d of %d epochs: nothing to do (raise train.num_epochs to train on)",
+             latest, epoch, t.num_epochs)  # fmt: skip
+    history = checkpoint.get("history") or []
+    best = checkpoint.get("best") or {}
+    return {
+        "model_type": checkpoint.get("model_type"),
+        "epochs": epoch,
+        "steps": checkpoint.get("global_step"),
+        "final": dict(history[-1]) if history else {},
+        "best": {"metric": BEST_METRIC, "value": best.get("value"), "epoch": best.get("epoch")},
+        "skipped_files": dict(checkpoint.get("skipped") or {}),
+    }
 
 
 def _print_summary(summary: dict, out_dir: str) -> None:
