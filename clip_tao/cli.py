@@ -85,8 +85,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _run_task(task: str, spec: str, overrides: Sequence[str]) -> int:
     from clip_tao.config import load_experiment
+    from clip_tao.config.paths import check_spec_paths
 
     cfg = load_experiment(spec, overrides)
+    check_spec_paths(cfg, task)  # before any model is built or weights are fetched
     if task == "train":
         from clip_tao.engine.distributed import relaunch_command
 
@@ -139,6 +141,8 @@ def _setup_logging() -> None:
     )
     for noisy in ("transformers", "open_clip", "timm", "urllib3", "PIL", "matplotlib", "h5py"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    # huggingface_hub prints through a handler of its own: passing its records on too would print each twice.
+    logging.getLogger("huggingface_hub").propagate = False
 
 
 if __name__ == "__main__":

@@ -203,7 +203,7 @@ def test_unreachable_published_weights_name_the_file(monkeypatch, tmp_path):
 
     monkeypatch.setattr(hub_constants, "HF_HUB_OFFLINE", True)
     monkeypatch.setattr(hub_constants, "HF_HUB_CACHE", str(tmp_path / "empty-cache"))
-    with pytest.raises(ModelError, match=r"huggingface-cli download nvidia/C-RADIOv3-B c-radio_v3-b_half\.pth\.tar"):
+    with pytest.raises(ModelError, match=r"`hf download nvidia/C-RADIOv3-B c-radio_v3-b_half\.pth\.tar`"):
         create_model("c-radio_v3-b", adaptor_name="siglip")
 
 
@@ -309,7 +309,7 @@ def test_backbone_weights_the_args_do_not_describe_are_refused(assets, tmp_path)
 
 
 def test_published_checkpoint_is_read_from_the_hf_cache_offline(assets, tmp_path, monkeypatch):
-    """What `huggingface-cli download nvidia/C-RADIOv3-B c-radio_v3-b_half.pth.tar` leaves, read offline."""
+    """What `hf download nvidia/C-RADIOv3-B c-radio_v3-b_half.pth.tar` leaves, read offline."""
     import shutil
 
     import huggingface_hub.constants as hub_constants

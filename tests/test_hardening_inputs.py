@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import logging
 import os
+import subprocess
+import sys
+import time
 from importlib import metadata
 
 import pytest
@@ -14,7 +17,7 @@ from clip_tao.config.schema import DatasetEntry, WdsConfig
 from clip_tao.data.custom import scan_custom_datasets
 from clip_tao.errors import ConfigError, DataError
 from clip_tao.models.hub_cli import download_command
-from tests.conftest import make_dataset
+from tests.conftest import REPO, make_dataset
 
 
 def test_a_symlink_loop_in_image_dir_is_walked_once(tmp_path, caplog):
@@ -105,3 +108,44 @@ def test_a_spec_with_a_few_aliases_still_loads(tmp_path):
 def test_spec_values_out_of_range_are_one_line(tmp_path, override, message):
     with pytest.raises(ConfigError, match=message):
         load_experiment(_spec(tmp_path, ""), [override])
+
+
+def test_every_wrong_path_is_reported_before_any_model_is_built(tiny_spec, tmp_path, capsys, caplog):
+    spec = tiny_spec()
+    args = [
+        "model.type=siglip2-so400m-patch16-256",  # weights from the hub: building would fetch (or retry) first
+        f"+model.pretrained_path={tmp_path / 'no-weights'}",
+        f"dataset.train.datasets=[{{image_dir: {tmp_path / 'no-train'}}}]",
+        f"dataset.val.datasets=[{{image_dir: {tmp_path / 'data' / 'val'}, image_list_file: {tmp_path / 'x.txt'}}}]",
+    ]
+    started = time.monotonic()
+    assert main(["train", "-e", str(spec), *args]) == 1
+    assert time.monotonic() - started < 30  # no model was built, no hub was asked
+    err = capsys.readouterr().err
+    assert len([line for line in err.splitlines() if line.startswith("clip-tao")]) == 1
+    for key in (
+        "model.pretrained_path",
+        "dataset.train.datasets[0].image_dir",
+        "dataset.val.datasets[0].image_list_file",
+    ):
+        assert key in err
+    assert "siglip" not in caplog.text.lower()  # the model was never built
+    assert not (tmp_path / "results").exists()  # nothing written either
+
+
+def test_an_unreachable_hub_is_not_retried(tmp_path):
+    """No network here: the hub check switches to the local cache at once, so the error comes without retries."""
+    code = (
+        "import logging, sys; from clip_tao.cli import _setup_logging; _setup_logging()\n"
+        "from clip_tao.models.tokenizer import load_hf_tokenizer\n"
+        "try:\n    load_hf_tokenizer('no-such-org/no-such-repo')\n"
+        "except Exception as exc:\n    print(type(exc).__name__, exc, file=sys.stderr)\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k not in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")}
+    env.update(PYTHONPATH=str(REPO), HF_HOME=str(tmp_path / "hf"), HF_ENDPOINT="http://127.0.0.1:9")
+    started = time.monotonic()
+    run = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert time.monotonic() - started < 60
+    assert "Retry" not in run.stderr
+    assert "ModelError" in run.stderr and "download no-such-org/no-such-repo" in run.stderr
+    assert run.stderr.count("cannot be reached") == 1

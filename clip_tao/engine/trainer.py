@@ -28,6 +28,7 @@ from clip_tao.data.loaders import LoaderBundle, iterate_batches
 from clip_tao.engine import distributed as D
 from clip_tao.engine.checkpoint import (
     capture_rng_state,
+    check_model_type,
     checkpoint_name,
     load_checkpoint,
     load_model_weights,
@@ -180,7 +181,12 @@ class Trainer:
                     f"{path!r} is not a training checkpoint (no {key!r}): "
                     "use train.pretrained_model_path to start from its weights"
                 )
-        self.model.load_state_dict(model_state_from(checkpoint, path))
+        check_model_type(checkpoint, self.model.model_type, path)
+        try:
+            self.model.load_state_dict(model_state_from(checkpoint, path))
+        except RuntimeError as exc:  # missing keys or tensors of the wrong shapes
+            detail = " ".join(str(exc).split())[:300]
+            raise ModelError(f"checkpoint {path!r} does not fit model.type={self.model.model_type}: {detail}") from exc
         self.last_saved = path
         self._resume_from = checkpoint  # optimiser and schedule are loaded in fit(), after wrapping
         if checkpoint.get("scaler"):
@@ -194,10 +200,13 @@ class Trainer:
         s.best_epoch = best.get("epoch")
         s.history = list(checkpoint.get("history", []))
         self.skipped.update(checkpoint.get("skipped", {}))
-        rng = checkpoint["rng"]
+        rng = checkpoint.get("rng")
         if isinstance(rng, list):  # one state per rank
             rng = rng[self.dist.rank] if self.dist.rank < len(rng) else rng[0]
-        restore_rng_state(rng)
+        if rng:
+            restore_rng_state(rng)
+        else:
+            log.warning("%s holds no random-number states: the run continues, but not as an exact repeat", path)
         self._truncate_sample_log(s.global_step)
         log.info("resumed from %s at epoch %d, step %d", path, s.epoch, s.global_step)
 

@@ -18,7 +18,7 @@ from torch import nn
 
 from clip_tao.errors import ModelError
 from clip_tao.models.base import Preprocess, checked_image_size, preprocess_from_config, seeded_init
-from clip_tao.models.hub_cli import download_command
+from clip_tao.models.hub_cli import download_command, prepare_hub
 from clip_tao.models.registry import BuildOptions, ModelInfo, register_family
 from clip_tao.models.siglip_family import SiglipClipModel, quiet_hf_loading, tokenizer_source
 from clip_tao.models.tokenizer import HfTokenizer, Tokenizer
@@ -116,6 +116,8 @@ def build_naflex_module(info: ModelInfo) -> nn.Module:
 def load_naflex_pretrained(source: str, is_local: bool) -> nn.Module:
     from transformers import Siglip2Model
 
+    if not is_local:
+        prepare_hub()
     try:
         with quiet_hf_loading():
             return Siglip2Model.from_pretrained(source)

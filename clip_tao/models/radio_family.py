@@ -21,7 +21,7 @@ from torch import nn
 
 from clip_tao.errors import ModelError
 from clip_tao.models.base import OPENAI_MEAN, OPENAI_STD, ClipModel, Preprocess, checked_image_size, seeded_init
-from clip_tao.models.hub_cli import download_command
+from clip_tao.models.hub_cli import download_command, prepare_hub
 from clip_tao.models.radio_backbone import (
     MlpHeadV2,
     RadioBackbone,
@@ -223,6 +223,7 @@ def _published_checkpoint(cfg: dict) -> str:
     from huggingface_hub import hf_hub_download
 
     repo, filename = cfg["hf_repo"], cfg["hf_filename"]
+    prepare_hub()
     try:
         return hf_hub_download(repo, filename)
     except Exception as exc:  # hub errors come in many types; all mean "not reachable"

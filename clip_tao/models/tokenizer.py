@@ -134,8 +134,10 @@ class HfTokenizer(Tokenizer):
 def load_hf_tokenizer(source: str):
     """``AutoTokenizer`` from a local folder or a hub id (the HF cache serves it offline)."""
     from clip_tao.errors import ModelError
-    from clip_tao.models.hub_cli import download_command
+    from clip_tao.models.hub_cli import download_command, prepare_hub
 
+    if not os.path.isdir(source):
+        prepare_hub()
     try:
         from transformers import AutoTokenizer
 

@@ -8,7 +8,7 @@ import os
 
 from clip_tao.config.schema import ExperimentConfig
 from clip_tao.data.loaders import build_train_loader, build_val_loader
-from clip_tao.engine.checkpoint import load_checkpoint
+from clip_tao.engine.checkpoint import check_model_type, load_checkpoint
 from clip_tao.engine.device import seed_everything
 from clip_tao.engine.distributed import DistContext, barrier, cleanup_distributed, setup_distributed
 from clip_tao.engine.model_setup import build_model
@@ -98,6 +98,7 @@ def _finished_run(cfg: ExperimentConfig, out_dir: str) -> dict | None:
     if not (t.resume_training_checkpoint_path or (t.auto_resume and os.path.isfile(latest))):
         return None
     checkpoint = load_checkpoint(latest)
+    check_model_type(checkpoint, cfg.model.type, latest)
     epoch = checkpoint.get("epoch")
     if not isinstance(epoch, int) or epoch < t.num_epochs:
         return None  # a run to continue (resume() checks the checkpoint in full)
