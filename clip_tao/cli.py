@@ -88,7 +88,14 @@ def _run_task(task: str, spec: str, overrides: Sequence[str]) -> int:
     from clip_tao.config.paths import check_spec_paths
 
     cfg = load_experiment(spec, overrides)
-    check_spec_paths(cfg, task)  # before any model is built or weights are fetched
+    try:
+        check_spec_paths(cfg, task)  # before any model is built or weights are fetched
+    except ClipTaoError as exc:
+        if os.environ.get("RANK", "0") in ("", "0"):  # TAO's tools read the outcome from status.json
+            from clip_tao.io.status import StatusWriter
+
+            StatusWriter(cfg.task_dir(task)).write("FAILURE", f"{task} failed: {exc}")
+        raise
     if task == "train":
         from clip_tao.engine.distributed import relaunch_command
 

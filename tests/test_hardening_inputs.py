@@ -130,7 +130,9 @@ def test_every_wrong_path_is_reported_before_any_model_is_built(tiny_spec, tmp_p
     ):
         assert key in err
     assert "siglip" not in caplog.text.lower()  # the model was never built
-    assert not (tmp_path / "results").exists()  # nothing written either
+    status = (tmp_path / "results" / "train" / "status.json").read_text().splitlines()
+    assert len(status) == 1 and '"FAILURE"' in status[0]  # the outcome for TAO's tools, and nothing else
+    assert sorted(p.name for p in (tmp_path / "results" / "train").iterdir()) == ["status.json"]
 
 
 def test_an_unreachable_hub_is_not_retried(tmp_path):

@@ -50,3 +50,14 @@ def test_a_finished_run_is_left_alone_and_evaluate_says_where(tiny_spec, tmp_pat
 
     assert main(["evaluate", "-e", str(spec), f"evaluate.checkpoint={train / 'clip_latest.pth'}"]) == 0
     assert f"results: {tmp_path / 'results' / 'evaluate' / 'results.json'}" in capsys.readouterr().out
+
+
+def test_hub_log_lines_are_printed_once():
+    code = (
+        "from clip_tao.cli import _setup_logging; _setup_logging(); "
+        "from huggingface_hub.utils import logging; logging.get_logger('huggingface_hub.utils._http')"
+        ".warning('Retrying in 1s [Retry 1/5].')"
+    )
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    err = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stderr
+    assert err.count("Retrying in 1s") == 1

@@ -57,7 +57,7 @@ def _paths(cfg: ExperimentConfig, task: str) -> Iterator[tuple[str, str, str]]:
         if s.checkpoint:
             yield f"{task}.checkpoint", s.checkpoint, "file"
         if s.datasets:
-            yield from _data("custom", s.datasets, None, f"{task}.datasets")
+            yield from _data("custom", s.datasets, None, task)
         elif task == "evaluate" and s.mode == "retrieval":
             yield from _data(cfg.dataset.val.type, cfg.dataset.val.datasets, cfg.dataset.val.wds, "dataset.val")
         files = ("classnames_file", "templates_file") if task == "evaluate" else ("text_file", "image_embeddings_file")
