@@ -1,8 +1,10 @@
 """Exclusive claims on an output (a run's folder, an export's files) for as long as a process writes it.
 
 Two runs writing one folder interleave checkpoints and status lines; two exports to one file mix their files.
-The claim is an advisory ``flock`` on a small lock file that names its holder: the kernel releases it when
-the holder exits, however it exits, so a crash never leaves a stale claim behind.
+The claim is an advisory POSIX lock (``lockf``) on a small lock file that names its holder: the kernel
+releases it when the holder exits, however it exits, so a crash never leaves a stale claim behind. Unlike
+``flock``, a POSIX lock is not shared with forked children: DataLoader workers that outlive a killed run for a
+moment do not keep its folder claimed.
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ def exclusive_claim(lock_path: str, what: str) -> Iterator[None]:
     while True:
         fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o666)
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as exc:
             os.close(fd)
             if exc.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
