@@ -52,10 +52,11 @@ def test_an_override_that_reads_the_environment_is_kept_as_written(tiny_spec, mo
     from clip_tao.config.loader import config_to_dict
 
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", SECRET)
-    cfg = load_experiment(tiny_spec(), ["wandb.project=${oc.env:AWS_SECRET_ACCESS_KEY}"])
+    cfg = load_experiment(tiny_spec(), ["wandb.project=${oc.env:AWS_SECRET_ACCESS_KEY}", "model.tokenizer_path=/tok"])
     assert cfg.wandb.project == SECRET
     written = config_to_dict(cfg)
     assert written["wandb"]["project"] == "${oc.env:AWS_SECRET_ACCESS_KEY}"
+    assert written["model"]["tokenizer_path"] == "/tok"  # a key that merely contains "token" is not masked
     assert SECRET not in yaml.safe_dump(written)
 
 

@@ -14,7 +14,9 @@ from typing import Any
 _RESOLVER_CALL = re.compile(r"\$\{\s*[A-Za-z_][\w.]*\s*:")
 # ``${a.b}`` / ``${.sibling}``: a plain reference to another key.
 _REFERENCE = re.compile(r"\$\{\s*([\w.\[\]]+)\s*\}")
-_SECRET_NAME = re.compile(r"(secret|password|passwd|token|api_?key|access_?key|encryption_key|credential)", re.I)
+# Key names (split at "_") that hold secrets: ``encryption_key``, ``api_key``, ``hf_token``; not ``tokenizer_path``.
+_SECRET_WORDS = {"secret", "password", "passwd", "token", "credential", "credentials"}
+_KEY_KINDS = {"api", "access", "encryption", "secret", "private"}
 MASK = "***"
 
 Path = tuple[Any, ...]
@@ -61,7 +63,10 @@ def _protect(data: Any, expressions: dict[Path, str], path: Path) -> Any:
 
 
 def _is_secret(key: Any, value: Any) -> bool:
-    return isinstance(key, str) and isinstance(value, str) and bool(value) and bool(_SECRET_NAME.search(key))
+    if not (isinstance(key, str) and isinstance(value, str) and value):
+        return False
+    parts = key.lower().split("_")
+    return bool(_SECRET_WORDS & set(parts)) or (len(parts) > 1 and parts[-1] == "key" and parts[-2] in _KEY_KINDS)
 
 
 def _leaves(data: Any, path: Path = ()):
