@@ -64,3 +64,17 @@ def test_every_json_written_is_strict_json(tiny_spec, tmp_path):
     assert summary["best"]["value"] is None
     for line in (train / "status.json").read_text().splitlines():
         _strict_json(line)
+
+
+def test_a_diverging_run_keeps_the_last_good_checkpoint(tiny_spec, tmp_path, capsys):
+    spec = tiny_spec(num_train=32, train={"num_epochs": 1, "precision": "fp32"})
+    assert main(["train", "-e", str(spec)]) == 0
+    latest = tmp_path / "results" / "train" / "clip_latest.pth"
+    good = torch.load(latest, weights_only=True)["model"]
+    # A second run into the same folder, from those weights, with a learning rate that overflows the weights.
+    args = ["train.auto_resume=false", f"train.pretrained_model_path={latest}", "train.checkpoint_interval_unit=step",
+            "train.optim.vision_lr=3.3e38", "train.optim.text_lr=3.3e38", "train.optim.warmup_steps=0"]  # fmt: skip
+    assert main(["train", "-e", str(spec), *args]) == 1
+    assert "training diverged at step 0: the optimiser's update overflowed" in _error_line(capsys.readouterr().err)
+    kept = torch.load(latest, weights_only=True)["model"]
+    assert all(torch.equal(kept[k], good[k]) for k in good)  # clip_latest.pth still holds the good weights

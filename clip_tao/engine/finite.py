@@ -23,11 +23,24 @@ def check_weights(state: Mapping[str, torch.Tensor], step: int, last_checkpoint:
         if isinstance(t, torch.Tensor) and t.is_floating_point() and not bool(torch.isfinite(t).all())
     ]
     if bad:
-        kept = f"the last good checkpoint is {last_checkpoint}" if last_checkpoint else "no checkpoint was written"
         raise TrainingError(
             f"training diverged at step {step}: {len(bad)} weight tensors hold NaN/inf (e.g. {bad[0]}), "
-            f"not saved ({kept}); {DIVERGED_FIX}"
+            f"not saved ({_kept(last_checkpoint)}); {DIVERGED_FIX}"
         )
+
+
+def _kept(last_checkpoint: str | None) -> str:
+    return f"the last good checkpoint is {last_checkpoint}" if last_checkpoint else "no checkpoint was written"
+
+
+def overflow_error(exc: RuntimeError, step: int, last_checkpoint: str | None) -> TrainingError | None:
+    """The one-line error for an optimiser step that overflowed float32 (a huge learning rate), else None."""
+    if "overflow" not in str(exc):
+        return None
+    return TrainingError(
+        f"training diverged at step {step}: the optimiser's update overflowed float32 ({_kept(last_checkpoint)}); "
+        f"{DIVERGED_FIX}"
+    )
 
 
 def check_embeddings(embeddings: torch.Tensor | None, what: str) -> None:

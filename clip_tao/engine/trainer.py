@@ -38,7 +38,7 @@ from clip_tao.engine.checkpoint import (
 )
 from clip_tao.engine.device import resolve_precision
 from clip_tao.engine.embedding import embed_loader
-from clip_tao.engine.finite import check_weights
+from clip_tao.engine.finite import check_weights, overflow_error
 from clip_tao.engine.optim import build_optimizer, build_scheduler
 from clip_tao.engine.step import contrastive_backward
 from clip_tao.errors import ConfigError, ModelError
@@ -337,7 +337,13 @@ class Trainer:
                 micro.append(batch)
                 if len(micro) < self.accumulate:
                     continue
-                loss, count = self._step(micro)
+                try:
+                    loss, count = self._step(micro)
+                except RuntimeError as exc:  # a learning rate so large that the update leaves float32
+                    error = overflow_error(exc, s.global_step, self.last_saved)
+                    if error is None:
+                        raise
+                    raise error from exc
                 micro = []
                 if loss is not None:
                     loss_sum += loss
