@@ -9,7 +9,10 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import os
+import signal
 import sys
+import threading
 from collections.abc import Sequence
 
 from clip_tao import __version__
@@ -53,13 +56,16 @@ def build_parser() -> argparse.ArgumentParser:
     lm = sub.add_parser(
         "list-models", parents=[debug], help="list the model types", description="List the model types."
     )
-    lm.add_argument("pattern", nargs="?", default="*", help="shell-style filter, e.g. 'siglip2*'")
+    lm.add_argument(
+        "pattern", nargs="?", default="*", help="a word in the name ('radio') or a shell-style filter ('siglip2*')"
+    )
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     _setup_logging()
+    previous = _interrupt_on_sigterm()
     try:
         if args.command == "list-models":
             return _list_models(args.pattern)
@@ -69,15 +75,28 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise
         print(f"clip-tao {args.command}: error: {exc}", file=sys.stderr)
         return 1
-    except KeyboardInterrupt:
-        print(f"clip-tao {args.command}: interrupted", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as exc:
+        name = exc.args[0] if exc.args else "SIGINT"
+        print(f"clip-tao {args.command}: interrupted ({name})", file=sys.stderr)
+        return 128 + getattr(signal, name, signal.SIGINT)
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
 
 
 def _run_task(task: str, spec: str, overrides: Sequence[str]) -> int:
     from clip_tao.config import load_experiment
+    from clip_tao.config.paths import check_spec_paths
 
     cfg = load_experiment(spec, overrides)
+    try:
+        check_spec_paths(cfg, task)  # before any model is built or weights are fetched
+    except ClipTaoError as exc:
+        if os.environ.get("RANK", "0") in ("", "0"):  # TAO's tools read the outcome from status.json
+            from clip_tao.io.status import StatusWriter
+
+            StatusWriter(cfg.task_dir(task)).write("FAILURE", f"{task} failed: {exc}")
+        raise
     if task == "train":
         from clip_tao.engine.distributed import relaunch_command
 
@@ -97,18 +116,41 @@ def _list_models(pattern: str) -> int:
     from clip_tao.io.tables import format_table
     from clip_tao.models import list_models
 
-    infos = list_models(pattern)
+    # A plain word matches anywhere in the name, as users expect from a search box.
+    infos = list_models(pattern if any(c in pattern for c in "*?[") else f"*{pattern}*")
+    if not infos:
+        print(f"no model type matches {pattern!r}; run `clip-tao list-models` for all of them")
+        return 1
     rows = [[i.name, i.family, i.image_size, i.embed_dim, i.context_length, i.weights] for i in infos]
     print(format_table(["type", "family", "image size", "embed dim", "context", "weights"], rows))
     return 0
 
 
+def _interrupt_on_sigterm():
+    """SIGTERM (a scheduler's stop, ``kill``) unwinds like Ctrl-C, so tasks write a final status line.
+
+    Returns the previous handler (``None`` off the main thread, where handlers cannot be set)."""
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt(signal.Signals(signum).name)
+
+    if threading.current_thread() is not threading.main_thread():
+        return None
+    return signal.signal(signal.SIGTERM, interrupt)
+
+
 def _setup_logging() -> None:
+    # Under torchrun every process logs; only rank 0 tells the story, the others report problems only.
+    rank = os.environ.get("RANK", "0")
     logging.basicConfig(
-        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S"
+        level=logging.INFO if rank in ("", "0") else logging.WARNING,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
     )
     for noisy in ("transformers", "open_clip", "timm", "urllib3", "PIL", "matplotlib", "h5py"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    # huggingface_hub prints through a handler of its own: passing its records on too would print each twice.
+    logging.getLogger("huggingface_hub").propagate = False
 
 
 if __name__ == "__main__":

@@ -23,3 +23,11 @@ class ModelError(ClipTaoError):
 
 class NotAvailableError(ClipTaoError):
     """A task or backend that this installation cannot run."""
+
+
+class TrainingError(ClipTaoError):
+    """Training cannot go on (the loss or the weights became NaN or infinite)."""
+
+
+class OutputError(ClipTaoError):
+    """An output cannot be written: the disk is full, the folder is read-only, or another run holds it."""

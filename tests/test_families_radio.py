@@ -451,12 +451,12 @@ def test_unreachable_published_weights_name_the_file(monkeypatch, tmp_path):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setattr(hub_constants, "HF_HUB_OFFLINE", True)
     monkeypatch.setattr(hub_constants, "HF_HUB_CACHE", str(tmp_path / "empty-cache"))
-    with pytest.raises(ModelError, match=r"huggingface-cli download nvidia/C-RADIOv4-H c-radio_v4-h_half\.pth\.tar"):
+    with pytest.raises(ModelError, match=r"`hf download nvidia/C-RADIOv4-H c-radio_v4-h_half\.pth\.tar"):
         create_model("c-radio_v4-h", adaptor_name="siglip")
 
 
 def test_published_checkpoint_is_read_from_the_hf_cache_offline(assets, tmp_path, monkeypatch):
-    """What `huggingface-cli download nvidia/C-RADIOv3-B c-radio_v3-b_half.pth.tar` leaves, read offline."""
+    """What `hf download nvidia/C-RADIOv3-B c-radio_v3-b_half.pth.tar` leaves, read offline."""
     import shutil
 
     import huggingface_hub.constants as hub_constants

@@ -106,7 +106,7 @@ def _hub_cache(monkeypatch, cache):
 
 
 def test_hub_id_loads_from_the_cache_offline(assets, tmp_path, monkeypatch):
-    """What `huggingface-cli download google/siglip2-so400m-patch16-256` leaves in the cache, read offline."""
+    """What `hf download google/siglip2-so400m-patch16-256` leaves in the cache, read offline."""
     import shutil
 
     repo = tmp_path / "cache" / "models--google--siglip2-so400m-patch16-256"
@@ -126,9 +126,7 @@ def test_hub_id_loads_from_the_cache_offline(assets, tmp_path, monkeypatch):
 
 def test_unreachable_weights_are_one_clear_error(tmp_path, monkeypatch):
     _hub_cache(monkeypatch, tmp_path / "empty")
-    with pytest.raises(
-        ModelError, match=r"huggingface-cli download google/siglip2-so400m-patch16-256.*pretrained_path"
-    ):
+    with pytest.raises(ModelError, match=r"`hf download google/siglip2-so400m-patch16-256`.*pretrained_path"):
         create_model(TYPE)
     with pytest.raises(ModelError, match="is not a folder"):
         create_model(TYPE, pretrained_path=str(tmp_path / "nothing"))

@@ -21,15 +21,20 @@ from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from clip_tao.config.checks import check_peft_and_regularization
+from clip_tao.config.ranges import check_ranges
 from clip_tao.config.schema import ExperimentConfig
+from clip_tao.config.secrets import protect, written_expressions
+from clip_tao.config.spec_limits import MAX_SPEC_BYTES, check_spec_size
 from clip_tao.errors import ConfigError
 
 
 def load_experiment(spec_path: str | os.PathLike, overrides: Sequence[str] = ()) -> ExperimentConfig:
     """Read ``spec_path``, apply ``overrides`` and return the validated config."""
-    raw = read_spec_file(spec_path)
-    raw = apply_overrides(raw, overrides)
-    return build_config(raw, source=str(spec_path))
+    merged = merge_overrides(read_spec_file(spec_path), overrides)
+    cfg = build_config(_resolve(merged), source=str(spec_path))
+    # What we write keeps the expressions that read secrets (the environment), never their values.
+    cfg.written_expressions = written_expressions(OmegaConf.to_container(merged, resolve=False))
+    return cfg
 
 
 def read_spec_file(spec_path: str | os.PathLike) -> dict:
@@ -37,12 +42,14 @@ def read_spec_file(spec_path: str | os.PathLike) -> dict:
     if not os.path.isfile(path):
         raise ConfigError(f"spec file {path!r} does not exist: pass an existing YAML or JSON file with -e")
     try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read(MAX_SPEC_BYTES + 1)
+        check_spec_size(path, text)
         if path.endswith(".json"):
-            with open(path, encoding="utf-8") as f:
-                data = json.load(f)
+            data = json.loads(text)
         else:
             # OmegaConf's YAML loader reads 1e-4 as a float (plain PyYAML reads it as a string).
-            data = OmegaConf.to_container(OmegaConf.load(path), resolve=False)
+            data = OmegaConf.to_container(OmegaConf.create(text), resolve=False)
     except (json.JSONDecodeError, yaml.YAMLError, OmegaConfBaseException, UnicodeDecodeError) as exc:
         detail = " ".join(str(exc).split())
         raise ConfigError(f"spec file {path!r} cannot be parsed: {detail}") from exc
@@ -55,6 +62,11 @@ def read_spec_file(spec_path: str | os.PathLike) -> dict:
 
 def apply_overrides(raw: dict, overrides: Sequence[str]) -> dict:
     """Apply Hydra-grammar overrides to the raw spec and resolve ``${...}`` interpolations."""
+    return _resolve(merge_overrides(raw, overrides))
+
+
+def merge_overrides(raw: dict, overrides: Sequence[str]):
+    """The raw spec with Hydra-grammar overrides applied, interpolations not yet resolved (a DictConfig)."""
     from hydra.core.override_parser.overrides_parser import OverridesParser
     from hydra.core.override_parser.types import OverrideType
     from hydra.errors import HydraException
@@ -82,6 +94,10 @@ def apply_overrides(raw: dict, overrides: Sequence[str]) -> dict:
                 f"use {key}=... to change it or ++{key}=... to force"
             )
         OmegaConf.update(cfg, key, override.value(), merge=False, force_add=True)
+    return cfg
+
+
+def _resolve(cfg) -> dict:
     try:
         return OmegaConf.to_container(cfg, resolve=True)
     except OmegaConfBaseException as exc:
@@ -95,14 +111,19 @@ def build_config(raw: dict, source: str = "spec") -> ExperimentConfig:
     """Validate a plain dict against the schema and build the dataclasses."""
     cfg = _build_dataclass(ExperimentConfig, raw, path="")
     check_peft_and_regularization(cfg)
+    check_ranges(cfg)
     if not cfg.results_dir:
         raise ConfigError(f"{source}: results_dir is required: set it in the spec or pass results_dir=/path")
     return cfg
 
 
 def config_to_dict(cfg: Any) -> dict:
-    """The config as plain data (for experiment.yaml and checkpoints)."""
-    return dataclasses.asdict(cfg)
+    """The config as plain data for the files we write (experiment.yaml, checkpoints, export configs).
+
+    Values that came from a resolver (``${oc.env:...}``) are written as their expression, and keys named like
+    secrets are masked, so no secret reaches a file.
+    """
+    return protect(dataclasses.asdict(cfg), getattr(cfg, "written_expressions", {}))
 
 
 def all_keys(cls: type = ExperimentConfig, prefix: str = "") -> list[str]:
@@ -184,13 +205,15 @@ def _convert(hint: Any, value: Any, key: str) -> Any:
             return int(value)
         raise ConfigError(f"{key} must be an integer, got {_show(value)}")
     if hint is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):
-            try:
+        try:
+            if isinstance(value, (int, float)) and not isinstance(value, bool):
                 return float(value)
-            except ValueError:
-                pass
+            if isinstance(value, str):
+                return float(value)
+        except OverflowError:  # a 400-digit integer
+            raise ConfigError(f"{key} has {len(str(value))} digits: too large for a number") from None
+        except ValueError:
+            pass
         raise ConfigError(f"{key} must be a number, got {_show(value)}")
     if hint is str:
         if isinstance(value, str):

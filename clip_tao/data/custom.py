@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from tqdm import tqdm
 
 from clip_tao.config.schema import DatasetEntry
+from clip_tao.data.walk import walk_files_once
 from clip_tao.errors import DataError
 
 log = logging.getLogger(__name__)
@@ -118,20 +119,23 @@ def _list_images(entry: DatasetEntry, where: str) -> list[str]:
         raise DataError(f"{where}.image_dir {entry.image_dir!r} does not exist or is not a folder")
     if entry.image_list_file:
         return _read_image_list(entry, where)
-    found = []
-    for root, dirs, files in os.walk(entry.image_dir, followlinks=True):
-        dirs.sort()
-        for name in sorted(files):
-            if name.lower().endswith(IMAGE_EXTENSIONS):
-                found.append(os.path.relpath(os.path.join(root, name), entry.image_dir))
-    return found
+    return [rel for rel in walk_files_once(entry.image_dir) if rel.lower().endswith(IMAGE_EXTENSIONS)]
 
 
 def _read_image_list(entry: DatasetEntry, where: str) -> list[str]:
     if not os.path.isfile(entry.image_list_file):
         raise DataError(f"{where}.image_list_file {entry.image_list_file!r} does not exist")
-    with open(entry.image_list_file, encoding="utf-8") as f:
-        names = [line.strip() for line in f if line.strip() and not line.startswith("#")]
+    with open(entry.image_list_file, "rb") as f:
+        raw = f.read()
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        line = raw[: exc.start].count(b"\n") + 1
+        raise DataError(
+            f"{where}.image_list_file {entry.image_list_file!r} is not UTF-8 text (line {line}): "
+            "save it as UTF-8, one image path a line"
+        ) from exc
+    names = [line.strip() for line in text.splitlines() if line.strip() and not line.startswith("#")]
     listed = []
     for name in names:
         rel = os.path.relpath(name, entry.image_dir) if os.path.isabs(name) else name

@@ -45,6 +45,13 @@ class S3Location:
         return f"s3://{self.bucket}/{self.key}"
 
 
+def redact_url(url: str) -> str:
+    """``url`` without user name, password, query or fragment: safe to show in errors and logs."""
+    parts = urlsplit(url)
+    host = parts.netloc.rsplit("@", 1)[-1]
+    return f"{parts.scheme}://{host}{parts.path}" if parts.scheme else parts.path.split("?", 1)[0]
+
+
 def is_s3_url(url: str) -> bool:
     return url.startswith("s3://")
 
@@ -71,6 +78,11 @@ def parse_s3_url(url: str) -> S3Location:
     if unknown:
         raise DataError(f"s3://{bucket}/{key}: unknown URL parameter {sorted(unknown)[0]!r}; use endpoint and region")
     endpoint = query.get("endpoint")
+    if endpoint and "@" in urlsplit(endpoint if "://" in endpoint else f"https://{endpoint}").netloc:
+        raise DataError(
+            f"s3://{bucket}/{key}: the endpoint carries a user name or password; credentials do not belong in "
+            "URLs, use AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY or an AWS profile"
+        )
     if endpoint and "://" not in endpoint:
         endpoint = f"https://{endpoint}"
     return S3Location(bucket, key, endpoint, query.get("region"))

@@ -31,7 +31,8 @@ from torch.utils.data import IterableDataset, get_worker_info
 
 from clip_tao.config.schema import WdsConfig
 from clip_tao.data.custom import SkipCounter
-from clip_tao.data.s3 import is_s3_url, open_s3, parse_s3_url, read_s3_bytes
+from clip_tao.data.s3 import is_s3_url, open_s3, parse_s3_url, read_s3_bytes, redact_url
+from clip_tao.data.walk import walk_files_once
 from clip_tao.errors import DataError
 from clip_tao.models.patches import PatchBudgetError
 
@@ -68,10 +69,9 @@ def list_shards(cfg: WdsConfig, section: str) -> list[Shard]:
             )
         if not os.path.isdir(cfg.root_dir):
             raise DataError(f"{section}.root_dir {cfg.root_dir!r} does not exist or is not a folder")
-        urls = []
-        for root, dirs, files in os.walk(cfg.root_dir, followlinks=True):
-            dirs.sort()
-            urls += [os.path.join(root, f) for f in sorted(files) if f.endswith(SHARD_SUFFIXES)]
+        urls = [
+            os.path.join(cfg.root_dir, rel) for rel in walk_files_once(cfg.root_dir) if rel.endswith(SHARD_SUFFIXES)
+        ]
         if not urls:
             raise DataError(f"{section}.root_dir {cfg.root_dir!r} holds no .tar shards")
     else:
@@ -91,13 +91,24 @@ def _read_shard_list(cfg: WdsConfig, section: str) -> list[str]:
     base = cfg.root_dir or os.path.dirname(os.path.abspath(path))
     urls = []
     with open(path, encoding="utf-8") as f:
-        for line in f:
+        for number, line in enumerate(f, start=1):
             line = line.strip()
             if not line or line.startswith("#"):
                 continue
-            for item in braceexpand.braceexpand(line):
+            try:
+                items = list(braceexpand.braceexpand(line))
+            except braceexpand.UnbalancedBracesError:
+                # Never echo the line: its query string or user part may hold a secret.
+                raise DataError(
+                    f"{section}.shard_list_file {path!r} line {number} ({redact_url(line)}): unbalanced braces; "
+                    "write ranges as {000000..000099}"
+                ) from None
+            for item in items:
                 if is_s3_url(item):
-                    parse_s3_url(item)  # refuse bad or credential-carrying URLs up front
+                    try:
+                        parse_s3_url(item)  # refuse bad or credential-carrying URLs up front
+                    except DataError as exc:
+                        raise DataError(f"{section}.shard_list_file {path!r} line {number}: {exc}") from None
                     urls.append(item)
                     continue
                 local = item if os.path.isabs(item) else os.path.join(base, item)

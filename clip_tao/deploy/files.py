@@ -67,3 +67,23 @@ def find_files(path: str, ext: str, key: str) -> DeployFiles:
             f"{key}={path!r}: no such file, and no {os.path.basename(base)}_vision{ext} / _text{ext} beside it"
         )
     return DeployFiles(base, ext, found)
+
+
+def check_overwritable(files: DeployFiles, tokenizer_marker: str) -> None:
+    """Refuse to replace what an export did not write: a folder under an ONNX/engine/config file's name,
+    or a ``_tokenizer`` folder without the tokenizer settings file ``tokenizer_marker`` that export writes."""
+    for path in [*files.encoders.values(), *(p + ".data" for p in files.encoders.values()), files.config]:
+        if os.path.isdir(path):
+            raise DataError(f"{path} is a folder: overwrite replaces only exported files; choose another file name")
+    tokenizer = files.tokenizer
+    if os.path.lexists(tokenizer) and not os.path.isfile(os.path.join(tokenizer, tokenizer_marker)):
+        raise DataError(
+            f"{tokenizer} exists but is not a tokenizer folder written by export (no {tokenizer_marker}); "
+            "move it away or choose another file name"
+        )
+
+
+def export_lock_path(path: str, ext: str = ".onnx") -> str:
+    """The lock file that an export to ``path`` holds: hidden, beside the files, one for all encoders."""
+    base = base_of(path, ext)
+    return os.path.join(os.path.dirname(os.path.abspath(base)), f".{os.path.basename(base)}.export.lock")

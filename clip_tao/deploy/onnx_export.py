@@ -27,10 +27,11 @@ import numpy as np
 import torch
 from torch import nn
 
-from clip_tao.deploy.files import DeployFiles, planned_files
+from clip_tao.deploy.files import DeployFiles, check_overwritable, planned_files
 from clip_tao.errors import ConfigError, ModelError
 from clip_tao.io.atomic import write_yaml
 from clip_tao.models.base import ClipModel
+from clip_tao.models.tokenizer import CONFIG_FILE as TOKENIZER_SETTINGS
 
 log = logging.getLogger(__name__)
 
@@ -193,6 +194,8 @@ def export_onnx(
     files = planned_files(onnx_file, ".onnx", encoder_type)
     targets = [*files.encoders.values(), files.config, files.tokenizer]
     existing = [p for p in targets if os.path.exists(p)]
+    if existing and overwrite:
+        check_overwritable(files, TOKENIZER_SETTINGS)
     if existing and not overwrite:
         raise ConfigError(
             f"{existing[0]} already exists: export never overwrites; choose another export.onnx_file or set export.overwrite=true"

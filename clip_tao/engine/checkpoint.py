@@ -45,10 +45,13 @@ def load_checkpoint(path: str) -> dict[str, Any]:
         # RADIO's published checkpoints carry their training arguments as an argparse.Namespace:
         # allow exactly that class, nothing else.
         with torch.serialization.safe_globals([argparse.Namespace]):
-            return torch.load(path, map_location="cpu", weights_only=True)
+            checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises many types for corrupt or foreign files
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ModelError(f"checkpoint {path!r} cannot be read safely: {first}") from exc
+    if not isinstance(checkpoint, dict):
+        raise ModelError(f"checkpoint {path!r} holds a {type(checkpoint).__name__}, not a checkpoint or state dict")
+    return checkpoint
 
 
 def model_state_from(checkpoint: dict[str, Any], path: str) -> dict[str, torch.Tensor]:
@@ -65,21 +68,30 @@ def model_state_from(checkpoint: dict[str, Any], path: str) -> dict[str, torch.T
 def load_model_weights(model: torch.nn.Module, path: str) -> dict[str, Any]:
     """Load the weights of ``path`` into ``model`` (strict); returns the whole checkpoint."""
     checkpoint = load_checkpoint(path)
-    saved_type = checkpoint.get("model_type")
     current_type = getattr(model, "model_type", None)
-    if saved_type and current_type and saved_type != current_type:
-        raise ModelError(
-            f"checkpoint {path!r} was trained as model.type={saved_type}, but the spec says {current_type}: "
-            f"set model.type={saved_type}"
-        )
+    check_model_type(checkpoint, current_type, path)
     state = model_state_from(checkpoint, path)
-    missing, unexpected = model.load_state_dict(state, strict=False)
+    try:
+        missing, unexpected = model.load_state_dict(state, strict=False)
+    except RuntimeError as exc:  # tensors of the wrong shapes
+        detail = " ".join(str(exc).split())
+        raise ModelError(f"checkpoint {path!r} does not fit model.type={current_type}: {detail[:300]}") from exc
     if missing or unexpected:
         detail = (
             f"{len(missing)} missing keys (e.g. {missing[:2]}), {len(unexpected)} unexpected (e.g. {unexpected[:2]})"
         )
         raise ModelError(f"checkpoint {path!r} does not fit model.type={current_type}: {detail}")
     return checkpoint
+
+
+def check_model_type(checkpoint: dict[str, Any], current_type: str | None, path: str) -> None:
+    """One line when a checkpoint was trained as another model type (before any tensor is compared)."""
+    saved_type = checkpoint.get("model_type")
+    if saved_type and current_type and saved_type != current_type:
+        raise ModelError(
+            f"checkpoint {path!r} was trained as model.type={saved_type}, but the spec says {current_type}: "
+            f"set model.type={saved_type}"
+        )
 
 
 def capture_rng_state() -> dict[str, Any]:

@@ -10,6 +10,7 @@ from tqdm import tqdm
 
 from clip_tao.data.custom import SkipCounter
 from clip_tao.engine.device import Precision
+from clip_tao.engine.finite import check_embeddings
 from clip_tao.models.base import ClipModel
 
 
@@ -46,12 +47,15 @@ def embed_loader(
                 captions.append(model.encode_text(batch["input_ids"].to(device, non_blocking=True)).float().cpu())
         indices.append(batch["indices"])
     model.train(was_training)
-    return Embeddings(
+    result = Embeddings(
         image=torch.cat(images) if images else None,
         text=torch.cat(captions) if captions else None,
         indices=torch.cat(indices) if indices else torch.zeros(0, dtype=torch.long),
         skipped=skipped,
     )
+    check_embeddings(result.image, "image")
+    check_embeddings(result.text, "text")
+    return result
 
 
 @torch.no_grad()
@@ -65,5 +69,6 @@ def embed_texts(
         ids = model.tokenizer(list(texts[start : start + batch_size])).to(device)
         with precision.autocast(device):
             out.append(model.encode_text(ids).float().cpu())
-    dim = model.embed_dim
-    return torch.cat(out) if out else torch.zeros(0, dim)
+    result = torch.cat(out) if out else torch.zeros(0, model.embed_dim)
+    check_embeddings(result, "text")
+    return result

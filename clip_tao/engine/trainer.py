@@ -28,6 +28,7 @@ from clip_tao.data.loaders import LoaderBundle, iterate_batches
 from clip_tao.engine import distributed as D
 from clip_tao.engine.checkpoint import (
     capture_rng_state,
+    check_model_type,
     checkpoint_name,
     load_checkpoint,
     load_model_weights,
@@ -37,6 +38,7 @@ from clip_tao.engine.checkpoint import (
 )
 from clip_tao.engine.device import resolve_precision
 from clip_tao.engine.embedding import embed_loader
+from clip_tao.engine.finite import check_weights, overflow_error
 from clip_tao.engine.lora import has_lora_weights
 from clip_tao.engine.optim import build_optimizer, build_scheduler
 from clip_tao.engine.step import contrastive_backward
@@ -112,6 +114,7 @@ class Trainer:
         self.optimizer = build_optimizer(model, self.tcfg.optim)
         self.scheduler = build_scheduler(self.optimizer, self.tcfg.optim, self.total_steps)
         self._resume_from: dict[str, Any] | None = None
+        self.last_saved: str | None = None  # named when training diverges: the last checkpoint with good weights
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.precision.use_grad_scaler)
         self.loss_fn = ContrastiveLoss(self.tcfg.loss_type, self.dist.rank, self.dist.world_size)
         self.validation_every = self._validation_every()
@@ -181,6 +184,7 @@ class Trainer:
                     f"{path!r} is not a training checkpoint (no {key!r}): "
                     "use train.pretrained_model_path to start from its weights"
                 )
+        check_model_type(checkpoint, self.model.model_type, path)
         state = model_state_from(checkpoint, path)
         if has_lora_weights(state) != has_lora_weights(self.model.state_dict()):
             saved = "with" if has_lora_weights(state) else "without"
@@ -188,7 +192,12 @@ class Trainer:
                 f"{path!r} was trained {saved} LoRA adapters, but peft.enabled={self.cfg.peft.enabled}: resume with "
                 "the peft section it was trained with (or start over with train.auto_resume=false)"
             )
-        self.model.load_state_dict(state)
+        try:
+            self.model.load_state_dict(state)
+        except RuntimeError as exc:  # missing keys or tensors of the wrong shapes
+            detail = " ".join(str(exc).split())[:300]
+            raise ModelError(f"checkpoint {path!r} does not fit model.type={self.model.model_type}: {detail}") from exc
+        self.last_saved = path
         self._resume_from = checkpoint  # optimiser and schedule are loaded in fit(), after wrapping
         if checkpoint.get("scaler"):
             self.scaler.load_state_dict(checkpoint["scaler"])
@@ -201,10 +210,13 @@ class Trainer:
         s.best_epoch = best.get("epoch")
         s.history = list(checkpoint.get("history", []))
         self.skipped.update(checkpoint.get("skipped", {}))
-        rng = checkpoint["rng"]
+        rng = checkpoint.get("rng")
         if isinstance(rng, list):  # one state per rank
             rng = rng[self.dist.rank] if self.dist.rank < len(rng) else rng[0]
-        restore_rng_state(rng)
+        if rng:
+            restore_rng_state(rng)
+        else:
+            log.warning("%s holds no random-number states: the run continues, but not as an exact repeat", path)
         self._truncate_sample_log(s.global_step)
         log.info("resumed from %s at epoch %d, step %d", path, s.epoch, s.global_step)
 
@@ -321,7 +333,8 @@ class Trainer:
         bar = tqdm(
             total=self.steps_per_epoch,
             initial=skip_batches // self.accumulate,
-            desc=f"epoch {epoch}/{t.num_epochs - 1}",
+            # The index that names the epoch's files (model_epoch_000 ...), and the count, so "0/1" is never read as "0 of 1".
+            desc=f"epoch {epoch:03d} ({epoch + 1} of {t.num_epochs})",
             unit="step",
             dynamic_ncols=True,
             disable=not self.dist.is_main,
@@ -339,7 +352,13 @@ class Trainer:
                 micro.append(batch)
                 if len(micro) < self.accumulate:
                     continue
-                loss, count = self._step(micro)
+                try:
+                    loss, count = self._step(micro)
+                except RuntimeError as exc:  # a learning rate so large that the update leaves float32
+                    error = overflow_error(exc, s.global_step, self.last_saved)
+                    if error is None:
+                        raise
+                    raise error from exc
                 micro = []
                 if loss is not None:
                     loss_sum += loss
@@ -428,9 +447,11 @@ class Trainer:
         path = os.path.join(self.out_dir, checkpoint_name(epoch, self.state.global_step))
         state = self._checkpoint_state()
         if self.dist.is_main:
+            check_weights(state["model"], self.state.global_step, self.last_saved)
             save_checkpoint(path, state)
             link_or_copy(path, os.path.join(self.out_dir, LATEST_NAME))
             log.info("saved %s", path)
+        self.last_saved = path
         D.barrier(self.dist)
         return path
 
@@ -440,6 +461,7 @@ class Trainer:
         state = self._checkpoint_state() if saved is None else None
         if self.dist.is_main:
             if saved is None:
+                check_weights(state["model"], self.state.global_step, self.last_saved)
                 save_checkpoint(best, state)
             else:
                 link_or_copy(saved, best)

@@ -41,14 +41,24 @@ def recall_at_k_png(ranks: Mapping[str, np.ndarray], path: str | os.PathLike, ma
     _save(fig, path)
 
 
+def rank_bins(max_rank: int, exact_up_to: int = 10, log_bins: int = 20) -> np.ndarray:
+    """Histogram edges for integer ranks 1..``max_rank``: one bin a rank up to ``exact_up_to`` (ranks 2 and 3
+    are never merged), then log-spaced bins; every edge sits half-way between integers."""
+    exact = min(max_rank, exact_up_to)
+    edges = np.arange(exact + 1) + 0.5
+    if max_rank > exact:
+        wide = np.floor(np.logspace(np.log10(exact + 1), np.log10(max_rank), log_bins)) + 0.5
+        edges = np.unique(np.concatenate([edges, wide, [max_rank + 0.5]]))
+    return edges
+
+
 def rank_histogram_png(ranks: Mapping[str, np.ndarray], path: str | os.PathLike) -> None:
-    """Histogram of the first-hit rank per query, log-spaced bins, one panel per direction."""
+    """Histogram of the first-hit rank per query (see :func:`rank_bins`), one panel per direction."""
     plt = _pyplot()
     fig, axes = plt.subplots(1, len(ranks), figsize=(5 * len(ranks), 3.5), squeeze=False)
     for ax, (direction, r) in zip(axes[0], ranks.items()):
         r = np.asarray(r)
-        bins = np.unique(np.logspace(0, np.log10(max(r.max(), 2)) + 1e-9, 30).astype(int))
-        ax.hist(r, bins=bins)
+        ax.hist(r, bins=rank_bins(int(r.max()) if r.size else 1))
         ax.set(xscale="log", xlabel="rank of the first relevant result", ylabel="queries", title=direction)
     _save(fig, path)
 

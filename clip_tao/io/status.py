@@ -7,6 +7,8 @@ import os
 from datetime import datetime
 from typing import Any
 
+from clip_tao.io.atomic import json_safe
+
 
 class StatusWriter:
     """Appends TAO-style status lines (``date``, ``time``, ``status``, ``message``, ``kpi`` ...)."""
@@ -34,7 +36,7 @@ class StatusWriter:
             line["kpi"] = {k: _plain(v) for k, v in kpi.items()}
         # One short line per write: appending is atomic enough for a log that readers tail.
         with open(self.path, "a", encoding="utf-8") as f:
-            f.write(json.dumps(line) + "\n")
+            f.write(json.dumps(json_safe(line), allow_nan=False) + "\n")
 
 
 def _plain(value: Any) -> Any:

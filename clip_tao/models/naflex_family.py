@@ -19,6 +19,7 @@ from torch import nn
 
 from clip_tao.errors import ModelError
 from clip_tao.models.base import Preprocess, checked_image_size, preprocess_from_config, seeded_init
+from clip_tao.models.hub_cli import download_command, prepare_hub
 from clip_tao.models.patches import PatchBatch, check_max_num_patches, image_to_patch_sequence
 from clip_tao.models.registry import BuildOptions, ModelInfo, register_family
 from clip_tao.models.siglip_family import SiglipClipModel, _siglip_tokenizer, quiet_hf_loading
@@ -83,6 +84,8 @@ def build_naflex_module(info: ModelInfo) -> nn.Module:
 def load_naflex_pretrained(source: str, is_local: bool) -> nn.Module:
     from transformers import Siglip2Model
 
+    if not is_local:
+        prepare_hub()
     try:
         with quiet_hf_loading():
             return Siglip2Model.from_pretrained(source)
@@ -91,7 +94,7 @@ def load_naflex_pretrained(source: str, is_local: bool) -> nn.Module:
         if is_local:
             raise ModelError(f"cannot load SigLIP2 NaFlex weights from {source!r}: {first}") from exc
         raise ModelError(
-            f"weights {source!r} are not reachable ({first}): pre-fetch them with `huggingface-cli download {source}` "
+            f"weights {source!r} are not reachable ({first}): pre-fetch them with `{download_command(source)}` "
             "(then HF_HUB_OFFLINE=1 works) or set model.pretrained_path to a local save_pretrained folder"
         ) from exc
 

@@ -160,11 +160,20 @@ def load_openclip_weights(clip: nn.Module, path: str) -> None:
 
     if not os.path.isfile(path):
         raise ModelError(f"model.pretrained_path {path!r} does not exist: give an open_clip weight file")
+    if os.path.getsize(path) == 0:
+        raise ModelError(f"model.pretrained_path {path!r} is an empty file: download it again")
     try:
         load_checkpoint(clip, path, strict=True)
     except (RuntimeError, KeyError, ValueError) as exc:
         first = str(exc).strip().splitlines()[0]
         raise ModelError(f"weights in {path!r} do not fit this architecture: {first}") from exc
+    except Exception as exc:  # unpickling refusals, corrupt archives: torch and safetensors raise many types
+        raise ModelError(f"weights in {path!r} cannot be read safely: {_first_line(exc)}") from exc
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
 
 
 def _accept_open_clip_keys(module, state_dict, prefix, local_metadata, strict, missing, unexpected, errors) -> None:

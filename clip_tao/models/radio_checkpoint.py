@@ -158,7 +158,7 @@ def _read_huggingface(folder: str, weights: str) -> RadioCheckpoint:
     if not os.path.isfile(config_path) or not os.path.isfile(weights):
         raise ModelError(
             f"{folder!r} is not a Hugging Face RADIO folder: it needs {HF_CONFIG} and {HF_WEIGHTS} "
-            "(`huggingface-cli download nvidia/C-RADIOv3-H --local-dir <folder>`)"
+            "(`hf download nvidia/C-RADIOv3-H --local-dir <folder>`)"
         )
     try:
         with open(config_path, encoding="utf-8") as f:

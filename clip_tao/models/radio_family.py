@@ -24,6 +24,7 @@ from torch import nn
 
 from clip_tao.errors import ModelError
 from clip_tao.models.base import OPENAI_MEAN, OPENAI_STD, ClipModel, Preprocess, checked_image_size, seeded_init
+from clip_tao.models.hub_cli import download_command, prepare_hub
 from clip_tao.models.radio_adaptors import Adaptor, resolve_adaptor
 from clip_tao.models.radio_backbone import create_backbone, load_backbone, timm_arguments
 from clip_tao.models.radio_checkpoint import RadioCheckpoint, arg, checkpoint_from_hub_dict, read_radio_checkpoint
@@ -234,12 +235,13 @@ def _published_checkpoint(cfg: dict) -> str:
     from huggingface_hub import hf_hub_download
 
     repo, filename = cfg["hf_repo"], cfg["hf_filename"]
+    prepare_hub()
     try:
         return hf_hub_download(repo, filename)
     except Exception as exc:  # hub errors come in many types; all mean "not reachable"
         raise ModelError(
             f"RADIO weights {repo}/{filename} are not reachable ({type(exc).__name__}): pre-fetch them with "
-            f"`huggingface-cli download {repo} {filename}` (then HF_HUB_OFFLINE=1 works) or set "
+            f"`{download_command(repo, filename)}` (then HF_HUB_OFFLINE=1 works) or set "
             "model.pretrained_path to the .pth.tar file"
         ) from exc
 

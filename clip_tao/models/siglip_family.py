@@ -17,6 +17,7 @@ from torch import nn
 
 from clip_tao.errors import ModelError
 from clip_tao.models.base import ClipModel, Preprocess, checked_image_size, preprocess_from_config, seeded_init
+from clip_tao.models.hub_cli import download_command, prepare_hub
 from clip_tao.models.registry import BuildOptions, ModelInfo, register_family
 from clip_tao.models.tokenizer import HfTokenizer, Tokenizer, build_tokenizer
 
@@ -160,20 +161,33 @@ def tokenizer_source(info: ModelInfo, options: BuildOptions) -> str:
     return info.config.get("tokenizer_id") or info.config["hf_id"]
 
 
+def check_weight_files(folder: str) -> None:
+    """One line for an empty weight file in a ``save_pretrained`` folder (a failed or cut-short download)."""
+    for name in sorted(os.listdir(folder)):
+        if name.endswith((".safetensors", ".bin")) and os.path.getsize(os.path.join(folder, name)) == 0:
+            raise ModelError(f"cannot load SigLIP weights from {folder!r}: {name} is an empty file; download it again")
+
+
 def load_siglip_pretrained(source: str, is_local: bool) -> nn.Module:
     """A SigLIP model from a ``save_pretrained`` folder or a hub id (served by the HF cache when offline)."""
     from transformers import SiglipModel
 
     if is_local and not os.path.isdir(source):
         raise ModelError(f"model.pretrained_path {source!r} is not a folder: give a SigLIP save_pretrained folder")
+    if is_local:
+        check_weight_files(source)
+    else:
+        prepare_hub()
     try:
         with quiet_hf_loading():
             return SiglipModel.from_pretrained(source)
-    except (OSError, ValueError, KeyError) as exc:
+    except Exception as exc:  # torch, safetensors and transformers raise many types for bad local files
+        if not is_local and not isinstance(exc, (OSError, ValueError, KeyError)):
+            raise
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         if is_local:
             raise ModelError(f"cannot load SigLIP weights from {source!r}: {first}") from exc
         raise ModelError(
-            f"weights {source!r} are not reachable ({first}): pre-fetch them with `huggingface-cli download {source}` "
+            f"weights {source!r} are not reachable ({first}): pre-fetch them with `{download_command(source)}` "
             "(then HF_HUB_OFFLINE=1 works) or set model.pretrained_path to a local save_pretrained folder"
         ) from exc

@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from clip_tao.errors import ModelError
+from clip_tao.models.hub_cli import download_command, prepare_hub
 from clip_tao.models.tokenizer import HfTokenizer, OpenClipBpeTokenizer, Tokenizer
 
 # RADIO's teacher model names -> the hub repository that holds the teacher's text tower.
@@ -89,6 +90,8 @@ def _load_siglip_text(source: str, is_local: bool) -> nn.Module:
 
     from clip_tao.models.siglip_family import quiet_hf_loading
 
+    if not is_local:
+        prepare_hub()
     try:
         model_type = AutoConfig.from_pretrained(source).model_type
         model_class = Siglip2TextModel if model_type == "siglip2" else SiglipTextModel
@@ -100,7 +103,7 @@ def _load_siglip_text(source: str, is_local: bool) -> nn.Module:
             raise ModelError(f"cannot load the SigLIP text tower from {source!r}: {first}") from exc
         raise ModelError(
             f"the adaptor's text tower {source!r} is not reachable ({first}): pre-fetch it with "
-            f"`huggingface-cli download {source}` (then HF_HUB_OFFLINE=1 works) or set model.text_pretrained_path "
+            f"`{download_command(source)}` (then HF_HUB_OFFLINE=1 works) or set model.text_pretrained_path "
             "to a local save_pretrained folder"
         ) from exc
 
@@ -152,12 +155,13 @@ def _open_clip_weights(teacher: dict, name: str, source: str | None) -> str | No
         return None
     from huggingface_hub import hf_hub_download
 
+    prepare_hub()
     try:
         return hf_hub_download(repo, "open_clip_pytorch_model.bin")
     except Exception as exc:  # hub errors come in many types; all mean "not reachable"
         raise ModelError(
             f"the adaptor's text tower {repo!r} is not reachable ({type(exc).__name__}): pre-fetch it with "
-            f"`huggingface-cli download {repo} open_clip_pytorch_model.bin` (then HF_HUB_OFFLINE=1 works) or set "
+            f"`{download_command(repo, 'open_clip_pytorch_model.bin')}` (then HF_HUB_OFFLINE=1 works) or set "
             "model.text_pretrained_path to the file"
         ) from exc
 

@@ -134,7 +134,10 @@ class HfTokenizer(Tokenizer):
 def load_hf_tokenizer(source: str):
     """``AutoTokenizer`` from a local folder or a hub id (the HF cache serves it offline)."""
     from clip_tao.errors import ModelError
+    from clip_tao.models.hub_cli import download_command, prepare_hub
 
+    if not os.path.isdir(source):
+        prepare_hub()
     try:
         from transformers import AutoTokenizer
 
@@ -144,7 +147,7 @@ def load_hf_tokenizer(source: str):
             raise ModelError(f"tokenizer folder {source!r} cannot be loaded: {_first_line(exc)}") from exc
         raise ModelError(
             f"tokenizer {source!r} is not reachable ({_first_line(exc)}): pre-fetch it with "
-            f"`huggingface-cli download {source}` (then HF_HUB_OFFLINE=1 works) or give a local folder "
+            f"`{download_command(source)}` (then HF_HUB_OFFLINE=1 works) or give a local folder "
             "with model.tokenizer_path"
         ) from exc
 

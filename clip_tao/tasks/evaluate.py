@@ -24,7 +24,7 @@ from clip_tao.io import plots
 from clip_tao.io.atomic import atomic_path, write_json
 from clip_tao.io.tables import format_retrieval_table, format_table
 from clip_tao.io.tao_kpi import tao_retrieval_kpi
-from clip_tao.io.task_dir import prepare_task_dir
+from clip_tao.io.task_dir import failure_message, prepare_task_dir
 from clip_tao.metrics import compute_retrieval
 
 log = logging.getLogger(__name__)
@@ -38,12 +38,13 @@ def run(cfg: ExperimentConfig) -> dict:
             results = _classification(cfg, out_dir)
         else:
             results = _retrieval(cfg, out_dir)
-    except Exception as exc:
-        status.write("FAILURE", f"Evaluation failed: {exc}")
+    except (Exception, KeyboardInterrupt) as exc:
+        status.write("FAILURE", failure_message("Evaluation", exc))
         raise
     kpi = {k: v for k, v in results.items() if isinstance(v, (int, float))}
     kpi.update(tao_retrieval_kpi(kpi, "test"))  # TAO's test/... keys, fractions as strings
     status.write("SUCCESS", "Evaluation finished.", kpi=kpi)
+    print(f"results: {os.path.join(out_dir, 'results.json')} (plots and status.json beside it)")
     return results
 
 

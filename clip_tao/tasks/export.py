@@ -9,12 +9,14 @@ import torch
 
 from clip_tao.config.loader import config_to_dict
 from clip_tao.config.schema import ExperimentConfig
+from clip_tao.deploy.files import export_lock_path
 from clip_tao.deploy.onnx_export import encoder_specs, export_onnx
 from clip_tao.deploy.triton_repository import Sizes, check_repository_free, write_triton_repository
 from clip_tao.engine.model_setup import build_model
 from clip_tao.errors import ConfigError
+from clip_tao.io.locks import exclusive_claim
 from clip_tao.io.tables import format_table
-from clip_tao.io.task_dir import prepare_task_dir
+from clip_tao.io.task_dir import failure_message, prepare_task_dir
 
 log = logging.getLogger(__name__)
 
@@ -30,9 +32,11 @@ def run(cfg: ExperimentConfig) -> dict:
     out_dir, status = prepare_task_dir(cfg, "export")
     status.write("STARTED", "Starting export.")
     try:
-        summary = _export(cfg)
-    except Exception as exc:
-        status.write("FAILURE", f"Export failed: {exc}")
+        # Claimed before the existence check: a second export to the same file fails instead of mixing files.
+        with exclusive_claim(export_lock_path(x.onnx_file), f"export.onnx_file={x.onnx_file}"):
+            summary = _export(cfg)
+    except (Exception, KeyboardInterrupt) as exc:
+        status.write("FAILURE", failure_message("Export", exc))
         raise
     status.write("SUCCESS", "Export finished.", kpi=summary)
     return summary

@@ -25,7 +25,7 @@ from clip_tao.io.atomic import write_json
 from clip_tao.io.contact_sheet import write_contact_sheet
 from clip_tao.io.embeddings import read_embeddings, write_embeddings
 from clip_tao.io.tables import format_table
-from clip_tao.io.task_dir import prepare_task_dir
+from clip_tao.io.task_dir import failure_message, prepare_task_dir
 from clip_tao.search import ImageIndex
 
 log = logging.getLogger(__name__)
@@ -39,8 +39,8 @@ def run(cfg: ExperimentConfig) -> dict:
     status.write("STARTED", f"Starting inference ({i.mode}).")
     try:
         summary = _search(cfg, out_dir, prompts) if i.mode == "search" else _embed(cfg, out_dir, prompts)
-    except Exception as exc:
-        status.write("FAILURE", f"Inference failed: {exc}")
+    except (Exception, KeyboardInterrupt) as exc:
+        status.write("FAILURE", failure_message("Inference", exc))
         raise
     status.write(
         "SUCCESS", "Inference finished.", kpi={k: v for k, v in summary.items() if isinstance(v, (int, float))}

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 
 from clip_tao.config.loader import config_to_dict
 from clip_tao.config.schema import ExperimentConfig
 from clip_tao.data.loaders import build_train_loader, build_val_loader
+from clip_tao.engine.checkpoint import check_model_type, load_checkpoint
 from clip_tao.engine.device import seed_everything
 from clip_tao.engine.distributed import DistContext, barrier, cleanup_distributed, setup_distributed
 from clip_tao.engine.lora import apply_lora
@@ -20,7 +22,7 @@ from clip_tao.io.atomic import write_json
 from clip_tao.io.plots import training_curves_png
 from clip_tao.io.status import StatusWriter
 from clip_tao.io.tables import format_retrieval_table, format_table
-from clip_tao.io.task_dir import prepare_task_dir
+from clip_tao.io.task_dir import claim_task_dir, failure_message, prepare_task_dir
 from clip_tao.io.wandb_run import start_wandb
 
 log = logging.getLogger(__name__)
@@ -30,25 +32,33 @@ def run(cfg: ExperimentConfig) -> dict:
     """Train in this process, or as one rank of a torchrun job (only rank 0 writes files)."""
     dist = setup_distributed(cfg.train)
     try:
-        if dist.is_main:
-            out_dir, status = prepare_task_dir(cfg, "train")
-        barrier(dist)  # the folder exists before any rank opens files in it
-        if not dist.is_main:
-            out_dir, status = cfg.task_dir("train"), StatusWriter(cfg.task_dir("train"), enabled=False)
-        try:
-            summary = _train(cfg, out_dir, status, dist)
-        except Exception as exc:
-            status.write("FAILURE", f"Training failed: {exc}")
-            raise
-        status.write("SUCCESS", "Training finished.", kpi=summary["final"])
-        barrier(dist)  # on success only: a failed rank is torn down by torchrun instead
-        return summary
+        with contextlib.ExitStack() as claims:
+            if dist.is_main:
+                # One run a folder: a second one would interleave checkpoints and status lines.
+                claims.enter_context(claim_task_dir(cfg.task_dir("train"), "train"))
+                out_dir, status = prepare_task_dir(cfg, "train")
+            barrier(dist)  # the folder exists before any rank opens files in it
+            if not dist.is_main:
+                out_dir, status = cfg.task_dir("train"), StatusWriter(cfg.task_dir("train"), enabled=False)
+            try:
+                summary = _train(cfg, out_dir, status, dist)
+            except (Exception, KeyboardInterrupt) as exc:
+                status.write("FAILURE", failure_message("Training", exc))
+                raise
+            status.write("SUCCESS", "Training finished.", kpi=summary["final"])
+            barrier(dist)  # on success only: a failed rank is torn down by torchrun instead
+            return summary
     finally:
         cleanup_distributed()
 
 
 def _train(cfg: ExperimentConfig, out_dir: str, status, dist: DistContext) -> dict:
     t = cfg.train
+    finished = _finished_run(cfg, out_dir)
+    if finished is not None:  # nothing to train: no model to build, no empty TensorBoard file
+        if dist.is_main:
+            _print_summary(finished, out_dir)
+        return finished
     # Same seed on every rank: identical initial weights (DDP also broadcasts rank 0's).
     seed_everything(t.seed, t.cudnn.benchmark, t.cudnn.deterministic)
     model = build_model(cfg)
@@ -105,6 +115,31 @@ def _train(cfg: ExperimentConfig, out_dir: str, status, dist: DistContext) -> di
             training_curves_png(state.history, os.path.join(out_dir, "training_curves.png"))
         _print_summary(summary, out_dir)
     return summary
+
+
+def _finished_run(cfg: ExperimentConfig, out_dir: str) -> dict | None:
+    """The summary of the run in ``out_dir`` when auto-resume would continue it past its last epoch, else None."""
+    t = cfg.train
+    latest = t.resume_training_checkpoint_path or os.path.join(out_dir, LATEST_NAME)
+    if not (t.resume_training_checkpoint_path or (t.auto_resume and os.path.isfile(latest))):
+        return None
+    checkpoint = load_checkpoint(latest)
+    check_model_type(checkpoint, cfg.model.type, latest)
+    epoch = checkpoint.get("epoch")
+    if not isinstance(epoch, int) or epoch < t.num_epochs:
+        return None  # a run to continue (resume() checks the checkpoint in full)
+    log.info("%s already finished %d of %d epochs: nothing to do (raise train.num_epochs to train on)",
+             latest, epoch, t.num_epochs)  # fmt: skip
+    history = checkpoint.get("history") or []
+    best = checkpoint.get("best") or {}
+    return {
+        "model_type": checkpoint.get("model_type"),
+        "epochs": epoch,
+        "steps": checkpoint.get("global_step"),
+        "final": dict(history[-1]) if history else {},
+        "best": {"metric": BEST_METRIC, "value": best.get("value"), "epoch": best.get("epoch")},
+        "skipped_files": dict(checkpoint.get("skipped") or {}),
+    }
 
 
 def _print_summary(summary: dict, out_dir: str) -> None:
