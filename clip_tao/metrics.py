@@ -39,7 +39,7 @@ RECALL_AT = (1, 5, 10)
 FIGURES = tuple(f"R@{k}" for k in RECALL_AT) + ("mAP", "MedR", "MeanR", "AUC")
 BLOCK_ELEMENTS = 1 << 26  # similarities per block: 256 MB in float32
 COMPILE_ABOVE = 1 << 24  # on a GPU, blocks at least this large are counted by the compiled kernel
-CACHE_ELEMENTS = 1 << 16  # similarities compared at once on the CPU: 256 kB, stays in the core's cache
+CACHE_ELEMENTS = 1 << 20  # similarities compared at once on the CPU: 4 MB, stays in the cache
 COUNTING = "auto"  # how blocks are counted: "auto", "eager" or "compiled" (see _count)
 
 
@@ -331,8 +331,20 @@ def _count_eager(block: torch.Tensor, row_thresholds: torch.Tensor, column_thres
     """Per row: entries >= / > its threshold; per column and slot: entries >= / > the slot's threshold.
 
     A few rows at a time, so each comparison and sum reads the cache rather than memory; comparisons write
-    0/1 floats, whose sums are vectorised (counts stay exact: below 2**24 in a float32 sum).
+    0/1 floats, whose sums are vectorised (counts stay exact: below 2**24 in a float32 sum). On the CPU in
+    one thread: these operations are too short to share between threads (a busy machine stalls each one).
     """
+    if block.device.type != "cpu":
+        return _count_in_slices(block, row_thresholds, column_thresholds)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return _count_in_slices(block, row_thresholds, column_thresholds)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _count_in_slices(block: torch.Tensor, row_thresholds: torch.Tensor, column_thresholds: torch.Tensor):
     num_rows, num_columns = block.shape
     rows_at_once = max(1, CACHE_ELEMENTS // num_columns) if block.device.type == "cpu" else num_rows
     dtype = torch.float32 if num_columns < 1 << 24 else torch.float64

@@ -14,6 +14,7 @@ from clip_tao.data.loaders import ImageTextDataset, collate_skipping_bad, effect
 from clip_tao.data.transforms import build_eval_transform
 from clip_tao.errors import DataError
 from clip_tao.models.base import Preprocess
+from clip_tao.threads import one_thread_per_worker
 
 
 def scan_labelled_images(entries: Sequence[DatasetEntry], section: str) -> tuple[list[Sample], list[int], list[str]]:
@@ -107,4 +108,5 @@ def build_image_loader(
         num_workers=effective_workers(num_workers, key),
         collate_fn=collate_skipping_bad,
         pin_memory=pin_memory and torch.cuda.is_available(),
+        worker_init_fn=one_thread_per_worker,
     )
