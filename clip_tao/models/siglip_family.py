@@ -168,7 +168,7 @@ def load_siglip_pretrained(source: str, is_local: bool) -> nn.Module:
         raise ModelError(f"model.pretrained_path {source!r} is not a folder: give a SigLIP save_pretrained folder")
     try:
         with quiet_hf_loading():
-            return SiglipModel.from_pretrained(source)
+            return SiglipModel.from_pretrained(source, attn_implementation="sdpa")
     except (OSError, ValueError, KeyError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         if is_local:
