@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import json
 import os
 import platform
@@ -85,6 +86,7 @@ def peak_tflops(device, precision: str, override: float | None = None) -> tuple[
     return measured_gemm_tflops(device, precision), f"measured {precision} 2048x2048 matrix product"
 
 
+@functools.lru_cache
 def measured_gemm_tflops(device, precision: str, size: int = 2048, seconds: float = 1.0) -> float:
     """TFLOP/s of a large square matrix product on ``device`` in ``precision`` (the CPU's practical peak)."""
     import torch
@@ -114,7 +116,49 @@ def count_flops(fn) -> int:
 def utilisation(flops: float, per_second: float, peak: float | None) -> dict:
     """TFLOP/s and MFU (percent of ``peak``) for ``flops`` done ``per_second`` times a second."""
     rate = flops * per_second / 1e12
-    return {"tflops": round(rate, 3), "mfu_percent": round(100 * rate / peak, 1) if peak else None}
+    return {"tflops": float(f"{rate:.4g}"), "mfu_percent": round(100 * rate / peak, 1) if peak else None}
+
+
+# -- models ---------------------------------------------------------------------------------------
+def build_random_model(name: str, device=None):
+    """``(model, token_ids(n))`` for a clip-tao model type, randomly initialised. Types whose tokenizer must be
+    downloaded (real-size SigLIP2, C-RADIO, NV-CLIP) are built from the package's architecture files without
+    one, and fed random token ids: what the towers compute does not depend on which ids they are."""
+    import copy
+
+    import torch
+
+    from clip_tao.errors import ModelError
+    from clip_tao.models import create_model
+    from clip_tao.models.registry import get_model_info
+
+    try:
+        with torch.device(device or "cpu"):  # initialise on the device: far faster for a billion parameters
+            model = create_model(name, pretrained=False)
+    except ModelError:
+        info = get_model_info(name)
+        sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+        import gpu_check_models
+
+        with torch.device(device or "cpu"):
+            if info.family == "siglip":
+                model, _, vocab, context = gpu_check_models.build_siglip2(name, small=False)
+            elif info.family == "radio":
+                model, _, vocab, context = gpu_check_models.build_radio(name, small=False)
+            elif info.family == "openclip":
+                from clip_tao.models.base import preprocess_from_config
+                from clip_tao.models.openclip_family import OpenClipModel, build_openclip_module
+
+                cfg = copy.deepcopy(info.config)
+                module = build_openclip_module(cfg)
+                model = OpenClipModel(name, module, None, preprocess_from_config(cfg, info.image_size))
+                vocab, context = cfg["text_cfg"]["vocab_size"], cfg["text_cfg"].get("context_length", 77)
+            else:
+                raise
+        model.init_logits(2.3026, -10.0)
+        generator = torch.Generator().manual_seed(0)
+        return model, lambda n: torch.randint(2, vocab, (n, context), generator=generator)
+    return model, lambda n: model.tokenizer([f"a photo of thing number {i} on a table" for i in range(n)])
 
 
 # -- train ------------------------------------------------------------------------------------------
@@ -125,26 +169,31 @@ def bench_train(args) -> dict:
     from clip_tao.config.schema import OptimConfig
     from clip_tao.engine.device import enable_fast_matmul, resolve_precision
     from clip_tao.engine.distributed import ContrastiveForward
-    from clip_tao.engine.optim import build_optimizer
+    from clip_tao.engine.optim import build_optimizer, parameter_groups
     from clip_tao.engine.step import contrastive_backward
     from clip_tao.losses import ContrastiveLoss
-    from clip_tao.models import create_model
 
+    if args.openclip_arch:
+        args.model = register_openclip_arch(args.openclip_arch)
     device = torch.device("cuda" if torch.cuda.is_available() and not args.cpu else "cpu")
     precision = resolve_precision(args.precision, device)
     if not args.no_fast_math:
         enable_fast_matmul(device)
-    model = create_model(args.model, pretrained=False).to(device)
+    model, token_ids = build_random_model(args.model, device)
+    model = model.to(device)
+    model.set_grad_checkpointing(args.grad_checkpointing)
     net = ContrastiveForward(model)
-    if args.compile:
-        net.compile()
     size = model.image_size
     pixels = torch.randn(args.batch, 3, size, size, device=device)
-    ids = model.tokenizer([f"caption number {i}" for i in range(args.batch)]).to(device)
+    ids = token_ids(args.batch).to(device)
     micro = args.batch // args.accumulate
     parts = [(pixels[k : k + micro], ids[k : k + micro]) for k in range(0, args.batch, micro)]
     loss_fn = ContrastiveLoss(args.loss)
     optimizer = build_optimizer(model, OptimConfig())
+    if args.no_fused:  # the optimiser before fused AdamW became the CUDA default
+        optim = OptimConfig()
+        optimizer = torch.optim.AdamW(parameter_groups(model, optim), betas=tuple(optim.betas), eps=optim.eps,
+                                      foreach=True)  # fmt: skip
     scaler = torch.amp.GradScaler(device.type, enabled=precision.use_grad_scaler)
 
     def step(full: bool) -> None:
@@ -172,8 +221,9 @@ def bench_train(args) -> dict:
             torch.cuda.synchronize()
         return args.batch * args.steps / (time.perf_counter() - start)
 
-    step(True)  # warm-up (and compilation) before counting
-    flops = count_flops(lambda: step(True))
+    flops = count_flops(lambda: step(True))  # counted in eager mode: compiled kernels are not seen
+    if args.compile:
+        net.compile()
     peak, peak_source = peak_tflops(device, precision.name, args.peak_tflops)
     rate, bare = timed(True), timed(False)
     return {
@@ -184,11 +234,12 @@ def bench_train(args) -> dict:
         "precision": precision.name,
         "device": str(device),
         "compiled": args.compile,
+        "tf32": torch.backends.cuda.matmul.fp32_precision == "tf32",
         "optimizer": type(optimizer).__name__ + (" (fused)" if optimizer.defaults.get("fused") else ""),
         "train_samples_per_s": round(rate, 1),
         "gflop_per_sample": round(flops / args.batch / 1e9, 3),
         **utilisation(flops, rate / args.batch, peak),
-        "peak_tflops": peak,
+        "peak_tflops": float(f"{peak:.4g}") if peak else None,
         "peak_source": peak_source,
         "forward_backward_only_samples_per_s": round(bare, 1),
         "peak_rss_mb": round(peak_rss_mb()),
@@ -237,13 +288,13 @@ def bench_embed(args) -> dict:
 
     from clip_tao.deploy.onnx_export import export_onnx
     from clip_tao.deploy.ort_backend import OnnxRuntimeEncoder
-    from clip_tao.models import create_model
 
     device = torch.device("cuda" if torch.cuda.is_available() and not args.cpu else "cpu")
-    model = create_model(args.model, pretrained=False).eval()
+    model, token_ids = build_random_model(args.model)
+    model = model.eval()
     size = model.image_size
     pixels = torch.randn(args.batch, 3, size, size)
-    ids = model.tokenizer([f"a photo of thing number {i} on a table" for i in range(args.batch)])
+    ids = token_ids(args.batch)
 
     from clip_tao.engine.device import resolve_precision
 
@@ -276,12 +327,16 @@ def bench_embed(args) -> dict:
     torch_model = model.to(device)
     rows["pytorch_eager"] = {"device": str(device), **rate(torch_model.encode_image, torch_model.encode_text, device)}
     try:
+        if args.no_compile:
+            raise RuntimeError("skipped (--no-compile)")
         rows["pytorch_compile"] = {
             "device": str(device),
             **rate(torch.compile(torch_model.encode_image), torch.compile(torch_model.encode_text), device),
         }
     except Exception as exc:  # a missing compiler toolchain must not hide the other figures
         rows["pytorch_compile"] = {"error": str(exc).splitlines()[0][:200]}
+    if args.no_onnx or model.tokenizer is None:  # exporting needs the tokenizer (saved beside the files)
+        return _embed_result(args, precision, image_flops, device, rows)
     with tempfile.TemporaryDirectory() as folder:
         onnx_file = os.path.join(folder, "m.onnx")
         export_onnx(model.to("cpu"), onnx_file, encoder_type="separate")
@@ -292,9 +347,13 @@ def bench_embed(args) -> dict:
         }
         if device.type == "cuda":
             rows["tensorrt"] = _tensorrt_rate(folder, rate)
-    eager, ort_rates = rows["pytorch_eager"], rows["onnxruntime_cpu"]
+    return _embed_result(args, precision, image_flops, device, rows)
+
+
+def _embed_result(args, precision, image_flops: int, device, rows: dict) -> dict:
+    eager, ort_rates = rows["pytorch_eager"], rows.get("onnxruntime_cpu")
     speedup = {}
-    if eager["device"] == "cpu":
+    if eager["device"] == "cpu" and ort_rates:
         speedup = {k: round(ort_rates[k] / eager[k], 2) for k in ("image_items_per_s", "text_items_per_s")}
     return {
         "benchmark": "embed",
@@ -527,6 +586,9 @@ def main() -> None:
     t.add_argument("--accumulate", type=int, default=1, help="micro-batches a step (features cached, as training)")
     t.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"])
     t.add_argument("--cpu", action="store_true", help="stay on the CPU even when a GPU is present")
+    t.add_argument("--openclip-arch", help="use one of open_clip's architectures instead, e.g. ViT-B-32 (random init)")
+    t.add_argument("--grad-checkpointing", action="store_true")
+    t.add_argument("--no-fused", action="store_true", help="foreach AdamW instead of the fused one chosen on CUDA")
     t.add_argument("--compile", action="store_true", help="torch.compile the model (as train.compile)")
     t.add_argument("--no-fast-math", action="store_true", help="keep fp32 matrix products in full fp32 (no TF32)")
     t.add_argument("--peak-tflops", type=float, help="the device's peak for the MFU (default: table / measured)")
@@ -537,6 +599,8 @@ def main() -> None:
     m.add_argument("--iters", type=int, default=20)
     m.add_argument("--warmup", type=int, default=3)
     m.add_argument("--cpu", action="store_true", help="stay on the CPU even when a GPU is present")
+    m.add_argument("--no-onnx", action="store_true", help="PyTorch only (no ONNX Runtime / TensorRT rows)")
+    m.add_argument("--no-compile", action="store_true", help="no torch.compile row")
     m.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"], help="autocast of PyTorch runs")
     m.add_argument("--peak-tflops", type=float, help="the device's peak for the MFU (default: table / measured)")
     e = sub.add_parser("eval", help="exact chunked retrieval metrics: time and memory against the bare product")
