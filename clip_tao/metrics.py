@@ -16,12 +16,19 @@ Figures, for each direction, averaged over queries:
 How: one pass over the similarity matrix in blocks of captions. Each block serves both directions: its rows
 rank images for those captions (t2i), its columns rank those captions for every image (i2t, counts summed
 over blocks). Only counts are kept — how many irrelevant items score at least / more than each relevant
-pair — so memory is one block, and large blocks are counted by a fused (``torch.compile``) kernel.
+pair — so memory is one block. Blocks are counted in eager PyTorch on the CPU and by a fused
+(``torch.compile``) kernel for large blocks on a GPU (``COUNTING``).
 
 Ties: an irrelevant item with exactly the same similarity as a relevant one is ranked *before* it,
 so a tie never makes a result look better than it is (ranks, R@K, mAP). ROC AUC counts a tied pair
-as one half, which is the standard definition. Images without any caption have no i2t figures and
-are left out of the i2t averages (counted in ``i2t_num_queries``).
+as one half, which is the standard definition. Every similarity, the relevant pair's included, comes from
+the same matrix product, and identical embeddings get bit-identical similarities, so twin captions or
+images tie exactly. Images without any caption have no i2t figures and are left out of the i2t averages
+(counted in ``i2t_num_queries``).
+
+Non-finite similarities (NaN or +-inf, from a diverged model) count against the model: an irrelevant one
+ranks before every relevant item, a relevant one after every other item; a warning gives their number.
+An all-NaN model therefore scores R@K = 0 and AUC = 0, never a perfect score.
 """
 
 from __future__ import annotations
