@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -64,6 +65,20 @@ def rows_of(name: str, result: dict) -> list[list[str]]:
     return [[f"{name}: {run['mode']}", "-", f"{run['seconds']:.2f} s", "-", "-"] for run in result["runs"]]
 
 
+def run_in_own_group(command: list[str], timeout: float) -> tuple[int | None, str, str]:
+    """``(returncode, stdout, stderr)``; on timeout the run and every process it started are killed
+    (``eval`` measures in child processes) and the return code is ``None``."""
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               start_new_session=True)  # fmt: skip
+    try:
+        stdout, stderr = process.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.communicate()
+        return None, "", ""
+    return process.returncode, stdout, stderr
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--budget", type=float, default=450, help="seconds after which no new run starts")
@@ -81,16 +96,15 @@ def main() -> int:
                 print(f"budget spent: skipped {name}", flush=True)
                 continue
             began = time.perf_counter()
-            try:
-                done = subprocess.run([sys.executable, BENCH, *command], capture_output=True, text=True,
-                                      timeout=min(args.run_timeout, left + 60))  # fmt: skip
-            except subprocess.TimeoutExpired:
+            returncode, stdout, stderr = run_in_own_group([sys.executable, BENCH, *command],
+                                                          min(args.run_timeout, left + 60))  # fmt: skip
+            if returncode is None:
                 print(f"{name}: timed out", flush=True)
                 continue
-            if done.returncode != 0:
-                print(f"{name}: failed\n{done.stderr[-2000:]}", flush=True)
+            if returncode != 0:
+                print(f"{name}: failed\n{stderr[-2000:]}", flush=True)
                 continue
-            result = json.loads(done.stdout[done.stdout.index("{") :])
+            result = json.loads(stdout[stdout.index("{") :])
             result["check_name"], result["wall_s"] = name, round(time.perf_counter() - began, 1)
             log.write(json.dumps(result) + "\n")
             print(json.dumps(result), flush=True)
