@@ -107,9 +107,20 @@ def _run_task(task: str, spec: str, overrides: Sequence[str]) -> int:
             command, env = relaunch
             log.info("starting %d processes: %s", cfg.train.num_gpus, " ".join(command))
             return subprocess.run(command, env=env).returncode
+    from clip_tao.threads import set_main_process_threads
+
+    set_main_process_threads(cfg.train.num_threads, _loader_workers(cfg, task))
     module = importlib.import_module(f"clip_tao.tasks.{task}")
     module.run(cfg)
     return 0
+
+
+def _loader_workers(cfg, task: str) -> int:
+    """Loader worker processes the task runs beside the main one (they share the CPUs)."""
+    if task == "train":
+        return max(cfg.dataset.train.num_workers, cfg.dataset.val.num_workers)
+    section = getattr(cfg, task, None)
+    return getattr(section, "num_workers", 0) or 0
 
 
 def _list_models(pattern: str) -> int:

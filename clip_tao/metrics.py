@@ -16,12 +16,19 @@ Figures, for each direction, averaged over queries:
 How: one pass over the similarity matrix in blocks of captions. Each block serves both directions: its rows
 rank images for those captions (t2i), its columns rank those captions for every image (i2t, counts summed
 over blocks). Only counts are kept — how many irrelevant items score at least / more than each relevant
-pair — so memory is one block, and large blocks are counted by a fused (``torch.compile``) kernel.
+pair — so memory is one block. Blocks are counted in eager PyTorch on the CPU and by a fused
+(``torch.compile``) kernel for large blocks on a GPU (``COUNTING``).
 
 Ties: an irrelevant item with exactly the same similarity as a relevant one is ranked *before* it,
 so a tie never makes a result look better than it is (ranks, R@K, mAP). ROC AUC counts a tied pair
-as one half, which is the standard definition. Images without any caption have no i2t figures and
-are left out of the i2t averages (counted in ``i2t_num_queries``).
+as one half, which is the standard definition. Every similarity, the relevant pair's included, comes from
+the same matrix product, and identical embeddings get bit-identical similarities, so twin captions or
+images tie exactly. Images without any caption have no i2t figures and are left out of the i2t averages
+(counted in ``i2t_num_queries``).
+
+Non-finite similarities (NaN or +-inf, from a diverged model) count against the model: an irrelevant one
+ranks before every relevant item, a relevant one after every other item; a warning gives their number.
+An all-NaN model therefore scores R@K = 0 and AUC = 0, never a perfect score.
 """
 
 from __future__ import annotations
@@ -38,7 +45,9 @@ log = logging.getLogger(__name__)
 RECALL_AT = (1, 5, 10)
 FIGURES = tuple(f"R@{k}" for k in RECALL_AT) + ("mAP", "MedR", "MeanR", "AUC")
 BLOCK_ELEMENTS = 1 << 26  # similarities per block: 256 MB in float32
-COMPILE_ABOVE = 1 << 24  # blocks at least this large are counted by the compiled kernel
+COMPILE_ABOVE = 1 << 24  # on a GPU, blocks at least this large are counted by the compiled kernel
+CACHE_ELEMENTS = 1 << 20  # similarities compared at once on the CPU: 4 MB, stays in the cache
+COUNTING = "auto"  # how blocks are counted: "auto", "eager" or "compiled" (see _count)
 
 
 @dataclass
@@ -98,35 +107,179 @@ def compute_retrieval(
     if num_images == 0 or num_texts == 0:
         raise ValueError("need at least one image and one caption")
 
-    # The similarity of every relevant (caption, image) pair.
-    pair = (texts * images[owner]).sum(1)
-    relevant, valid = _captions_of_each_image(owner, num_images)
-    slot_scores = torch.where(valid, pair[relevant], torch.full_like(relevant, 0, dtype=pair.dtype))
-    # Thresholds per image slot for the column counts; +inf for empty slots counts nothing.
-    column_thresholds = torch.where(valid, slot_scores, torch.full_like(slot_scores, math.inf)).T.contiguous()
-
-    t2i_ge = torch.empty(num_texts, dtype=torch.long, device=device)
-    t2i_gt = torch.empty_like(t2i_ge)
-    i2t_ge = torch.zeros(relevant.shape[1], num_images, dtype=torch.long, device=device)
-    i2t_gt = torch.zeros_like(i2t_ge)
     step = chunk_size or max(1, BLOCK_ELEMENTS // num_images)
-    for start in range(0, num_texts, step):
-        stop = min(start + step, num_texts)
-        block = texts[start:stop] @ images.T  # [c, N_i]: rows rank images (t2i), columns rank captions (i2t)
-        # Take the relevant pairs out: what is counted below is irrelevant items only.
-        block[torch.arange(stop - start, device=device), owner[start:stop]] = -math.inf
-        ge_row, gt_row, ge_col, gt_col = _count(block, pair[start:stop].unsqueeze(1), column_thresholds)
-        t2i_ge[start:stop], t2i_gt[start:stop] = ge_row, gt_row
-        i2t_ge += ge_col
-        i2t_gt += gt_col
+    relevant, valid = _captions_of_each_image(owner, num_images)
+    twins = _Twins.of(texts, images)
+    with _ieee_float32_matmul():
+        # One block: its own pair scores are the thresholds. Several: the pair scores come first, from the
+        # same matrix product on thin strips (BLAS gives an element the same value whatever the shapes);
+        # the blocks check that, and any difference means a recount with the blocks' own values.
+        pair = None if step >= num_texts else _pair_scores(texts, images, owner)
+        counts = _count_blocks(texts, images, owner, relevant, valid, pair, step, twins)
+        if pair is not None and not torch.equal(counts.pair, pair):
+            log.debug("pair scores differ between strips and blocks: counting again with the blocks' values")
+            counts = _count_blocks(texts, images, owner, relevant, valid, counts.pair, step, twins)
+    if counts.non_finite:
+        log.warning(
+            "%d similarities are NaN or infinite: each is ranked against the model (see clip_tao.metrics)",
+            counts.non_finite,
+        )
 
-    t2i_figures, t2i_ranks = _t2i_figures(t2i_ge, t2i_gt, num_images)
-    i2t_figures, i2t_ranks = _i2t_figures(i2t_ge.T, i2t_gt.T, slot_scores, valid, num_texts)
+    t2i_figures, t2i_ranks = _t2i_figures(counts.t2i_ge, counts.t2i_gt, num_images)
+    slot_scores = _slot_scores(counts.pair, relevant, valid)
+    i2t_figures, i2t_ranks = _i2t_figures(counts.i2t_ge.T, counts.i2t_gt.T, slot_scores, valid, num_texts)
     figures = {f"t2i_{k}": v for k, v in t2i_figures.items()}
     figures.update({f"i2t_{k}": v for k, v in i2t_figures.items()})
     figures["num_images"] = num_images
     figures["num_texts"] = num_texts
     return RetrievalResult(figures, i2t_ranks, t2i_ranks)
+
+
+@dataclass
+class _Counts:
+    """Irrelevant items scoring >= / > each relevant pair, per direction, and the pair scores used."""
+
+    t2i_ge: torch.Tensor  # [N_t]
+    t2i_gt: torch.Tensor
+    i2t_ge: torch.Tensor  # [R, N_i], one row per caption slot of an image
+    i2t_gt: torch.Tensor
+    pair: torch.Tensor  # [N_t] the relevant pair's score, as the blocks computed it (non-finite -> -inf)
+    non_finite: int  # similarities that were NaN or infinite
+
+
+def _count_blocks(texts, images, owner, relevant, valid, pair, step, twins) -> _Counts:
+    """One pass over the similarity matrix in blocks of about ``step`` captions.
+
+    ``pair`` gives the column thresholds (the i2t direction needs every pair score before the first block);
+    ``None`` is allowed only when one block holds every caption.
+    """
+    device, num_texts, num_images = texts.device, texts.shape[0], images.shape[0]
+    column_thresholds = None if pair is None else _slot_scores(pair, relevant, valid, empty=math.nan).T.contiguous()
+    t2i_ge = torch.empty(num_texts, dtype=torch.long, device=device)
+    t2i_gt = torch.empty_like(t2i_ge)
+    i2t_ge = torch.zeros(relevant.shape[1], num_images, dtype=torch.long, device=device)
+    i2t_gt = torch.zeros_like(i2t_ge)
+    block_pair = torch.empty(num_texts, device=device)
+    non_finite = 0
+    for captions in twins.caption_blocks(num_texts, step):
+        block = texts[captions] @ images.T  # [c, N_i]: rows rank images (t2i), columns rank captions (i2t)
+        twins.make_equal(block, captions)
+        rows = torch.arange(block.shape[0], device=device)
+        columns = owner[captions]
+        scores = block[rows, columns]
+        if not torch.isfinite(block.sum()):
+            # Against the model: an irrelevant NaN/inf scores above everything, a relevant one below.
+            non_finite += int((~torch.isfinite(block)).sum())
+            block.nan_to_num_(nan=math.inf, posinf=math.inf, neginf=math.inf)
+            scores = torch.where(torch.isfinite(scores), scores, -math.inf)
+        block_pair[captions] = scores
+        if column_thresholds is None:
+            column_thresholds = _slot_scores(block_pair, relevant, valid, empty=math.nan).T.contiguous()
+        # Take the relevant pairs out (NaN compares false): what is counted below is irrelevant items only.
+        block[rows, columns] = math.nan
+        counted = _count(block, scores.unsqueeze(1), column_thresholds)
+        t2i_ge[captions], t2i_gt[captions] = counted[0], counted[1]
+        i2t_ge += counted[2]
+        i2t_gt += counted[3]
+    return _Counts(t2i_ge, t2i_gt, i2t_ge, i2t_gt, block_pair, non_finite)
+
+
+@dataclass
+class _Twins:
+    """Identical embeddings (repeated captions or images): each twin's similarities are copied from the
+    first of its kind, so twins tie exactly (BLAS may round identical rows differently by their position).
+
+    ``text_first[k]`` / ``image_first[j]``: index of the first embedding equal to caption k / image j.
+    """
+
+    text_first: torch.Tensor | None
+    image_first: torch.Tensor | None
+
+    @classmethod
+    def of(cls, texts: torch.Tensor, images: torch.Tensor) -> _Twins:
+        return cls(_first_equal(texts), _first_equal(images))
+
+    def caption_blocks(self, num_texts: int, step: int):
+        """Index tensors of about ``step`` captions each; twins are kept in one block."""
+        device = self.image_first.device if self.image_first is not None else None
+        if self.text_first is None:
+            for start in range(0, num_texts, step):
+                yield slice(start, min(start + step, num_texts))
+            return
+        order = torch.argsort(self.text_first, stable=True)  # twins next to each other
+        first = self.text_first[order].tolist()
+        start = 0
+        while start < num_texts:
+            stop = min(start + step, num_texts)
+            while stop < num_texts and first[stop] == first[stop - 1]:
+                stop += 1
+            yield order[start:stop].to(device)
+            start = stop
+
+    def make_equal(self, block: torch.Tensor, captions) -> None:
+        if self.image_first is not None:
+            copies = torch.nonzero(self.image_first != torch.arange(len(self.image_first), device=block.device))[:, 0]
+            block[:, copies] = block[:, self.image_first[copies]]
+        if self.text_first is not None:
+            first = self.text_first[captions]
+            # Position in this block of each caption's first twin (twins share a block).
+            position = {int(k): i for i, k in enumerate(captions.tolist())}
+            copies = [(i, position[int(f)]) for i, f in enumerate(first.tolist()) if position.get(int(f), i) != i]
+            if copies:
+                target, source = torch.tensor(copies, device=block.device).T
+                block[target] = block[source]
+
+
+def _first_equal(x: torch.Tensor) -> torch.Tensor | None:
+    """``[N]`` index of the first row bit-for-bit equal to each row; ``None`` when all rows differ."""
+    bits = x.contiguous().view(torch.int32)
+    # A hash of the bits groups candidates; equality of the bits then decides.
+    weights = torch.randn(x.shape[1], generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    weights = weights.to(x.device)
+    keys = torch.cat([part.double() @ weights for part in bits.split(1 << 14)])  # bounded memory
+    _, group = torch.unique(keys, return_inverse=True)
+    index = torch.arange(len(x), device=x.device)
+    first = torch.full_like(index, len(x)).scatter_reduce_(0, group, index, "amin")[group]
+    first = torch.where((bits[first] == bits).all(1), first, index)
+    return None if torch.equal(first, index) else first
+
+
+def _pair_scores(texts: torch.Tensor, images: torch.Tensor, owner: torch.Tensor, group: int = 256) -> torch.Tensor:
+    """Every caption's score with its own image, from small matrix products of the captions (grouped by
+    image) against the few images they describe; non-finite -> -inf."""
+    num_texts, num_images = texts.shape[0], images.shape[0]
+    order = torch.argsort(owner, stable=True)
+    sorted_owner = owner[order].tolist()
+    pair = torch.empty(num_texts, device=texts.device)
+    # At least 16 rows and columns a product: single rows or columns may take another BLAS code path.
+    least = 16
+    for start in range(0, num_texts, group):
+        stop = min(start + group, num_texts)
+        first = max(0, min(start, num_texts - least))
+        low = max(0, min(sorted_owner[first], num_images - least))
+        high = max(sorted_owner[stop - 1] + 1, min(num_images, low + least))
+        chosen = order[first:stop]
+        strip = texts[chosen] @ images[low:high].T
+        own = owner[chosen] - low
+        pair[chosen] = strip[torch.arange(len(chosen), device=texts.device), own]
+    return torch.where(torch.isfinite(pair), pair, -math.inf)
+
+
+def _slot_scores(pair: torch.Tensor, relevant: torch.Tensor, valid: torch.Tensor, empty: float = 0.0):
+    """``[N_i, R]`` the score of each image's captions; ``empty`` in unused slots."""
+    return torch.where(valid, pair[relevant], torch.full(relevant.shape, empty, dtype=pair.dtype, device=pair.device))
+
+
+class _ieee_float32_matmul:
+    """Full float32 products whatever the process set for training (TF32 would change ranks)."""
+
+    def __enter__(self):
+        self.saved = (torch.backends.cuda.matmul.fp32_precision, torch.backends.mkldnn.matmul.fp32_precision)
+        torch.backends.cuda.matmul.fp32_precision = "ieee"
+        torch.backends.mkldnn.matmul.fp32_precision = "ieee"
+
+    def __exit__(self, *exc):
+        torch.backends.cuda.matmul.fp32_precision, torch.backends.mkldnn.matmul.fp32_precision = self.saved
 
 
 def _t2i_figures(neg_ge: torch.Tensor, neg_gt: torch.Tensor, num_images: int) -> tuple[dict, np.ndarray]:
@@ -182,12 +335,44 @@ def _captions_of_each_image(owner: torch.Tensor, num_images: int) -> tuple[torch
 
 
 def _count_eager(block: torch.Tensor, row_thresholds: torch.Tensor, column_thresholds: torch.Tensor):
-    """Per row: entries >= / > its threshold; per column and slot: entries >= / > the slot's threshold."""
-    ge_row = (block >= row_thresholds).sum(1)
-    gt_row = (block > row_thresholds).sum(1)
-    ge_col = torch.stack([(block >= t).sum(0) for t in column_thresholds])
-    gt_col = torch.stack([(block > t).sum(0) for t in column_thresholds])
-    return ge_row, gt_row, ge_col, gt_col
+    """Per row: entries >= / > its threshold; per column and slot: entries >= / > the slot's threshold.
+
+    A few rows at a time, so each comparison and sum reads the cache rather than memory; comparisons write
+    0/1 floats, whose sums are vectorised (counts stay exact: below 2**24 in a float32 sum). On the CPU in
+    one thread: these operations are too short to share between threads (a busy machine stalls each one).
+    """
+    if block.device.type != "cpu":
+        return _count_in_slices(block, row_thresholds, column_thresholds)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return _count_in_slices(block, row_thresholds, column_thresholds)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _count_in_slices(block: torch.Tensor, row_thresholds: torch.Tensor, column_thresholds: torch.Tensor):
+    num_rows, num_columns = block.shape
+    rows_at_once = max(1, CACHE_ELEMENTS // num_columns) if block.device.type == "cpu" else num_rows
+    dtype = torch.float32 if num_columns < 1 << 24 else torch.float64
+    ge_row = torch.empty(num_rows, dtype=dtype, device=block.device)
+    gt_row = torch.empty_like(ge_row)
+    ge_col = torch.zeros(column_thresholds.shape, dtype=torch.float64, device=block.device)
+    gt_col = torch.zeros_like(ge_col)
+    buffer = torch.empty(min(rows_at_once, num_rows), num_columns, dtype=dtype, device=block.device)
+    for start in range(0, num_rows, rows_at_once):
+        stop = min(start + rows_at_once, num_rows)
+        part, mask, threshold = block[start:stop], buffer[: stop - start], row_thresholds[start:stop]
+        torch.ge(part, threshold, out=mask)
+        torch.sum(mask, 1, out=ge_row[start:stop])
+        torch.gt(part, threshold, out=mask)
+        torch.sum(mask, 1, out=gt_row[start:stop])
+        for slot, slot_thresholds in enumerate(column_thresholds):
+            torch.ge(part, slot_thresholds, out=mask)
+            ge_col[slot] += mask.sum(0)
+            torch.gt(part, slot_thresholds, out=mask)
+            gt_col[slot] += mask.sum(0)
+    return ge_row.long(), gt_row.long(), ge_col.long(), gt_col.long()
 
 
 def _count_fused(block: torch.Tensor, row_thresholds: torch.Tensor, column_thresholds: torch.Tensor):
@@ -204,10 +389,14 @@ _compile_failed = False
 
 
 def _count(block: torch.Tensor, row_thresholds: torch.Tensor, column_thresholds: torch.Tensor):
-    """Counts of one block: a compiled, fused kernel for large blocks (several times faster than eager),
-    the eager version for small ones or where compiling is not possible."""
+    """Counts of one block. ``COUNTING``: ``"eager"``, ``"compiled"`` (torch.compile, fused into one kernel),
+    or ``"auto"``: eager on the CPU, where importing and running the compiler costs more than a whole
+    COCO-sized evaluation (see ``scripts/benchmark.py eval``), compiled for large blocks on a GPU."""
     global _compiled_count, _compile_failed
-    if block.numel() >= COMPILE_ABOVE and not _compile_failed:
+    mode = COUNTING
+    if mode == "auto":
+        mode = "compiled" if block.device.type != "cpu" and block.numel() >= COMPILE_ABOVE else "eager"
+    if mode == "compiled" and not _compile_failed:
         try:
             if _compiled_count is None:
                 _compiled_count = torch.compile(_count_fused, dynamic=True)

@@ -2,16 +2,27 @@
 """Speed and memory of clip-tao's hot paths, measured (never asserted by tests).
 
     python scripts/benchmark.py train --model tiny-clip --batch 32 --steps 30
+    python scripts/benchmark.py embed --model tiny-clip --batch 32
+    python scripts/benchmark.py eval --n 5000 --captions-per-image 5 --dim 512 --counting eager compiled
     python scripts/benchmark.py eval --n 200000 --dim 1152 --dense-n 30000
     python scripts/benchmark.py data --n 1024 --size 224 --workers 0 1 2
     python scripts/benchmark.py serve --model tiny-clip --clients 16 --requests 2000
     python scripts/benchmark.py embed --model tiny-siglip2-naflex --batch 32
+    python scripts/benchmark.py quickstart --threads unset 1
 
 ``train``: training samples/s (forward + backward + optimiser step) on random inputs, against the bare
-forward+backward of the same model (the floor clip-tao's step adds to).
+forward+backward of the same model (the floor clip-tao's step adds to), with the model FLOPs utilisation.
+``embed``: image and text embeddings/s through PyTorch (eager, compiled), ONNX Runtime and TensorRT, with
+the image tower's FLOPs utilisation.
+MFU: the FLOPs of one step or batch as ``torch.utils.flop_counter.FlopCounterMode`` counts them (matrix
+products, convolutions, attention), times the measured rate, over the device's dense peak for the precision
+(a table of data-sheet peaks for common GPUs; on the CPU a measured large matrix product; ``--peak-tflops``).
 ``eval``: wall time and peak memory of the exact chunked retrieval metrics against the bare similarity
 matrix product of the same size (the floor), and against the dense computation at a size where it fits.
-Each measurement runs in a fresh process so its peak memory is its own.
+Each measurement runs in a fresh process (imports and any compilation included, as ``clip-tao evaluate``
+pays them) so its time and peak memory are its own.
+``quickstart``: wall time of ``clip-tao train -e specs/quickstart.yaml`` with ``OMP_NUM_THREADS`` unset
+and set, and the machine's load average before and after.
 ``data``: samples/s of the training loaders (decode + augment + tokenize + collate) for custom folders and
 WebDataset shards with N workers, against the same pipeline written with plain PIL + torchvision in one
 process, on the same generated JPEGs; then the NaFlex pipeline (``--naflex-patches``: crop, aspect-preserving
@@ -25,6 +36,8 @@ resize into the patch budget, patch batches) on the same files, with how much of
 from __future__ import annotations
 
 import argparse
+import contextlib
+import functools
 import json
 import os
 import platform
@@ -46,30 +59,148 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+# Dense (no sparsity) peak TFLOP/s from the vendors' data sheets: (bf16/fp16 tensor, tf32 tensor, fp32).
+# Matched in this order against torch.cuda.get_device_name(); --peak-tflops for anything else.
+GPU_PEAK_TFLOPS = [
+    ("H200", (989.4, 494.7, 66.9)),
+    ("H100 PCIe", (756.5, 378.0, 51.2)),
+    ("H100", (989.4, 494.7, 66.9)),  # SXM ("H100 80GB HBM3")
+    ("A100", (312.0, 156.0, 19.5)),
+    ("L40S", (362.1, 183.0, 91.6)),
+    ("L4", (121.0, 60.0, 30.3)),
+    ("RTX 4090", (165.2, 82.6, 82.6)),
+    ("A10", (125.0, 62.5, 31.2)),
+    ("V100", (125.0, 15.7, 15.7)),  # fp16 tensor cores; no bf16 or tf32
+    ("T4", (65.0, 8.1, 8.1)),
+]
+
+
+def peak_tflops(device, precision: str, override: float | None = None) -> tuple[float | None, str]:
+    """The device's dense peak for ``precision`` (``bf16``/``fp16``/``fp32``) and where the figure comes from."""
+    import torch
+
+    if override:
+        return override, "--peak-tflops"
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        tf32 = torch.backends.cuda.matmul.fp32_precision == "tf32"
+        for key, (half, tf32_peak, fp32) in GPU_PEAK_TFLOPS:
+            if key in name:
+                value = half if precision in ("bf16", "fp16") else (tf32_peak if tf32 else fp32)
+                kind = precision if precision != "fp32" else ("tf32" if tf32 else "fp32")
+                return value, f"{name} data sheet, dense {kind}"
+        return None, f"{name} is not in the table: pass --peak-tflops"
+    return measured_gemm_tflops(device, precision), f"measured {precision} 2048x2048 matrix product"
+
+
+@functools.lru_cache
+def measured_gemm_tflops(device, precision: str, size: int = 2048, seconds: float = 1.0) -> float:
+    """TFLOP/s of a large square matrix product on ``device`` in ``precision`` (the CPU's practical peak)."""
+    import torch
+
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, torch.float32)
+    a = torch.randn(size, size, device=device).to(dtype)
+    b = torch.randn(size, size, device=device).to(dtype)
+    a @ b
+    count, start = 0, time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        a @ b
+        count += 1
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return 2 * size**3 * count / (time.perf_counter() - start) / 1e12
+
+
+def count_flops(fn) -> int:
+    """FLOPs of one call of ``fn``, as PyTorch's own counter sees them (not a formula)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as counter:
+        fn()
+    return counter.get_total_flops()
+
+
+def utilisation(flops: float, per_second: float, peak: float | None) -> dict:
+    """TFLOP/s and MFU (percent of ``peak``) for ``flops`` done ``per_second`` times a second."""
+    rate = flops * per_second / 1e12
+    return {"tflops": float(f"{rate:.4g}"), "mfu_percent": round(100 * rate / peak, 1) if peak else None}
+
+
+# -- models ---------------------------------------------------------------------------------------
+def build_random_model(name: str, device=None):
+    """``(model, token_ids(n))`` for a clip-tao model type, randomly initialised. Types whose tokenizer must be
+    downloaded (real-size SigLIP2, C-RADIO, NV-CLIP) are built from the package's architecture files without
+    one, and fed random token ids: what the towers compute does not depend on which ids they are."""
+    import copy
+
+    import torch
+
+    from clip_tao.errors import ModelError
+    from clip_tao.models import create_model
+    from clip_tao.models.registry import get_model_info
+
+    try:
+        with torch.device(device or "cpu"):  # initialise on the device: far faster for a billion parameters
+            model = create_model(name, pretrained=False)
+    except ModelError:
+        info = get_model_info(name)
+        sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+        import gpu_check_models
+
+        with torch.device(device or "cpu"):
+            if info.family == "siglip":
+                model, _, vocab, context = gpu_check_models.build_siglip2(name, small=False)
+            elif info.family == "radio":
+                model, _, vocab, context = gpu_check_models.build_radio(name, small=False)
+            elif info.family == "openclip":
+                from clip_tao.models.base import preprocess_from_config
+                from clip_tao.models.openclip_family import OpenClipModel, build_openclip_module
+
+                cfg = copy.deepcopy(info.config)
+                module = build_openclip_module(cfg)
+                model = OpenClipModel(name, module, None, preprocess_from_config(cfg, info.image_size))
+                vocab, context = cfg["text_cfg"]["vocab_size"], cfg["text_cfg"].get("context_length", 77)
+            else:
+                raise
+        model.init_logits(2.3026, -10.0)
+        generator = torch.Generator().manual_seed(0)
+        return model, lambda n: torch.randint(2, vocab, (n, context), generator=generator)
+    return model, lambda n: model.tokenizer([f"a photo of thing number {i} on a table" for i in range(n)])
+
+
 # -- train ------------------------------------------------------------------------------------------
 def bench_train(args) -> dict:
     """clip-tao's own training step (the trainer's ``contrastive_backward``) against a bare forward+backward."""
     import torch
 
     from clip_tao.config.schema import OptimConfig
-    from clip_tao.engine.device import resolve_precision
+    from clip_tao.engine.device import enable_fast_matmul, resolve_precision
     from clip_tao.engine.distributed import ContrastiveForward
-    from clip_tao.engine.optim import build_optimizer
+    from clip_tao.engine.optim import build_optimizer, parameter_groups
     from clip_tao.engine.step import contrastive_backward
     from clip_tao.losses import ContrastiveLoss
-    from clip_tao.models import create_model
 
+    if args.openclip_arch:
+        args.model = register_openclip_arch(args.openclip_arch)
     device = torch.device("cuda" if torch.cuda.is_available() and not args.cpu else "cpu")
     precision = resolve_precision(args.precision, device)
-    model = create_model(args.model, pretrained=False).to(device)
+    if not args.no_fast_math:
+        enable_fast_matmul(device)
+    model, token_ids = build_random_model(args.model, device)
+    model = model.to(device)
+    model.set_grad_checkpointing(args.grad_checkpointing)
     net = ContrastiveForward(model)
     size = model.image_size
     pixels = torch.randn(args.batch, 3, size, size, device=device)
-    ids = model.tokenizer([f"caption number {i}" for i in range(args.batch)]).to(device)
+    ids = token_ids(args.batch).to(device)
     micro = args.batch // args.accumulate
     parts = [(pixels[k : k + micro], ids[k : k + micro]) for k in range(0, args.batch, micro)]
     loss_fn = ContrastiveLoss(args.loss)
     optimizer = build_optimizer(model, OptimConfig())
+    if args.no_fused:  # the optimiser before fused AdamW became the CUDA default
+        optim = OptimConfig()
+        optimizer = torch.optim.AdamW(parameter_groups(model, optim), betas=tuple(optim.betas), eps=optim.eps,
+                                      foreach=True)  # fmt: skip
     scaler = torch.amp.GradScaler(device.type, enabled=precision.use_grad_scaler)
 
     def step(full: bool) -> None:
@@ -97,6 +228,11 @@ def bench_train(args) -> dict:
             torch.cuda.synchronize()
         return args.batch * args.steps / (time.perf_counter() - start)
 
+    flops = count_flops(lambda: step(True))  # counted in eager mode: compiled kernels are not seen
+    if args.compile:
+        net.compile()
+    peak, peak_source = peak_tflops(device, precision.name, args.peak_tflops)
+    rate, bare = timed(True), timed(False)
     return {
         "benchmark": "train",
         "model": args.model,
@@ -104,8 +240,15 @@ def bench_train(args) -> dict:
         "accumulate": args.accumulate,
         "precision": precision.name,
         "device": str(device),
-        "train_samples_per_s": round(timed(True), 1),
-        "forward_backward_only_samples_per_s": round(timed(False), 1),
+        "compiled": args.compile,
+        "tf32": torch.backends.cuda.matmul.fp32_precision == "tf32",
+        "optimizer": type(optimizer).__name__ + (" (fused)" if optimizer.defaults.get("fused") else ""),
+        "train_samples_per_s": round(rate, 1),
+        "gflop_per_sample": round(flops / args.batch / 1e9, 3),
+        **utilisation(flops, rate / args.batch, peak),
+        "peak_tflops": float(f"{peak:.4g}") if peak else None,
+        "peak_source": peak_source,
+        "forward_backward_only_samples_per_s": round(bare, 1),
         "peak_rss_mb": round(peak_rss_mb()),
     }
 
@@ -152,23 +295,35 @@ def bench_embed(args) -> dict:
 
     from clip_tao.deploy.onnx_export import export_onnx
     from clip_tao.deploy.ort_backend import OnnxRuntimeEncoder
-    from clip_tao.models import create_model
 
     device = torch.device("cuda" if torch.cuda.is_available() and not args.cpu else "cpu")
-    model = create_model(args.model, pretrained=False).eval()
+    model, token_ids = build_random_model(args.model)
+    model = model.eval()
     size = model.image_size
     pixels = torch.randn(args.batch, 3, size, size)
     if model.preprocess.naflex:  # images of mixed aspect ratios at the model's patch budget
         from clip_tao.deploy.naflex_export import example_patch_batch
 
         pixels = example_patch_batch(model, args.batch, model.preprocess.max_num_patches)
-    ids = model.tokenizer([f"a photo of thing number {i} on a table" for i in range(args.batch)])
+    inputs = (
+        f"patch batches of mixed aspect ratios, {pixels.num_patches} patches"
+        if model.preprocess.naflex
+        else f"{size}x{size} images"
+    )
+    ids = token_ids(args.batch)
+
+    from clip_tao.engine.device import resolve_precision
+
+    precision = resolve_precision(args.precision, device)
+    with torch.no_grad():
+        image_flops = count_flops(lambda: model.encode_image(pixels))
 
     def rate(encode_image, encode_text, inputs_device) -> dict:
         px, tx = pixels.to(inputs_device), ids.to(inputs_device)
         out = {}
+        autocast = precision.autocast(inputs_device) if inputs_device == device else contextlib.nullcontext()
         for kind, fn, x in (("image", encode_image, px), ("text", encode_text, tx)):
-            with torch.no_grad():
+            with torch.no_grad(), autocast:
                 for _ in range(args.warmup):
                     fn(x)
                 if inputs_device.type == "cuda":
@@ -179,18 +334,25 @@ def bench_embed(args) -> dict:
                 if inputs_device.type == "cuda":
                     torch.cuda.synchronize()
             out[f"{kind}_items_per_s"] = round(args.batch * args.iters / (time.perf_counter() - start), 1)
+        peak = peak_tflops(inputs_device, precision.name if inputs_device == device else "fp32", args.peak_tflops)[0]
+        image = utilisation(image_flops / args.batch, out["image_items_per_s"], peak)
+        out.update({f"image_{k}": v for k, v in image.items()})
         return out
 
     rows = {}
     torch_model = model.to(device)
     rows["pytorch_eager"] = {"device": str(device), **rate(torch_model.encode_image, torch_model.encode_text, device)}
     try:
+        if args.no_compile:
+            raise RuntimeError("skipped (--no-compile)")
         rows["pytorch_compile"] = {
             "device": str(device),
             **rate(torch.compile(torch_model.encode_image), torch.compile(torch_model.encode_text), device),
         }
     except Exception as exc:  # a missing compiler toolchain must not hide the other figures
         rows["pytorch_compile"] = {"error": str(exc).splitlines()[0][:200]}
+    if args.no_onnx or model.tokenizer is None:  # exporting needs the tokenizer (saved beside the files)
+        return _embed_result(args, precision, image_flops, device, rows, inputs)
     with tempfile.TemporaryDirectory() as folder:
         onnx_file = os.path.join(folder, "m.onnx")
         export_onnx(model.to("cpu"), onnx_file, encoder_type="separate")
@@ -201,17 +363,22 @@ def bench_embed(args) -> dict:
         }
         if device.type == "cuda":
             rows["tensorrt"] = _tensorrt_rate(folder, rate)
-    eager, ort_rates = rows["pytorch_eager"], rows["onnxruntime_cpu"]
+    return _embed_result(args, precision, image_flops, device, rows, inputs)
+
+
+def _embed_result(args, precision, image_flops: int, device, rows: dict, inputs: str) -> dict:
+    eager, ort_rates = rows["pytorch_eager"], rows.get("onnxruntime_cpu")
     speedup = {}
-    if eager["device"] == "cpu":
+    if eager["device"] == "cpu" and ort_rates:
         speedup = {k: round(ort_rates[k] / eager[k], 2) for k in ("image_items_per_s", "text_items_per_s")}
     return {
         "benchmark": "embed",
         "model": args.model,
         "batch": args.batch,
-        "inputs": f"patch batches of mixed aspect ratios, {pixels.num_patches} patches"
-        if model.preprocess.naflex
-        else f"{size}x{size} images",
+        "inputs": inputs,
+        "precision": precision.name,
+        "image_gflop_per_item": round(image_flops / args.batch / 1e9, 3),
+        "peak_source": peak_tflops(device, precision.name, args.peak_tflops)[1],
         "runs": rows,
         "ort_cpu_vs_eager_cpu": speedup,
     }
@@ -236,50 +403,82 @@ def _tensorrt_rate(folder: str, rate) -> dict:
 
 
 # -- eval -------------------------------------------------------------------------------------------
-def _eval_child(mode: str, n: int, dim: int, chunk: int, device: str) -> dict:
+def _eval_child(mode: str, n: int, per: int, dim: int, chunk: int, device: str, counting: str) -> dict:
+    """One measurement in a fresh process: the clock starts before clip-tao's metrics module is imported."""
     import torch
 
-    from clip_tao import metrics
-
     g = torch.Generator().manual_seed(0)
-    images = torch.nn.functional.normalize(torch.randn(n, dim, generator=g), dim=-1).to(device)
-    texts = torch.nn.functional.normalize(images.cpu() + 0.5 * torch.randn(n, dim, generator=g), dim=-1).to(device)
-    step = chunk or max(1, metrics.BLOCK_ELEMENTS // n)
+    images = torch.nn.functional.normalize(torch.randn(n, dim, generator=g), dim=-1)
+    owner = torch.arange(n).repeat_interleave(per)
+    texts = torch.nn.functional.normalize(images[owner] + 0.5 * torch.randn(n * per, dim, generator=g), dim=-1)
+    images, texts = images.to(device), texts.to(device)
     base = peak_rss_mb()
     start = time.perf_counter()
+    from clip_tao import metrics
+
+    metrics.COUNTING = counting
+    step = chunk or max(1, metrics.BLOCK_ELEMENTS // n)
     figures = {}
     if mode == "chunked":
-        figures = metrics.retrieval_metrics(images, texts, chunk_size=step)
+        figures = metrics.retrieval_metrics(images, texts, owner, chunk_size=step)
     elif mode == "dense":  # the whole similarity matrix at once
-        figures = metrics.retrieval_metrics(images, texts, chunk_size=n)
+        figures = metrics.retrieval_metrics(images, texts, owner, chunk_size=n * per)
     else:  # the floor: the bare similarity product, in the same blocks, result discarded
-        for s in range(0, n, step):
+        for s in range(0, n * per, step):
             _ = texts[s : s + step] @ images.T
     if device != "cpu":
         torch.cuda.synchronize()
     seconds = time.perf_counter() - start
     return {
-        "mode": mode,
-        "n": n,
+        "mode": mode if mode == "product" else f"{mode} ({counting})",
+        "images": n,
+        "captions": n * per,
         "seconds": round(seconds, 2),
         "extra_peak_rss_mb": round(peak_rss_mb() - base),
-        "t2i_R@1": figures.get("t2i_R@1"),
+        "figures": {k: figures[k] for k in ("i2t_R@1", "t2i_R@1", "i2t_mAP", "t2i_mAP", "t2i_MeanR") if k in figures},
     }
 
 
 def bench_eval(args) -> dict:
-    """Chunked metrics and the bare product at ``--n``; dense and chunked side by side at ``--dense-n``."""
+    """Chunked metrics (each ``--counting``) and the bare product at ``--n``; dense and chunked at ``--dense-n``."""
 
-    def child(mode: str, n: int) -> dict:
-        cmd = [sys.executable, __file__, "_eval_child", mode, str(n), str(args.dim), str(args.chunk), args.device]
+    def child(mode: str, n: int, counting: str = "auto") -> dict:
+        cmd = [sys.executable, __file__, "_eval_child", mode, str(n), str(args.captions_per_image), str(args.dim),
+               str(args.chunk), args.device, counting]  # fmt: skip
         out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
         return json.loads(out.strip().splitlines()[-1])
 
-    runs = [child("product", args.n), child("chunked", args.n)]
-    ratio = round(runs[1]["seconds"] / runs[0]["seconds"], 2)
+    runs = [child("product", args.n)]
+    runs += [child("chunked", args.n, counting) for counting in args.counting]
+    ratios = {run["mode"]: round(run["seconds"] / runs[0]["seconds"], 2) for run in runs[1:]}
     if args.dense_n:
         runs += [child("dense", args.dense_n), child("chunked", args.dense_n)]
-    return {"benchmark": "eval", "dim": args.dim, "device": args.device, "chunked_vs_product": ratio, "runs": runs}
+    same = all(run["figures"] == runs[1]["figures"] for run in runs[1 : 1 + len(args.counting)])
+    return {"benchmark": "eval", "dim": args.dim, "device": args.device, "vs_product": ratios,
+            "same_figures": same, "runs": runs, "load_average": os.getloadavg()}  # fmt: skip
+
+
+# -- quickstart ------------------------------------------------------------------------------------
+def bench_quickstart(args) -> dict:
+    """``clip-tao train -e specs/quickstart.yaml`` end to end, once per ``--threads`` setting."""
+    import tempfile
+
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    runs = []
+    for threads in args.threads:
+        env = dict(os.environ)
+        env.pop("OMP_NUM_THREADS", None)
+        if threads != "unset":
+            env["OMP_NUM_THREADS"] = threads
+        with tempfile.TemporaryDirectory() as out:
+            load_before = os.getloadavg()[0]
+            start = time.perf_counter()
+            cmd = [sys.executable, "-m", "clip_tao.cli", "train", "-e", "specs/quickstart.yaml", f"results_dir={out}"]
+            subprocess.run(cmd, cwd=repo, env=env, check=True, capture_output=True)
+            seconds = time.perf_counter() - start
+        runs.append({"OMP_NUM_THREADS": threads, "seconds": round(seconds, 1),
+                     "load_average_1min_before_after": [round(load_before, 2), round(os.getloadavg()[0], 2)]})  # fmt: skip
+    return {"benchmark": "quickstart", "runs": runs, "cpus": os.cpu_count()}
 
 
 # -- data -------------------------------------------------------------------------------------------
@@ -591,8 +790,8 @@ def _bench_naflex_data(args, root: str, tokenizer, n_batches: int, fixed: dict) 
 
 def main() -> None:
     if len(sys.argv) > 1 and sys.argv[1] == "_eval_child":
-        mode, n, dim, chunk = sys.argv[2], *map(int, sys.argv[3:6])
-        print(json.dumps(_eval_child(mode, n, dim, chunk, sys.argv[6])))
+        mode, n, per, dim, chunk = sys.argv[2], *map(int, sys.argv[3:7])
+        print(json.dumps(_eval_child(mode, n, per, dim, chunk, sys.argv[7], sys.argv[8])))
         return
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="what", required=True)
@@ -604,6 +803,12 @@ def main() -> None:
     t.add_argument("--accumulate", type=int, default=1, help="micro-batches a step (features cached, as training)")
     t.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"])
     t.add_argument("--cpu", action="store_true", help="stay on the CPU even when a GPU is present")
+    t.add_argument("--openclip-arch", help="use one of open_clip's architectures instead, e.g. ViT-B-32 (random init)")
+    t.add_argument("--grad-checkpointing", action="store_true")
+    t.add_argument("--no-fused", action="store_true", help="foreach AdamW instead of the fused one chosen on CUDA")
+    t.add_argument("--compile", action="store_true", help="torch.compile the model (as train.compile)")
+    t.add_argument("--no-fast-math", action="store_true", help="keep fp32 matrix products in full fp32 (no TF32)")
+    t.add_argument("--peak-tflops", type=float, help="the device's peak for the MFU (default: table / measured)")
     m = sub.add_parser("embed", help="embedding throughput: PyTorch eager, torch.compile, ONNX Runtime, TensorRT")
     m.add_argument("--model", default="tiny-clip")
     m.add_argument("--openclip-arch", help="use one of open_clip's architectures instead, e.g. ViT-B-32 (random init)")
@@ -611,12 +816,26 @@ def main() -> None:
     m.add_argument("--iters", type=int, default=20)
     m.add_argument("--warmup", type=int, default=3)
     m.add_argument("--cpu", action="store_true", help="stay on the CPU even when a GPU is present")
+    m.add_argument("--no-onnx", action="store_true", help="PyTorch only (no ONNX Runtime / TensorRT rows)")
+    m.add_argument("--no-compile", action="store_true", help="no torch.compile row")
+    m.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"], help="autocast of PyTorch runs")
+    m.add_argument("--peak-tflops", type=float, help="the device's peak for the MFU (default: table / measured)")
     e = sub.add_parser("eval", help="exact chunked retrieval metrics: time and memory against the bare product")
     e.add_argument("--n", type=int, default=20000, help="images = captions")
     e.add_argument("--dim", type=int, default=1152)
     e.add_argument("--chunk", type=int, default=0, help="captions a block (0: the library's default)")
     e.add_argument("--dense-n", type=int, default=0, help="also run dense vs chunked at this size (0: skip)")
     e.add_argument("--device", default="cpu")
+    e.add_argument("--captions-per-image", type=int, default=1, help="5 for a COCO-shaped set")
+    e.add_argument(
+        "--counting",
+        nargs="+",
+        default=["auto"],
+        choices=["auto", "eager", "compiled"],
+        help="how the metrics count each block (clip_tao.metrics.COUNTING); each in its own process",
+    )
+    q = sub.add_parser("quickstart", help="wall time of the quickstart training, OMP_NUM_THREADS unset and set")
+    q.add_argument("--threads", nargs="+", default=["unset", "1"], help="OMP_NUM_THREADS values ('unset')")
     d = sub.add_parser("data", help="training loaders (custom, wds) against plain PIL + torchvision, samples/s")
     d.add_argument("--n", type=int, default=1024, help="generated images")
     d.add_argument("--source-size", type=int, default=384, help="side of the generated JPEGs")
@@ -638,7 +857,8 @@ def main() -> None:
     v.add_argument("--max-batch", type=int, default=32)
     v.add_argument("--delay-ms", type=float, default=5.0)
     args = parser.parse_args()
-    benches = {"train": bench_train, "embed": bench_embed, "eval": bench_eval, "data": bench_data, "serve": bench_serve}
+    benches = {"train": bench_train, "embed": bench_embed, "eval": bench_eval, "data": bench_data,
+               "serve": bench_serve, "quickstart": bench_quickstart}  # fmt: skip
     result = benches[args.what](args)
     result["machine"] = machine()
     print(json.dumps(result, indent=2))

@@ -67,5 +67,7 @@ def tiny_spec(tmp_path: Path):
 
 @pytest.fixture(autouse=True)
 def _quiet_threads(monkeypatch):
-    # Keep CPU tests from oversubscribing a 2-core machine.
-    monkeypatch.setenv("OMP_NUM_THREADS", os.environ.get("OMP_NUM_THREADS", "2"))
+    # Keep CPU tests from oversubscribing a 2-core machine: the commands choose their threads themselves
+    # (clip_tao.threads: the CPUs less one a loader worker); an OMP_NUM_THREADS given from outside still wins.
+    if "OMP_NUM_THREADS" in os.environ:
+        monkeypatch.setenv("OMP_NUM_THREADS", os.environ["OMP_NUM_THREADS"])

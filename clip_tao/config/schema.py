@@ -186,6 +186,11 @@ class TrainConfig:
     results_dir: str | None = None
     # clip-tao: continue from results_dir/train/clip_latest.pth when it exists.
     auto_resume: bool = True
+    # clip-tao: compute threads of the main process (default: OMP_NUM_THREADS, else the allowed CPUs less one
+    # a loader worker); loader workers always run one.
+    num_threads: int | None = None
+    # clip-tao: torch.compile the model for training.
+    compile: bool = False
 
 
 @dataclass

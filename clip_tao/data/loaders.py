@@ -32,6 +32,7 @@ from clip_tao.data.transforms import build_eval_transform, build_train_transform
 from clip_tao.errors import ConfigError, DataError
 from clip_tao.models.base import Preprocess
 from clip_tao.models.patches import PatchBudgetError
+from clip_tao.threads import one_thread_per_worker
 
 log = logging.getLogger(__name__)
 
@@ -244,7 +245,8 @@ def build_train_loader(
         total = wds.epoch_samples(shards, train.wds.samples_per_shard)
         plan = wds.plan_slots(shards, total, train.batch_size, world_size, workers, "dataset.train.wds")
         stream = wds.WdsTrainStream(shards, plan, rank, transform, tokenizer, data_cfg.seed, draft, stack)
-        loader = DataLoader(stream, batch_size=None, num_workers=plan.workers, pin_memory=pin)
+        loader = DataLoader(stream, batch_size=None, num_workers=plan.workers, pin_memory=pin,
+                            worker_init_fn=one_thread_per_worker)  # fmt: skip
         log.info("dataset.train.wds: %d shards, %d samples an epoch, %d steps a rank", len(shards), total,
                  plan.batches_per_rank)  # fmt: skip
         return LoaderBundle(loader, [], SkipCounter(), kind="wds", num_samples=total)
@@ -261,6 +263,7 @@ def build_train_loader(
         num_workers=workers,
         collate_fn=functools.partial(collate_skipping_bad, tokenizer=tokenizer, stack=stack),
         pin_memory=pin,
+        worker_init_fn=one_thread_per_worker,
         # Contrastive batches lose their point when tiny; keep every sample only if there is one batch.
         drop_last=sampler.per_rank > train.batch_size,
         generator=torch.Generator().manual_seed(data_cfg.seed),
@@ -304,6 +307,7 @@ def build_wds_eval_loader(
         num_workers=workers,
         collate_fn=functools.partial(collate_skipping_bad, stack=batch_stacker(preprocess)),
         pin_memory=pin_memory and torch.cuda.is_available(),
+        worker_init_fn=one_thread_per_worker,
     )
     return LoaderBundle(loader, [], SkipCounter(), kind="wds",
                         num_samples=wds.epoch_samples(shards, wds_cfg.samples_per_shard))  # fmt: skip
@@ -331,5 +335,6 @@ def build_eval_loader(
         num_workers=effective_workers(num_workers, f"{section.rsplit('.', 1)[0]}.num_workers"),
         collate_fn=functools.partial(collate_skipping_bad, stack=batch_stacker(preprocess)),
         pin_memory=pin_memory and torch.cuda.is_available(),
+        worker_init_fn=one_thread_per_worker,
     )
     return LoaderBundle(loader, samples, skipped)

@@ -24,6 +24,15 @@ def seed_everything(seed: int, cudnn_benchmark: bool = False, cudnn_deterministi
     torch.backends.cudnn.deterministic = cudnn_deterministic
 
 
+def enable_fast_matmul(device: torch.device) -> None:
+    """TF32 tensor cores for float32 matrix products and convolutions on CUDA (as Lightning and timm's
+    trainers do): about 8x the float32 rate, with a 10-bit mantissa that contrastive training does not feel.
+    Retrieval metrics switch it off around their own products (ranks must be exact)."""
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.fp32_precision = "tf32"
+        torch.backends.cudnn.conv.fp32_precision = "tf32"
+
+
 def select_device(num_gpus: int, gpu_ids: list[int]) -> torch.device:
     """The first of ``gpu_ids`` when CUDA is available and ``num_gpus`` > 0, else the CPU."""
     if num_gpus > 0 and torch.cuda.is_available():

@@ -48,7 +48,16 @@ def build_optimizer(model: ClipModel, optim: OptimConfig) -> torch.optim.Optimiz
         from timm.optim import Lamb
 
         return Lamb(groups, betas=tuple(optim.betas), eps=optim.eps)
-    return torch.optim.AdamW(groups, betas=tuple(optim.betas), eps=optim.eps)
+    return torch.optim.AdamW(groups, betas=tuple(optim.betas), eps=optim.eps, **_fastest_implementation(groups))
+
+
+def _fastest_implementation(groups: list[dict]) -> dict:
+    """``fused=True`` (one kernel for every parameter) when all parameters are plain CUDA tensors; else the
+    ``foreach`` default. Sharded (FSDP) parameters keep the default, which supports them everywhere."""
+    params = [p for group in groups for p in group["params"]]
+    if params and all(p.is_cuda and type(p.data) is torch.Tensor for p in params):
+        return {"fused": True}
+    return {}
 
 
 def lr_factor(step: int, total_steps: int, warmup_steps: int, scheduler: str) -> float:

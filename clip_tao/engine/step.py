@@ -29,15 +29,18 @@ def contrastive_backward(
     device: torch.device,
     scaler: torch.amp.GradScaler | None = None,
     step: int = 0,
-) -> float:
+    sync: bool = True,
+) -> float | torch.Tensor:
     """Accumulate into ``.grad`` the gradient of the contrastive loss over ``micro_batches`` together.
 
     ``net(pixels, input_ids) -> (image_emb, text_emb, logit_scale, logit_bias)`` (see
-    :class:`~clip_tao.engine.distributed.ContrastiveForward`, possibly DDP/FSDP-wrapped). Returns the loss.
+    :class:`~clip_tao.engine.distributed.ContrastiveForward`, possibly DDP/FSDP-wrapped). Returns the loss,
+    checked to be finite; with ``sync=False`` the loss stays a tensor on the device, unchecked, so the host
+    does not wait for the GPU every step (the caller checks it when it logs).
     """
 
     def backward(loss: torch.Tensor) -> None:
-        if not torch.isfinite(loss):
+        if sync and not torch.isfinite(loss):
             raise ModelError(
                 f"training loss became {loss.item()} at step {step}: lower train.optim.*_lr, "
                 "set train.grad_clip_norm, or use precision fp32/bf16"
@@ -50,7 +53,7 @@ def contrastive_backward(
             image, text, scale, bias = net(*batches[0])
             loss = loss_fn(image.float(), text.float(), scale, bias)
         backward(loss)
-        return loss.item()
+        return loss.item() if sync else loss.detach()
 
     with torch.no_grad(), precision.autocast(device):
         cached = [net(p, i)[:2] for p, i in batches]
@@ -68,4 +71,4 @@ def contrastive_backward(
                 all_texts = torch.cat(texts[:j] + [text.float()] + texts[j + 1 :])
                 loss = loss_fn(all_images, all_texts, scale, bias)
             backward(loss)
-    return loss.item()
+    return loss.item() if sync else loss.detach()

@@ -36,7 +36,7 @@ from clip_tao.engine.checkpoint import (
     restore_rng_state,
     save_checkpoint,
 )
-from clip_tao.engine.device import resolve_precision
+from clip_tao.engine.device import enable_fast_matmul, resolve_precision
 from clip_tao.engine.embedding import embed_loader
 from clip_tao.engine.finite import check_weights, overflow_error
 from clip_tao.engine.lora import has_lora_weights
@@ -55,6 +55,7 @@ log = logging.getLogger(__name__)
 BEST_METRIC = "t2i_mAP"
 LATEST_NAME = "clip_latest.pth"
 BEST_NAME = "clip_best.pth"
+LOG_EVERY = 10  # steps between loss logs: the only host-GPU synchronisations of the training loop
 
 
 @dataclass
@@ -97,6 +98,7 @@ class Trainer:
         self._check_config()
 
         self.model.to(self.device)
+        enable_fast_matmul(self.device)
         self._freeze_towers()
         if self.tcfg.grad_checkpointing:
             self.model.set_grad_checkpointing(True)
@@ -255,6 +257,8 @@ class Trainer:
     def _prepare(self) -> None:
         """Wrap the model for DDP/FSDP, (re)build the optimiser for FSDP, load resumed optimiser state."""
         self.net = D.wrap_for_training(self.model, self.dist, self.tcfg.distributed_strategy)
+        if self.tcfg.compile:
+            self.net.compile()  # in place: parameter names and checkpoints stay those of the plain model
         if D.is_fsdp(self.net):
             # FSDP replaces parameters by sharded ones: the optimiser must be built on those.
             self.optimizer = build_optimizer(self.model, self.tcfg.optim)
@@ -339,7 +343,7 @@ class Trainer:
             dynamic_ncols=True,
             disable=not self.dist.is_main,
         )
-        loss_sum, loss_count, seen, window_start = 0.0, 0, 0, time.time()
+        loss_sum, loss_count, seen, window_start, shown = 0.0, 0, 0, time.time(), math.nan
         end = self.steps_per_epoch * self.accumulate  # leftover batches (< accumulate) are not trained on
         micro: list[dict] = []
         try:
@@ -369,16 +373,31 @@ class Trainer:
                 s.worker_positions = positions or None
                 rate = seen * self.dist.world_size / max(time.time() - window_start, 1e-9)
                 bar.update(1)
-                bar.set_postfix(loss=f"{loss_sum / max(loss_count, 1):.4f}", lr=f"{self._lr():.2e}", sps=f"{rate:.1f}")
+                if s.global_step % LOG_EVERY == 0 or loss_count == 1 or batch_index + 1 >= end:  # host waits for GPU
+                    shown = self._checked_mean(loss_sum, loss_count)
+                loss_shown = {} if math.isnan(shown) else {"loss": f"{shown:.4f}"}  # none before the first log
+                bar.set_postfix(**loss_shown, lr=f"{self._lr():.2e}", sps=f"{rate:.1f}")
                 if t.checkpoint_interval_unit == "step" and s.global_step % t.checkpoint_interval == 0:
+                    shown = self._checked_mean(loss_sum, loss_count)  # never save weights after a non-finite loss
                     self.save(epoch)
         finally:
             self.train_data.resume_at(0, None)
             bar.close()
-        return D.all_reduce_mean(self.dist, loss_sum / max(loss_count, 1))
+        return D.all_reduce_mean(self.dist, self._checked_mean(loss_sum, loss_count))
 
-    def _step(self, micro: list[dict]) -> tuple[float | None, int]:
-        """One optimiser step over the micro-batches; ``(loss, samples)``, loss ``None`` when skipped."""
+    def _checked_mean(self, loss_sum: float | torch.Tensor, count: int) -> float:
+        """The mean loss so far as a number (a host synchronisation): training stops if it is not finite."""
+        mean = float(loss_sum / max(count, 1))
+        if not math.isfinite(mean):
+            raise ModelError(
+                f"training loss became {mean} by step {self.state.global_step}: lower train.optim.*_lr, "
+                "set train.grad_clip_norm, or use precision fp32/bf16"
+            )
+        return mean
+
+    def _step(self, micro: list[dict]) -> tuple[torch.Tensor | None, int]:
+        """One optimiser step over the micro-batches; ``(loss, samples)``, loss (a tensor on the device, not
+        waited for) ``None`` when skipped."""
         pairs = [(b["pixels"], b["input_ids"]) for b in micro if "pixels" in b and len(b["indices"]) > 0]
         keys = [k for b in micro if "pixels" in b for k in b["keys"]]
         if self.dist.distributed:
@@ -394,7 +413,7 @@ class Trainer:
             self.loss_fn.set_batch(pairs, self.device)
         loss = contrastive_backward(
             self.net, self.loss_fn, pairs, self.precision, self.device,
-            self.scaler if self.scaler.is_enabled() else None, self.state.global_step,
+            self.scaler if self.scaler.is_enabled() else None, self.state.global_step, sync=False,
         )  # fmt: skip
         if self.dist.distributed:
             D.sync_replicated_grads(self.net, self.dist.world_size)
@@ -410,8 +429,8 @@ class Trainer:
             self.sample_log.writelines(f"{self.state.global_step} {k}\n" for k in keys)
             self.sample_log.flush()
         terms = self.loss_fn.end_step() if regularized else {}
-        if self.state.global_step % 10 == 0:
-            self._log_scalars({"train/loss": loss, "train/lr": self._lr(), "train/logit_scale": self._scale()})
+        if self.state.global_step % LOG_EVERY == 0:
+            self._log_scalars({"train/loss": float(loss), "train/lr": self._lr(), "train/logit_scale": self._scale()})
             self._log_scalars({f"train/{k}": v for k, v in terms.items()})
         return loss, count
 

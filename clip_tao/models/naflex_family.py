@@ -88,7 +88,7 @@ def load_naflex_pretrained(source: str, is_local: bool) -> nn.Module:
         prepare_hub()
     try:
         with quiet_hf_loading():
-            return Siglip2Model.from_pretrained(source)
+            return Siglip2Model.from_pretrained(source, attn_implementation="sdpa")
     except (OSError, ValueError, KeyError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         if is_local:

@@ -180,7 +180,7 @@ def load_siglip_pretrained(source: str, is_local: bool) -> nn.Module:
         prepare_hub()
     try:
         with quiet_hf_loading():
-            return SiglipModel.from_pretrained(source)
+            return SiglipModel.from_pretrained(source, attn_implementation="sdpa")
     except Exception as exc:  # torch, safetensors and transformers raise many types for bad local files
         if not is_local and not isinstance(exc, (OSError, ValueError, KeyError)):
             raise
