@@ -198,6 +198,64 @@ def test_tao_radio_checkpoint_maps_onto_the_radio_family(tmp_path):
         assert (model.encode_text(ids) - want.encode_text(ids)).abs().max() <= 1e-5
 
 
+def test_tao_radio_checkpoint_maps_the_clip_adaptors_open_clip_text_tower(tmp_path):
+    """The ``clip`` adaptor is RADIO's ``OpenCLIP_RADIO`` (radio/open_clip_adaptor.py): the teacher's open_clip
+    ``CLIP`` as ``oc_model`` with its image tower set to None, so TAO's file holds its text tower under
+    ``adaptors.clip.oc_model.*`` (and again under ``model.adaptor.*``, TAO's second name for the adaptor). The
+    tuned text tower loads: our embeddings equal that open_clip model's ``encode_text``, which TAO calls."""
+    from open_clip.model import CLIP
+    from safetensors.torch import load_file
+
+    from clip_tao.engine.weights import load_weights
+    from clip_tao.errors import ModelError
+    from tests.family_assets import TINY_NVCLIP, make_openclip_folder, make_radio_checkpoint, make_radio_hf_folder
+
+    text_cfg = {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1}
+    clip_cfg = {**TINY_NVCLIP, "embed_dim": 24, "text_cfg": text_cfg}
+    make_openclip_folder(tmp_path / "dfn", clip_cfg, None)  # the start model's text tower
+    clip_index, name = 0, "clip"
+    make_radio_checkpoint(tmp_path / "start.pth.tar", {clip_index: 24}, seed=3)
+    tuned = make_radio_checkpoint(tmp_path / "tuned.pth.tar", {clip_index: 24}, seed=5)
+    make_radio_hf_folder(tmp_path / "hf", tuned, [name])
+    torch.manual_seed(11)  # the tuned text tower: other weights than the start's
+    oc_model = CLIP(**clip_cfg).eval()
+    oc_model.visual = None  # as OpenCLIP_RADIO.__init__ unloads it
+    tao_state = {"model.logit_scale": torch.tensor(TAO_SCALE), "model.logit_bias": torch.tensor(TAO_BIAS)}
+    tao_state.update({f"model.{k}": v for k, v in load_file(tmp_path / "hf" / "model.safetensors").items()})
+    tao_state.update({f"model.radio_model.adaptors.{name}.oc_model.{k}": v for k, v in oc_model.state_dict().items()})
+    prefix = f"model.radio_model.adaptors.{name}."
+    tao_state.update(
+        {f"model.adaptor.{k[len(prefix) :]}": v for k, v in list(tao_state.items()) if k.startswith(prefix)}
+    )
+    tao_file = tmp_path / "tao_radio_clip.pth"
+    torch.save({"pytorch-lightning_version": pl.__version__, "state_dict": tao_state, "epoch": 0}, tao_file)
+
+    def build(path):
+        text = str(tmp_path / "dfn")
+        return create_model("c-radio_v3-b", pretrained_path=str(path), adaptor_name="clip", text_pretrained_path=text)
+
+    model = build(tmp_path / "start.pth.tar")
+    ids = model.tokenizer(["a red square", "a cat on a mat", "x"])
+    with torch.no_grad():
+        want_text = oc_model.encode_text(ids, normalize=True)
+        assert (model.eval().encode_text(ids) - want_text).abs().max() > 1e-3  # the start differs
+    load_weights(model, str(tao_file))
+    model.eval()
+    assert model.logit_scale.item() == pytest.approx(TAO_SCALE)
+    pixels = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        assert (model.encode_text(ids) - want_text).abs().max() <= 1e-5
+        want_image = build(tmp_path / "tuned.pth.tar").eval().encode_image(pixels)
+        assert (model.encode_image(pixels) - want_image).abs().max() <= 1e-5
+
+    # A text tensor of another shape (a file of another teacher) is one line naming the file and the key.
+    tao_state[f"{prefix}oc_model.ln_final.weight"] = torch.ones(8)
+    torch.save({"pytorch-lightning_version": pl.__version__, "state_dict": tao_state}, tmp_path / "other.pth")
+    with pytest.raises(ModelError, match=r"other\.pth.*oc_model\.ln_final\.weight has shape \[8\]") as error:
+        load_weights(model, str(tmp_path / "other.pth"))
+    assert "\n" not in str(error.value)
+
+
 @pytest.mark.skipif(
     not os.environ.get("CLIP_TAO_RADIO_REPO"), reason="set CLIP_TAO_RADIO_REPO to a clone of NVlabs/RADIO"
 )

@@ -84,8 +84,8 @@ def _radio_state(model: nn.Module, state: dict, path: str) -> dict[str, torch.Te
     The Lightning prefix ``model.`` is stripped and the rest handed to the Radio-CLIP family's reader of
     that layout (``checkpoint_from_radio_model_state``) and its loaders. A model built by RADIO's own code
     (``model.radio_repo_dir``) keeps the hub model under ``visual.radio``: there the keys map one to one.
-    The SigLIP adaptor's text tower (``adaptors.<name>.text_model.*``) maps onto ours; others keep their
-    weights, with a warning.
+    The adaptor's text tower maps onto ours: the SigLIP adaptor's (``adaptors.<name>.text_model.*``) and the
+    OpenCLIP adaptor's (``adaptors.<name>.oc_model.*``, see :func:`_open_clip_text_state`).
     """
     from clip_tao.models.radio_checkpoint import checkpoint_from_radio_model_state
 
@@ -102,13 +102,15 @@ def _radio_state(model: nn.Module, state: dict, path: str) -> dict[str, torch.Te
     name = adaptors[0]
     text_prefix = f"radio_model.adaptors.{name}.text_model."
     text = {k[len(text_prefix) :]: v for k, v in inner.items() if k.startswith(text_prefix)}
+    open_clip_prefix = f"radio_model.adaptors.{name}.oc_model."
+    open_clip_text = {k[len(open_clip_prefix) :]: v for k, v in inner.items() if k.startswith(open_clip_prefix)}
     own = model.state_dict()
     if hasattr(visual, "radio"):
         hub_own = visual.radio.state_dict()
         mapped = {f"visual.radio.{k[len('radio_model.') :]}": v for k, v in inner.items()
                   if k[len("radio_model.") :] in hub_own}  # fmt: skip
     else:
-        rest = {k: v for k, v in inner.items() if not k.startswith(text_prefix)}
+        rest = {k: v for k, v in inner.items() if not k.startswith((text_prefix, open_clip_prefix))}
         _load_radio_image_tower(visual, checkpoint_from_radio_model_state(rest, {}, path, path=path), name, path)
         mapped = {f"visual.{k}": v for k, v in visual.state_dict().items()}
     # RADIO keeps the teacher's text transformer; ours is the teacher's text model around it (whose keys,
@@ -116,7 +118,9 @@ def _radio_state(model: nn.Module, state: dict, path: str) -> dict[str, torch.Te
     ours = next(
         (p for p in ("text.model.", "text.model.text_model.") if text and all(p + k in own for k in text)), None
     )
-    if ours:
+    if open_clip_text:
+        mapped.update(_open_clip_text_state(model, open_clip_text, name, path))
+    elif ours:
         mapped.update({ours + k: v for k, v in text.items()})
     else:
         log.warning("%s: the %s adaptor's text tower is not mapped; the text tower keeps its own weights", path, name)
@@ -124,6 +128,42 @@ def _radio_state(model: nn.Module, state: dict, path: str) -> dict[str, torch.Te
         if key.startswith("text.") and key not in mapped:
             mapped[key] = value
     return mapped
+
+
+# The open_clip model's own logit parameters: TAO trains and saves its adapter's (model.logit_scale/bias) instead.
+_OPEN_CLIP_UNUSED = ("logit_scale", "logit_bias")
+
+
+def _open_clip_text_state(model: nn.Module, tensors: dict, adaptor: str, path: str) -> dict[str, torch.Tensor]:
+    """RADIO's OpenCLIP adaptor (``radio/open_clip_adaptor.py``) keeps the teacher's whole open_clip ``CLIP`` as
+    ``oc_model`` with ``visual`` set to None, so ``oc_model.*`` is its text tower at the model's top level
+    (``token_embedding``, ``positional_embedding``, ``transformer``, ``ln_final``, ``text_projection``) plus
+    its logit parameters. TAO encodes text with ``oc_model.encode_text``; ours is the same text transformer."""
+    from clip_tao.models.text_towers import OpenClipTextTower
+
+    where = f"{path!r}: the {adaptor} adaptor's open_clip text tower (radio_model.adaptors.{adaptor}.oc_model.*)"
+    tower = getattr(model, "text", None)
+    if not isinstance(tower, OpenClipTextTower):
+        raise ModelError(f"{where} does not fit this model's text tower: set model.adaptor_name to {adaptor}")
+    own = tower.model.state_dict()
+    unused = sorted(k for k in tensors if k in _OPEN_CLIP_UNUSED)
+    unknown = sorted(k for k in tensors if k not in own and k not in _OPEN_CLIP_UNUSED)
+    missing = sorted(k for k in own if k not in tensors)
+    if unknown or missing:
+        raise ModelError(
+            f"{where} does not fit the teacher's text tower: {len(missing)} missing (e.g. {missing[:2]}), "
+            f"{len(unknown)} unknown (e.g. {unknown[:2]}); set model.adaptor_name/text_pretrained_path to the "
+            "teacher it was trained with"
+        )
+    for key, value in own.items():
+        if tensors[key].shape != value.shape:
+            raise ModelError(
+                f"{where}: oc_model.{key} has shape {list(tensors[key].shape)}, the teacher's text tower "
+                f"{list(value.shape)}; set model.text_pretrained_path to the teacher it was trained with"
+            )
+    if unused:
+        log.info("%s: left out the open_clip model's own %s (TAO trains its adapter's)", path, ", ".join(unused))
+    return {f"text.model.{k}": tensors[k] for k in own}
 
 
 def _load_radio_image_tower(visual: nn.Module, ckpt, adaptor: str, path: str) -> None:
