@@ -43,7 +43,11 @@ def load_weights(model: nn.Module, path: str, peft: PeftConfig | None = None) ->
     lora = has_lora_weights(state)
     if lora:
         apply_lora(model, peft_from_checkpoint(checkpoint, peft or PeftConfig()))
-    missing, unexpected = model.load_state_dict(state, strict=False)
+    try:
+        missing, unexpected = model.load_state_dict(state, strict=False)
+    except RuntimeError as exc:  # tensors of the wrong shapes
+        detail = " ".join(str(exc).split())
+        raise ModelError(f"checkpoint {path!r} does not fit model.type={current}: {detail[:300]}") from exc
     if missing or unexpected:
         detail = (
             f"{len(missing)} missing keys (e.g. {missing[:2]}), {len(unexpected)} unexpected (e.g. {unexpected[:2]})"
