@@ -13,7 +13,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from clip_tao.engine.checkpoint import load_model_weights
+from clip_tao.engine.weights import load_weights
 from clip_tao.errors import ModelError
 from clip_tao.losses import ContrastiveLoss
 from clip_tao.models import add_model_config, create_model
@@ -91,7 +91,7 @@ def test_an_open_clip_checkpoint_works_as_train_pretrained_model_path(assets, tm
     path = tmp_path / "nvclip.pt"
     torch.save({"state_dict": {f"module.{k}": v for k, v in assets["clip"].state_dict().items()}}, path)
     model = create_model("test-tiny-nvclip", pretrained=False)
-    load_model_weights(model, str(path))
+    load_weights(model, str(path))
     for key, value in assets["clip"].state_dict().items():
         assert torch.equal(model.model.state_dict()[key], value), key
 

@@ -65,25 +65,6 @@ def model_state_from(checkpoint: dict[str, Any], path: str) -> dict[str, torch.T
     raise ModelError(f"checkpoint {path!r} holds no model weights (no 'model' or 'state_dict' entry)")
 
 
-def load_model_weights(model: torch.nn.Module, path: str) -> dict[str, Any]:
-    """Load the weights of ``path`` into ``model`` (strict); returns the whole checkpoint."""
-    checkpoint = load_checkpoint(path)
-    current_type = getattr(model, "model_type", None)
-    check_model_type(checkpoint, current_type, path)
-    state = model_state_from(checkpoint, path)
-    try:
-        missing, unexpected = model.load_state_dict(state, strict=False)
-    except RuntimeError as exc:  # tensors of the wrong shapes
-        detail = " ".join(str(exc).split())
-        raise ModelError(f"checkpoint {path!r} does not fit model.type={current_type}: {detail[:300]}") from exc
-    if missing or unexpected:
-        detail = (
-            f"{len(missing)} missing keys (e.g. {missing[:2]}), {len(unexpected)} unexpected (e.g. {unexpected[:2]})"
-        )
-        raise ModelError(f"checkpoint {path!r} does not fit model.type={current_type}: {detail}")
-    return checkpoint
-
-
 def check_model_type(checkpoint: dict[str, Any], current_type: str | None, path: str) -> None:
     """One line when a checkpoint was trained as another model type (before any tensor is compared)."""
     saved_type = checkpoint.get("model_type")

@@ -31,7 +31,6 @@ from clip_tao.engine.checkpoint import (
     check_model_type,
     checkpoint_name,
     load_checkpoint,
-    load_model_weights,
     model_state_from,
     restore_rng_state,
     save_checkpoint,
@@ -172,11 +171,6 @@ class Trainer:
         return open(path, "a", encoding="utf-8")  # noqa: SIM115 (open for the whole run)
 
     # -- resumption -----------------------------------------------------------------------------
-    def load_start_weights(self, path: str) -> None:
-        """``train.pretrained_model_path``: weights only; optimiser and schedule start fresh."""
-        load_model_weights(self.model, path)
-        log.info("start weights from %s", path)
-
     def resume(self, path: str) -> None:
         """Continue a run from a training checkpoint with identical optimiser, schedule, scaler, RNG and data."""
         checkpoint = load_checkpoint(path)
