@@ -78,3 +78,19 @@ def test_a_diverging_run_keeps_the_last_good_checkpoint(tiny_spec, tmp_path, cap
     assert "training diverged at step 0: the optimiser's update overflowed" in _error_line(capsys.readouterr().err)
     kept = torch.load(latest, weights_only=True)["model"]
     assert all(torch.equal(kept[k], good[k]) for k in good)  # clip_latest.pth still holds the good weights
+
+
+def test_a_non_finite_loss_stops_training_with_one_line(tiny_spec, tmp_path, capsys):
+    # Start weights that are NaN give a NaN loss from the first step: training stops, nothing is saved.
+    spec = tiny_spec(num_train=32, train={"num_epochs": 2, "precision": "fp32", "checkpoint_interval_unit": "step"})
+    model = create_model("tiny-clip", pretrained=False)
+    state = {k: torch.full_like(v, float("nan")) if v.is_floating_point() else v for k, v in model.state_dict().items()}
+    start = tmp_path / "nan_start.pth"
+    torch.save({"model": state, "model_type": "tiny-clip"}, start)
+    assert main(["train", "-e", str(spec), f"train.pretrained_model_path={start}"]) == 1
+    err = _error_line(capsys.readouterr().err)
+    assert "training loss became nan by step 1" in err and "train.optim" in err
+    train = tmp_path / "results" / "train"
+    assert not list(train.glob("*.pth"))
+    last = [_strict_json(line) for line in (train / "status.json").read_text().splitlines()][-1]
+    assert last["status"] == "FAILURE"
