@@ -527,13 +527,34 @@ def _rate(batches, n_batches: int, batch: int) -> float:
     return count / (time.perf_counter() - start)
 
 
+def _train_data_config(args, root: str, kind: str, workers: int):
+    """The training data section for the generated images (``custom``) or shards (``wds``) under ``root``."""
+    from clip_tao.config.schema import DatasetConfig, DatasetEntry, WdsConfig
+
+    cfg = DatasetConfig(seed=0, pin_memory=False)
+    cfg.train.type = kind
+    cfg.train.batch_size = args.batch
+    cfg.train.num_workers = workers
+    cfg.train.datasets = [DatasetEntry(os.path.join(root, "images"))]
+    cfg.train.wds = WdsConfig(root_dir=os.path.join(root, "shards"), samples_per_shard=args.per_shard)
+    return cfg
+
+
+def _loader_rate(cfg, preprocess, tokenizer, n_batches: int) -> float:
+    """Samples/s of clip-tao's training loader for ``cfg`` over at most ``n_batches`` batches."""
+    from clip_tao.data.loaders import build_train_loader
+
+    bundle = build_train_loader(cfg, preprocess, tokenizer)
+    bundle.set_epoch(0)
+    return _rate(bundle.loader, min(n_batches, len(bundle.loader)), cfg.train.batch_size)
+
+
 def bench_data(args) -> dict:
     import torch
     from PIL import Image
     from torchvision import transforms as T
 
-    from clip_tao.config.schema import DatasetConfig, DatasetEntry, WdsConfig
-    from clip_tao.data.loaders import build_train_loader
+    from clip_tao.config.schema import DatasetConfig
     from clip_tao.data.transforms import build_train_transform
     from clip_tao.models import create_model
     from clip_tao.models.base import Preprocess
@@ -572,15 +593,7 @@ def bench_data(args) -> dict:
               "batch": args.batch, "baseline_samples_per_s": round(_rate(plain(), n_batches, args.batch), 1)}  # fmt: skip
     for kind in ("custom", "wds"):
         for workers in args.workers:
-            cfg = DatasetConfig(seed=0, pin_memory=False)
-            cfg.train.type = kind
-            cfg.train.batch_size = args.batch
-            cfg.train.num_workers = workers
-            cfg.train.datasets = [DatasetEntry(os.path.join(root, "images"))]
-            cfg.train.wds = WdsConfig(root_dir=os.path.join(root, "shards"), samples_per_shard=args.per_shard)
-            bundle = build_train_loader(cfg, preprocess, tokenizer)
-            bundle.set_epoch(0)
-            rate = _rate(bundle.loader, min(n_batches, len(bundle.loader)), args.batch)
+            rate = _loader_rate(_train_data_config(args, root, kind, workers), preprocess, tokenizer, n_batches)
             result[f"{kind}_{workers}_workers_samples_per_s"] = round(rate, 1)
             result[f"{kind}_{workers}_workers_per_worker_vs_baseline"] = round(
                 rate / max(workers, 1) / result["baseline_samples_per_s"], 2
@@ -731,7 +744,6 @@ def _transform_ms(preprocess, root: str, count: int = 64) -> float:
 
 def _bench_naflex_data(args, root: str, tokenizer, n_batches: int, fixed: dict) -> dict:
     """The NaFlex training loaders on the same files: samples/s, and the share of patch slots that is padding."""
-    from clip_tao.config.schema import DatasetConfig, DatasetEntry, WdsConfig
     from clip_tao.data.loaders import build_train_loader
     from clip_tao.models.base import Preprocess
 
@@ -746,15 +758,7 @@ def _bench_naflex_data(args, root: str, tokenizer, n_batches: int, fixed: dict) 
     }
     for kind in ("custom", "wds"):
         for workers in args.workers:
-            cfg = DatasetConfig(seed=0, pin_memory=False)
-            cfg.train.type = kind
-            cfg.train.batch_size = args.batch
-            cfg.train.num_workers = workers
-            cfg.train.datasets = [DatasetEntry(os.path.join(root, "images"))]
-            cfg.train.wds = WdsConfig(root_dir=os.path.join(root, "shards"), samples_per_shard=args.per_shard)
-            bundle = build_train_loader(cfg, preprocess, tokenizer)
-            bundle.set_epoch(0)
-            rate = _rate(bundle.loader, min(n_batches, len(bundle.loader)), args.batch)
+            rate = _loader_rate(_train_data_config(args, root, kind, workers), preprocess, tokenizer, n_batches)
             out[f"{kind}_{workers}_workers_samples_per_s"] = round(rate, 1)
             out[f"{kind}_{workers}_workers_per_worker"] = round(rate / max(workers, 1), 1)
             out[f"{kind}_{workers}_workers_vs_fixed_size"] = round(
@@ -762,8 +766,7 @@ def _bench_naflex_data(args, root: str, tokenizer, n_batches: int, fixed: dict) 
             )
     # Padding, over one epoch of the custom loader: what each sample really has, and what its batch pads to.
     counts, padded = [], 0
-    bundle.set_epoch(0)
-    cfg.train.type, cfg.train.num_workers = "custom", max(args.workers)
+    cfg = _train_data_config(args, root, "custom", max(args.workers))
     bundle = build_train_loader(cfg, preprocess, tokenizer)
     bundle.set_epoch(0)
     for batch in bundle.loader:

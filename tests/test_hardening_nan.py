@@ -23,6 +23,12 @@ def _strict_json(text: str):
     return json.loads(text, parse_constant=refuse)
 
 
+def _nan_state(model_type: str) -> dict[str, torch.Tensor]:
+    """A state dict of ``model_type`` whose floating-point tensors are all NaN."""
+    state = create_model(model_type, pretrained=False).state_dict()
+    return {k: torch.full_like(v, float("nan")) if v.is_floating_point() else v for k, v in state.items()}
+
+
 def test_weights_that_overflow_are_never_saved(tiny_spec, tmp_path, capsys):
     # An absurd learning rate turns weights infinite in the first update, while that step's loss was finite:
     # the checkpoint after it (checkpoints every step) must not be written.
@@ -39,8 +45,7 @@ def test_weights_that_overflow_are_never_saved(tiny_spec, tmp_path, capsys):
 
 def test_evaluating_a_nan_checkpoint_fails_with_one_line(tiny_spec, tmp_path, capsys):
     spec = tiny_spec()
-    model = create_model("tiny-clip", pretrained=False)
-    state = {k: torch.full_like(v, float("nan")) if v.is_floating_point() else v for k, v in model.state_dict().items()}
+    state = _nan_state("tiny-clip")
     checkpoint = tmp_path / "nan.pth"
     torch.save({"model": state, "model_type": "tiny-clip"}, checkpoint)
     assert main(["evaluate", "-e", str(spec), f"evaluate.checkpoint={checkpoint}"]) == 1
@@ -83,8 +88,7 @@ def test_a_diverging_run_keeps_the_last_good_checkpoint(tiny_spec, tmp_path, cap
 def test_a_non_finite_loss_stops_training_with_one_line(tiny_spec, tmp_path, capsys):
     # Start weights that are NaN give a NaN loss from the first step: training stops, nothing is saved.
     spec = tiny_spec(num_train=32, train={"num_epochs": 2, "precision": "fp32", "checkpoint_interval_unit": "step"})
-    model = create_model("tiny-clip", pretrained=False)
-    state = {k: torch.full_like(v, float("nan")) if v.is_floating_point() else v for k, v in model.state_dict().items()}
+    state = _nan_state("tiny-clip")
     start = tmp_path / "nan_start.pth"
     torch.save({"model": state, "model_type": "tiny-clip"}, start)
     assert main(["train", "-e", str(spec), f"train.pretrained_model_path={start}"]) == 1

@@ -1,6 +1,6 @@
 """TAO-trained checkpoints: Lightning files of TAO 7.0.1's CLIP task, mapped to our models' keys.
 
-TAO saves ``CLIPPlModel`` with Lightning (``model_epoch_XXX_step_XXXXX.pth``, ``clip_latest.pth``): a dict with
+TAO saves ``CLIPPlModel`` with Lightning (``model_epoch_{epoch:03d}_step_{step:05d}.pth``, ``clip_latest.pth``): a dict with
 ``state_dict``, ``epoch``, ``global_step``, ``pytorch-lightning_version``, ``optimizer_states`` ...
 The ``state_dict`` keys are those of TAO's adapter under the Lightning module's ``model.`` attribute:
 
