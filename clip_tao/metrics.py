@@ -16,8 +16,9 @@ Figures, for each direction, averaged over queries:
 How: one pass over the similarity matrix in blocks of captions. Each block serves both directions: its rows
 rank images for those captions (t2i), its columns rank those captions for every image (i2t, counts summed
 over blocks). Only counts are kept — how many irrelevant items score at least / more than each relevant
-pair — so memory is one block. Blocks are counted in eager PyTorch on the CPU and by a fused
-(``torch.compile``) kernel for large blocks on a GPU (``COUNTING``).
+pair — so memory is one block. Blocks are counted in eager PyTorch (``COUNTING``): a fused ``torch.compile``
+kernel reads each block once instead of eight times, but compiling it costs seconds in every fresh process,
+more than the counting it saves (see :func:`_count`).
 
 Ties: an irrelevant item with exactly the same similarity as a relevant one is ranked *before* it,
 so a tie never makes a result look better than it is (ranks, R@K, mAP). ROC AUC counts a tied pair
@@ -45,9 +46,8 @@ log = logging.getLogger(__name__)
 RECALL_AT = (1, 5, 10)
 FIGURES = tuple(f"R@{k}" for k in RECALL_AT) + ("mAP", "MedR", "MeanR", "AUC")
 BLOCK_ELEMENTS = 1 << 26  # similarities per block: 256 MB in float32
-COMPILE_ABOVE = 1 << 24  # on a GPU, blocks at least this large are counted by the compiled kernel
 CACHE_ELEMENTS = 1 << 20  # similarities compared at once on the CPU: 4 MB, stays in the cache
-COUNTING = "auto"  # how blocks are counted: "auto", "eager" or "compiled" (see _count)
+COUNTING = "eager"  # how blocks are counted: "eager" or "compiled" (see _count)
 
 
 @dataclass
@@ -337,29 +337,34 @@ def _captions_of_each_image(owner: torch.Tensor, num_images: int) -> tuple[torch
 def _count_eager(block: torch.Tensor, row_thresholds: torch.Tensor, column_thresholds: torch.Tensor):
     """Per row: entries >= / > its threshold; per column and slot: entries >= / > the slot's threshold.
 
-    A few rows at a time, so each comparison and sum reads the cache rather than memory; comparisons write
-    0/1 floats, whose sums are vectorised (counts stay exact: below 2**24 in a float32 sum). On the CPU in
-    one thread: these operations are too short to share between threads (a busy machine stalls each one).
+    On the CPU, a few rows at a time, so each comparison and sum reads the cache rather than memory;
+    comparisons write 0/1 floats, whose sums are vectorised (counts stay exact: below 2**24 in a float32 sum),
+    in one thread: these operations are too short to share between threads (a busy machine stalls each one).
+    On a GPU, the whole block at once into one-byte masks: counting is bound by memory traffic there.
     """
     if block.device.type != "cpu":
-        return _count_in_slices(block, row_thresholds, column_thresholds)
+        return _count_in_slices(block, row_thresholds, column_thresholds, len(block), torch.bool)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        return _count_in_slices(block, row_thresholds, column_thresholds)
+        rows_at_once = max(1, CACHE_ELEMENTS // block.shape[1])
+        mask_dtype = torch.float32 if block.shape[1] < 1 << 24 else torch.float64
+        return _count_in_slices(block, row_thresholds, column_thresholds, rows_at_once, mask_dtype)
     finally:
         torch.set_num_threads(threads)
 
 
-def _count_in_slices(block: torch.Tensor, row_thresholds: torch.Tensor, column_thresholds: torch.Tensor):
+def _count_in_slices(block, row_thresholds, column_thresholds, rows_at_once: int, mask_dtype: torch.dtype):
+    """:func:`_count_eager`'s counts, ``rows_at_once`` rows of the block at a time, comparisons written as
+    ``mask_dtype`` (bool, or a float type wide enough to sum a row exactly)."""
     num_rows, num_columns = block.shape
-    rows_at_once = max(1, CACHE_ELEMENTS // num_columns) if block.device.type == "cpu" else num_rows
-    dtype = torch.float32 if num_columns < 1 << 24 else torch.float64
-    ge_row = torch.empty(num_rows, dtype=dtype, device=block.device)
+    sum_dtype = torch.long if mask_dtype == torch.bool else mask_dtype
+    ge_row = torch.empty(num_rows, dtype=sum_dtype, device=block.device)
     gt_row = torch.empty_like(ge_row)
-    ge_col = torch.zeros(column_thresholds.shape, dtype=torch.float64, device=block.device)
+    ge_col = torch.zeros(column_thresholds.shape, dtype=torch.long if mask_dtype == torch.bool else torch.float64,
+                         device=block.device)  # fmt: skip
     gt_col = torch.zeros_like(ge_col)
-    buffer = torch.empty(min(rows_at_once, num_rows), num_columns, dtype=dtype, device=block.device)
+    buffer = torch.empty(min(rows_at_once, num_rows), num_columns, dtype=mask_dtype, device=block.device)
     for start in range(0, num_rows, rows_at_once):
         stop = min(start + rows_at_once, num_rows)
         part, mask, threshold = block[start:stop], buffer[: stop - start], row_thresholds[start:stop]
@@ -389,14 +394,18 @@ _compile_failed = False
 
 
 def _count(block: torch.Tensor, row_thresholds: torch.Tensor, column_thresholds: torch.Tensor):
-    """Counts of one block. ``COUNTING``: ``"eager"``, ``"compiled"`` (torch.compile, fused into one kernel),
-    or ``"auto"``: eager on the CPU, where importing and running the compiler costs more than a whole
-    COCO-sized evaluation (see ``scripts/benchmark.py eval``), compiled for large blocks on a GPU."""
+    """Counts of one block. ``COUNTING``: ``"eager"`` (the default) or ``"compiled"`` (torch.compile, fused
+    into one read of the block).
+
+    Eager on every device, because evaluation usually runs in a fresh process. On the CPU importing and
+    running the compiler costs more than a whole COCO-sized evaluation (5.5x the bare product against 1.6x
+    eager, ``scripts/benchmark.py eval``). On a GPU, by the data sheets, eager counting moves about 28 bytes
+    a similarity (four comparisons into one-byte masks, their sums, the finiteness check): at D = 1152 that
+    is about a fifth of the fp32 product's time, less than the seconds the compilation costs a fresh process
+    at 200k x 200k. ``scripts/gpu_check_throughput.py`` measures both modes on a GPU.
+    """
     global _compiled_count, _compile_failed
-    mode = COUNTING
-    if mode == "auto":
-        mode = "compiled" if block.device.type != "cpu" and block.numel() >= COMPILE_ABOVE else "eager"
-    if mode == "compiled" and not _compile_failed:
+    if COUNTING == "compiled" and not _compile_failed:
         try:
             if _compiled_count is None:
                 _compiled_count = torch.compile(_count_fused, dynamic=True)

@@ -442,7 +442,7 @@ def _eval_child(mode: str, n: int, per: int, dim: int, chunk: int, device: str, 
 def bench_eval(args) -> dict:
     """Chunked metrics (each ``--counting``) and the bare product at ``--n``; dense and chunked at ``--dense-n``."""
 
-    def child(mode: str, n: int, counting: str = "auto") -> dict:
+    def child(mode: str, n: int, counting: str = "eager") -> dict:
         cmd = [sys.executable, __file__, "_eval_child", mode, str(n), str(args.captions_per_image), str(args.dim),
                str(args.chunk), args.device, counting]  # fmt: skip
         out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
@@ -833,8 +833,8 @@ def main() -> None:
     e.add_argument(
         "--counting",
         nargs="+",
-        default=["auto"],
-        choices=["auto", "eager", "compiled"],
+        default=["eager"],
+        choices=["eager", "compiled"],
         help="how the metrics count each block (clip_tao.metrics.COUNTING); each in its own process",
     )
     q = sub.add_parser("quickstart", help="wall time of the quickstart training, OMP_NUM_THREADS unset and set")

@@ -2,6 +2,7 @@
 
 import csv
 import json
+import math
 from html.parser import HTMLParser
 
 import h5py
@@ -85,12 +86,34 @@ def test_compiled_counting_kernel_gives_the_eager_figures(monkeypatch):
     images = rng.integers(-2, 3, size=(64, 8)).astype(np.float32)
     owner = np.concatenate([np.arange(64), rng.integers(0, 64, 64)])
     texts = rng.integers(-2, 3, size=(len(owner), 8)).astype(np.float32)
+    assert metrics.COUNTING == "eager"
     eager = metrics.retrieval_metrics(images, texts, owner)
-    monkeypatch.setattr(metrics, "COMPILE_ABOVE", 0)
+    monkeypatch.setattr(metrics, "COUNTING", "compiled")
     monkeypatch.setattr(metrics, "_compile_failed", False)
     compiled = metrics.retrieval_metrics(images, texts, owner, chunk_size=50)
     assert not metrics._compile_failed, "the compiled kernel did not run"
     assert compiled == eager
+
+
+def test_gpu_counting_layout_gives_the_cpu_counts():
+    """On a GPU a block is counted whole into one-byte masks; on the CPU in cache-sized slices of float masks.
+    Both layouts run here on the CPU against a direct count, on integer scores full of ties."""
+    rng = np.random.default_rng(3)
+    block = torch.from_numpy(rng.integers(-3, 4, size=(37, 53)).astype(np.float32))
+    block[5, 7] = math.nan  # a taken-out relevant pair compares false
+    rows = torch.from_numpy(rng.integers(-3, 4, size=(37, 1)).astype(np.float32))
+    columns = torch.from_numpy(rng.integers(-3, 4, size=(2, 53)).astype(np.float32))
+    columns[1, :4] = math.nan  # unused caption slots
+    b = block.numpy()
+    want = (
+        (b >= rows.numpy()).sum(1), (b > rows.numpy()).sum(1),
+        np.stack([(b >= c).sum(0) for c in columns.numpy()]), np.stack([(b > c).sum(0) for c in columns.numpy()]),
+    )  # fmt: skip
+    layouts = {"gpu": (37, torch.bool), "cpu, 5 rows a slice": (5, torch.float32), "cpu, float64": (37, torch.float64)}
+    for name, (rows_at_once, mask_dtype) in layouts.items():
+        got = metrics._count_in_slices(block, rows, columns, rows_at_once, mask_dtype)
+        for g, w in zip(got, want):
+            assert g.dtype == torch.long and np.array_equal(g.numpy(), w), name
 
 
 def _class_tree(root, per_class=4):
