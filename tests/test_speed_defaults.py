@@ -106,3 +106,28 @@ def test_a_step_can_leave_the_loss_on_the_device():
     unsynced = contrastive_backward(*args, sync=False)
     assert isinstance(synced, float) and isinstance(unsynced, torch.Tensor) and not unsynced.requires_grad
     assert unsynced.item() == synced
+
+
+def test_train_compile_trains_as_eager_and_saves_the_plain_names(tiny_spec, tmp_path):
+    """``train.compile: true`` runs the step through torch.compile (Inductor, here on the CPU); losses and
+    weights follow the eager run, and checkpoints keep the plain model's parameter names."""
+    import torch._dynamo
+
+    from clip_tao.cli import main
+
+    spec = tiny_spec(train={"num_epochs": 1})
+    runs = {}
+    for compile_ in (False, True):
+        results = tmp_path / f"compile_{compile_}"
+        torch._dynamo.reset()
+        torch._dynamo.utils.counters.clear()
+        assert main(["train", "-e", str(spec), f"results_dir={results}", f"train.compile={compile_}"]) == 0
+        graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+        assert (graphs > 0) == compile_, f"compile={compile_}: {graphs} graphs compiled"
+        runs[compile_] = torch.load(results / "train" / "clip_latest.pth", weights_only=True)
+    eager, compiled = runs[False], runs[True]
+    assert list(compiled["model"]) == list(eager["model"])  # no "_orig_mod." prefixes
+    loss = {k: run["history"][-1]["train_loss"] for k, run in runs.items()}
+    assert abs(loss[True] - loss[False]) <= 1e-4 * abs(loss[False]), loss
+    for name, value in eager["model"].items():
+        torch.testing.assert_close(compiled["model"][name], value, rtol=1e-3, atol=1e-4, msg=name)
