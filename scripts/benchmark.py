@@ -41,7 +41,9 @@ import functools
 import json
 import os
 import platform
+import re
 import resource
+import statistics
 import subprocess
 import sys
 import time
@@ -90,33 +92,80 @@ def peak_tflops(device, precision: str, override: float | None = None) -> tuple[
                 kind = precision if precision != "fp32" else ("tf32" if tf32 else "fp32")
                 return value, f"{name} data sheet, dense {kind}"
         return None, f"{name} is not in the table: pass --peak-tflops"
-    return measured_gemm_tflops(device, precision), f"measured {precision} 2048x2048 matrix product"
+    rate, library = measured_gemm_tflops(device, precision)
+    return rate, f"measured {precision} 2048x2048 matrix product ({library})"
 
 
 @functools.lru_cache
-def measured_gemm_tflops(device, precision: str, size: int = 2048, seconds: float = 1.0) -> float:
-    """TFLOP/s of a large square matrix product on ``device`` in ``precision`` (the CPU's practical peak)."""
+def measured_gemm_tflops(device, precision: str, size: int = 2048, seconds: float = 1.0) -> tuple[float, str]:
+    """TFLOP/s of a large square matrix product on ``device`` in ``precision`` (the CPU's practical peak), and
+    which library gave it. On the CPU the faster of PyTorch's BLAS and ONNX Runtime's: on some CPUs (AMD with
+    AVX-512) MKL takes a slower path than ONNX Runtime's own kernels, and a peak below what ONNX Runtime
+    reaches would put its MFU above 100 %."""
     import torch
 
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, torch.float32)
     a = torch.randn(size, size, device=device).to(dtype)
     b = torch.randn(size, size, device=device).to(dtype)
-    a @ b
+    rate = _repeat_rate(lambda: a @ b, seconds, torch.cuda.synchronize if device.type == "cuda" else None)
+    best = (2 * size**3 * rate / 1e12, "PyTorch")
+    if device.type == "cpu" and dtype == torch.float32:
+        with contextlib.suppress(ImportError):
+            run = _onnxruntime_matmul(size, torch.get_num_threads())
+            best = max(best, (2 * size**3 * _repeat_rate(lambda: run(a.numpy(), b.numpy()), seconds) / 1e12,
+                              "ONNX Runtime"))  # fmt: skip
+    return best
+
+
+def _repeat_rate(fn, seconds: float, synchronize=None) -> float:
+    """Calls of ``fn`` a second, after one warm-up call, over about ``seconds``."""
+    fn()
     count, start = 0, time.perf_counter()
     while time.perf_counter() - start < seconds:
-        a @ b
+        fn()
         count += 1
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    return 2 * size**3 * count / (time.perf_counter() - start) / 1e12
+    if synchronize is not None:
+        synchronize()
+    return count / (time.perf_counter() - start)
+
+
+def _onnxruntime_matmul(size: int, threads: int):
+    """``run(a, b) -> a @ b`` through ONNX Runtime on the CPU, with ``threads`` threads."""
+    import onnx
+    import onnxruntime as ort
+    from onnx import TensorProto, helper
+
+    square = [size, size]
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["a", "b"], ["c"])], "gemm",
+        [helper.make_tensor_value_info(n, TensorProto.FLOAT, square) for n in "ab"],
+        [helper.make_tensor_value_info("c", TensorProto.FLOAT, square)],
+    )  # fmt: skip
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+    onnx.checker.check_model(model)
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    return lambda a, b: session.run(None, {"a": a, "b": b})
 
 
 def count_flops(fn) -> int:
-    """FLOPs of one call of ``fn``, as PyTorch's own counter sees them (not a formula)."""
+    """FLOPs of one call of ``fn``, as PyTorch's own counter sees them (not a formula).
+
+    nn.MultiheadAttention's inference fast path is one fused operator the counter does not know (it would
+    miss every projection of open_clip's attention): it is turned off while counting, so the same products
+    run as operators the counter sees.
+    """
+    import torch
     from torch.utils.flop_counter import FlopCounterMode
 
-    with FlopCounterMode(display=False) as counter:
-        fn()
+    fast_path = torch.backends.mha.get_fastpath_enabled()
+    torch.backends.mha.set_fastpath_enabled(False)
+    try:
+        with FlopCounterMode(display=False) as counter:
+            fn()
+    finally:
+        torch.backends.mha.set_fastpath_enabled(fast_path)
     return counter.get_total_flops()
 
 
@@ -481,6 +530,93 @@ def bench_quickstart(args) -> dict:
     return {"benchmark": "quickstart", "runs": runs, "cpus": os.cpu_count()}
 
 
+# -- against open_clip's own trainer --------------------------------------------------------------
+OPEN_CLIP_LAUNCH = (
+    "import sys, open_clip; open_clip.add_model_config(sys.argv[1]); "
+    "from open_clip_train.main import main; main(sys.argv[2:])"
+)
+EPOCH_LINE = re.compile(r"Train Epoch: (\d+) .*Batch \(t\): ([0-9.]+),")
+
+
+def bench_vs_open_clip(args) -> dict:
+    """clip-tao's trainer against open_clip's (``open_clip_train.main``) on the same architecture and data.
+
+    ``tiny-clip`` (an open_clip config, registered with open_clip for its run), ``data/demo/train`` (a CSV for
+    open_clip), the quickstart's optimiser, loss, crop scale and fp32, the same batch, epochs and loader
+    workers; each trainer in its own process, as its users start it. Samples/s of each epoch's training loop
+    (loader start-up included: neither keeps workers between epochs), median over the epochs after the first.
+    open_clip logs every step here so its per-step times add up to whole epochs; that adds one print a step.
+    """
+    import tempfile
+
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    images = os.path.join(repo, "data", "demo", "train", "images")
+    captions = os.path.join(repo, "data", "demo", "train", "captions")
+    with open(os.path.join(repo, "clip_tao", "models", "configs", "tiny-clip.json"), encoding="utf-8") as f:
+        arch = json.load(f)["config"]
+    with tempfile.TemporaryDirectory() as out:
+        config = os.path.join(out, "tiny-clip.json")
+        with open(config, "w", encoding="utf-8") as f:
+            json.dump(
+                {"embed_dim": arch["embed_dim"], "vision_cfg": arch["vision_cfg"], "text_cfg": arch["text_cfg"]}, f
+            )
+        table = os.path.join(out, "train.csv")
+        with open(table, "w", encoding="utf-8") as f:
+            f.write("filepath\ttitle\n")
+            for name in sorted(os.listdir(images)):
+                with open(os.path.join(captions, os.path.splitext(name)[0] + ".txt"), encoding="utf-8") as c:
+                    f.write(f"{os.path.join(images, name)}\t{c.read().strip()}\n")
+        started = time.perf_counter()
+        open_clip_args = [
+            "--train-data", table, "--dataset-type", "csv", "--model", "tiny-clip", "--batch-size", str(args.batch),
+            "--epochs", str(args.epochs), "--workers", str(args.workers), "--precision", "fp32", "--lr", "1e-3",
+            "--wd", "0.05", "--warmup", "30", "--aug-cfg", "scale=(0.8,1.0)", "--save-frequency", "0",
+            "--zeroshot-frequency", "0", "--log-every-n-steps", "1", "--logs", out, "--name", "open_clip",
+            "--seed", "0",
+        ]  # fmt: skip
+        subprocess.run([sys.executable, "-c", OPEN_CLIP_LAUNCH, config, *open_clip_args], cwd=out, check=True,
+                       capture_output=True)  # fmt: skip
+        open_clip_seconds = time.perf_counter() - started
+        epochs: dict[int, list[float]] = {}
+        with open(os.path.join(out, "open_clip", "out.log"), encoding="utf-8") as f:
+            for match in filter(None, map(EPOCH_LINE.search, f)):
+                epochs.setdefault(int(match[1]), []).append(float(match[2]))
+        open_clip_rates = [len(steps) * args.batch / sum(steps) for _, steps in sorted(epochs.items())]
+
+        started = time.perf_counter()
+        results = os.path.join(out, "clip_tao")
+        overrides = [f"results_dir={results}", f"train.num_epochs={args.epochs}",
+                     f"dataset.train.batch_size={args.batch}", f"dataset.train.num_workers={args.workers}",
+                     f"train.validation_interval={args.epochs}", f"train.checkpoint_interval={args.epochs}"]  # fmt: skip
+        subprocess.run([sys.executable, "-m", "clip_tao.cli", "train", "-e", "specs/quickstart.yaml", *overrides],
+                       cwd=repo, check=True, capture_output=True)  # fmt: skip
+        clip_tao_seconds = time.perf_counter() - started
+        with open(os.path.join(results, "train", "status.json"), encoding="utf-8") as f:
+            lines = [json.loads(line) for line in f if line.strip()]
+        clip_tao_rates = []
+        for line in lines:  # one RUNNING line an epoch, with TAO's progress fields
+            if line.get("status") == "RUNNING" and "time_per_step" in line:
+                clip_tao_rates.append(args.batch / _seconds(line["time_per_step"]))
+
+    def summary(rates: list[float], seconds: float) -> dict:
+        steady = rates[1:] or rates
+        return {"samples_per_s_per_epoch": [round(r, 1) for r in rates],
+                "samples_per_s": round(statistics.median(steady), 1), "process_seconds": round(seconds, 1)}  # fmt: skip
+
+    ours, theirs = summary(clip_tao_rates, clip_tao_seconds), summary(open_clip_rates, open_clip_seconds)
+    return {"benchmark": "vs-open-clip", "model": "tiny-clip", "batch": args.batch, "epochs": args.epochs,
+            "workers": args.workers, "clip_tao": ours, "open_clip_train": theirs,
+            "clip_tao_vs_open_clip": round(ours["samples_per_s"] / theirs["samples_per_s"], 2),
+            "load_average": os.getloadavg()}  # fmt: skip
+
+
+def _seconds(timedelta_text: str) -> float:
+    """Seconds of Python's ``str(timedelta)`` (``[D day[s], ]H:MM:SS[.ffffff]``), as status.json writes it."""
+    days, _, clock = timedelta_text.rpartition(", ")
+    hours, minutes, seconds = clock.split(":")
+    return int(days.split()[0] if days else 0) * 86400 + int(hours) * 3600 + int(minutes) * 60 + float(seconds)
+
+
 # -- data -------------------------------------------------------------------------------------------
 def _make_images(folder: str, n: int, source_size: int) -> list[str]:
     """``n`` photo-like JPEGs (smooth gradients and noise) with captions, written once and reused."""
@@ -837,6 +973,10 @@ def main() -> None:
         choices=["eager", "compiled"],
         help="how the metrics count each block (clip_tao.metrics.COUNTING); each in its own process",
     )
+    o = sub.add_parser("vs-open-clip", help="clip-tao's trainer against open_clip_train on tiny-clip and data/demo")
+    o.add_argument("--batch", type=int, default=32)
+    o.add_argument("--epochs", type=int, default=6)
+    o.add_argument("--workers", type=int, default=2)
     q = sub.add_parser("quickstart", help="wall time of the quickstart training, OMP_NUM_THREADS unset and set")
     q.add_argument("--threads", nargs="+", default=["unset", "1"], help="OMP_NUM_THREADS values ('unset')")
     d = sub.add_parser("data", help="training loaders (custom, wds) against plain PIL + torchvision, samples/s")
@@ -861,7 +1001,7 @@ def main() -> None:
     v.add_argument("--delay-ms", type=float, default=5.0)
     args = parser.parse_args()
     benches = {"train": bench_train, "embed": bench_embed, "eval": bench_eval, "data": bench_data,
-               "serve": bench_serve, "quickstart": bench_quickstart}  # fmt: skip
+               "serve": bench_serve, "quickstart": bench_quickstart, "vs-open-clip": bench_vs_open_clip}  # fmt: skip
     result = benches[args.what](args)
     result["machine"] = machine()
     print(json.dumps(result, indent=2))
