@@ -9,6 +9,7 @@
     python scripts/benchmark.py serve --model tiny-clip --clients 16 --requests 2000
     python scripts/benchmark.py embed --model tiny-siglip2-naflex --batch 32
     python scripts/benchmark.py quickstart --threads unset 1
+    python scripts/benchmark.py vs-open-clip          # needs pandas: pip install -e ".[bench]"
 
 ``train``: training samples/s (forward + backward + optimiser step) on random inputs, against the bare
 forward+backward of the same model (the floor clip-tao's step adds to), with the model FLOPs utilisation.
@@ -21,6 +22,8 @@ products, convolutions, attention), times the measured rate, over the device's d
 matrix product of the same size (the floor), and against the dense computation at a size where it fits.
 Each measurement runs in a fresh process (imports and any compilation included, as ``clip-tao evaluate``
 pays them) so its time and peak memory are its own.
+``vs-open-clip``: samples/s of clip-tao's trainer against open_clip's own (``open_clip_train``) on the same
+architecture, data and settings, each in its own process.
 ``quickstart``: wall time of ``clip-tao train -e specs/quickstart.yaml`` with ``OMP_NUM_THREADS`` unset
 and set, and the machine's load average before and after.
 ``data``: samples/s of the training loaders (decode + augment + tokenize + collate) for custom folders and
@@ -547,8 +550,11 @@ def bench_vs_open_clip(args) -> dict:
     (loader start-up included: neither keeps workers between epochs), median over the epochs after the first.
     open_clip logs every step here so its per-step times add up to whole epochs; that adds one print a step.
     """
+    import importlib.util
     import tempfile
 
+    if importlib.util.find_spec("open_clip_train") is None or importlib.util.find_spec("pandas") is None:
+        raise SystemExit("vs-open-clip needs open_clip's trainer and pandas: pip install -e '.[bench]'")
     repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     images = os.path.join(repo, "data", "demo", "train", "images")
     captions = os.path.join(repo, "data", "demo", "train", "captions")
@@ -574,8 +580,7 @@ def bench_vs_open_clip(args) -> dict:
             "--zeroshot-frequency", "0", "--log-every-n-steps", "1", "--logs", out, "--name", "open_clip",
             "--seed", "0",
         ]  # fmt: skip
-        subprocess.run([sys.executable, "-c", OPEN_CLIP_LAUNCH, config, *open_clip_args], cwd=out, check=True,
-                       capture_output=True)  # fmt: skip
+        _run_or_explain([sys.executable, "-c", OPEN_CLIP_LAUNCH, config, *open_clip_args], cwd=out)
         open_clip_seconds = time.perf_counter() - started
         epochs: dict[int, list[float]] = {}
         with open(os.path.join(out, "open_clip", "out.log"), encoding="utf-8") as f:
@@ -588,8 +593,9 @@ def bench_vs_open_clip(args) -> dict:
         overrides = [f"results_dir={results}", f"train.num_epochs={args.epochs}",
                      f"dataset.train.batch_size={args.batch}", f"dataset.train.num_workers={args.workers}",
                      f"train.validation_interval={args.epochs}", f"train.checkpoint_interval={args.epochs}"]  # fmt: skip
-        subprocess.run([sys.executable, "-m", "clip_tao.cli", "train", "-e", "specs/quickstart.yaml", *overrides],
-                       cwd=repo, check=True, capture_output=True)  # fmt: skip
+        _run_or_explain(
+            [sys.executable, "-m", "clip_tao.cli", "train", "-e", "specs/quickstart.yaml", *overrides], cwd=repo
+        )
         clip_tao_seconds = time.perf_counter() - started
         with open(os.path.join(results, "train", "status.json"), encoding="utf-8") as f:
             lines = [json.loads(line) for line in f if line.strip()]
@@ -608,6 +614,13 @@ def bench_vs_open_clip(args) -> dict:
             "workers": args.workers, "clip_tao": ours, "open_clip_train": theirs,
             "clip_tao_vs_open_clip": round(ours["samples_per_s"] / theirs["samples_per_s"], 2),
             "load_average": os.getloadavg()}  # fmt: skip
+
+
+def _run_or_explain(command: list[str], cwd: str) -> None:
+    """Run ``command``; on failure stop with the end of its error output."""
+    done = subprocess.run(command, cwd=cwd, capture_output=True, text=True)
+    if done.returncode != 0:
+        raise SystemExit(f"{' '.join(command[:4])} ... failed ({done.returncode}):\n{done.stderr[-2000:]}")
 
 
 def _seconds(timedelta_text: str) -> float:
