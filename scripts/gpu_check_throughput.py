@@ -11,6 +11,7 @@ downloads), each in a fresh ``scripts/benchmark.py`` process:
 
     python scripts/gpu_check_throughput.py                  # everything, then the table
     python scripts/gpu_check_throughput.py --budget 300     # stop starting new runs after 300 s
+    python scripts/gpu_check_throughput.py --models tiny-clip --eval-device cpu --eval-n 2000   # checks the script
 
 Runs start in order of importance and stop when ``--budget`` seconds are spent; the table shows what ran.
 Each run's JSON is printed as it finishes (and kept in ``--out``).
@@ -33,7 +34,7 @@ AFTER = ["--batch", "128"]
 STEPS = os.environ.get("GPU_CHECK_STEPS", "10")
 
 
-def plan(models: list[str], eval_device: str) -> list[tuple[str, list[str]]]:
+def plan(models: list[str], eval_device: str, eval_n: int) -> list[tuple[str, list[str]]]:
     runs = []
     for model in models:
         train = ["train", "--model", model, "--precision", "bf16", "--steps", STEPS]
@@ -43,8 +44,8 @@ def plan(models: list[str], eval_device: str) -> list[tuple[str, list[str]]]:
         runs.append((f"{model} embed before", embed + ["--batch", "8", "--no-compile"]))
         runs.append((f"{model} embed after", embed + ["--batch", "256"]))
         if model == models[0]:
-            runs.append(("eval 200k x 200k", ["eval", "--n", "200000", "--dim", "1152", "--device", eval_device,
-                                              "--counting", "eager", "compiled"]))  # fmt: skip
+            evaluate = ["eval", "--n", str(eval_n), "--dim", "1152", "--device", eval_device]
+            runs.append((f"eval {eval_n} x {eval_n}", [*evaluate, "--counting", "eager", "compiled"]))
     runs += [(f"{model} train after + compile", ["train", "--model", model, "--precision", "bf16", "--steps", STEPS,
                                                  *AFTER, "--compile"]) for model in models]  # fmt: skip
     return runs
@@ -86,11 +87,12 @@ def main() -> int:
     parser.add_argument("--out", default="gpu_check_throughput.jsonl")
     parser.add_argument("--models", nargs="+", default=list(MODELS), help="model types (tiny-clip checks the script)")
     parser.add_argument("--eval-device", default="cuda")
+    parser.add_argument("--eval-n", type=int, default=200000, help="images = captions of the evaluation run")
     args = parser.parse_args()
     start = time.perf_counter()
     table = []
     with open(args.out, "w", encoding="utf-8") as log:
-        for name, command in plan(args.models, args.eval_device):
+        for name, command in plan(args.models, args.eval_device, args.eval_n):
             left = args.budget - (time.perf_counter() - start)
             if left <= 0:
                 print(f"budget spent: skipped {name}", flush=True)
