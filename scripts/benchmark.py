@@ -155,17 +155,29 @@ def _onnxruntime_matmul(size: int, threads: int):
 def count_flops(fn) -> int:
     """FLOPs of one call of ``fn``, as PyTorch's own counter sees them (not a formula).
 
-    nn.MultiheadAttention's inference fast path is one fused operator the counter does not know (it would
-    miss every projection of open_clip's attention): it is turned off while counting, so the same products
-    run as operators the counter sees.
+    Two kernels the counter does not know are made visible: nn.MultiheadAttention's fused inference operator
+    (it would hide every projection of open_clip's attention) is turned off while counting, so the same
+    products run as operators the counter sees; the CPU's flash attention (forward and backward) is counted
+    with the counter's own formulas for the GPU's flash attention.
     """
     import torch
-    from torch.utils.flop_counter import FlopCounterMode
+    from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, sdpa_flop_count
 
+    aten = torch.ops.aten
+    cpu_attention = {
+        aten._scaled_dot_product_flash_attention_for_cpu: (
+            lambda query, key, value, *args, out_shape=None, **kwargs: sdpa_flop_count(query, key, value)
+        ),
+        aten._scaled_dot_product_flash_attention_for_cpu_backward: (
+            lambda grad, query, key, value, *args, out_shape=None, **kwargs: sdpa_backward_flop_count(
+                grad, query, key, value
+            )
+        ),
+    }
     fast_path = torch.backends.mha.get_fastpath_enabled()
     torch.backends.mha.set_fastpath_enabled(False)
     try:
-        with FlopCounterMode(display=False) as counter:
+        with FlopCounterMode(display=False, custom_mapping=cpu_attention) as counter:
             fn()
     finally:
         torch.backends.mha.set_fastpath_enabled(fast_path)
