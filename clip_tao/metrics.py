@@ -398,11 +398,12 @@ def _count(block: torch.Tensor, row_thresholds: torch.Tensor, column_thresholds:
     into one read of the block).
 
     Eager on every device, because evaluation usually runs in a fresh process. On the CPU importing and
-    running the compiler costs more than a whole COCO-sized evaluation (5.5x the bare product against 1.6x
-    eager, ``scripts/benchmark.py eval``). On a GPU, by the data sheets, eager counting moves about 28 bytes
-    a similarity (four comparisons into one-byte masks, their sums, the finiteness check): at D = 1152 that
-    is about a fifth of the fp32 product's time, less than the seconds the compilation costs a fresh process
-    at 200k x 200k. ``scripts/gpu_check_throughput.py`` measures both modes on a GPU.
+    running the compiler costs more than a whole COCO-sized evaluation (4.8x the bare product against 1.5x
+    eager, ``scripts/benchmark.py eval``). On a GPU eager counting moves about 16 + 12 R bytes a similarity
+    (R: the most captions an image has; each comparison reads the block, writes a one-byte mask and sums
+    it; one more read checks finiteness). By the data sheets, with one caption an image and D = 1152 that is
+    about a fifth of the fp32 product's time, less than the seconds a compilation costs a fresh process at
+    200k x 200k. ``scripts/gpu_check_throughput.py`` measures both modes on a GPU.
     """
     global _compiled_count, _compile_failed
     if COUNTING == "compiled" and not _compile_failed:

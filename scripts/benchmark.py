@@ -123,6 +123,8 @@ def measured_gemm_tflops(device, precision: str, size: int = 2048, seconds: floa
 def _repeat_rate(fn, seconds: float, synchronize=None) -> float:
     """Calls of ``fn`` a second, after one warm-up call, over about ``seconds``."""
     fn()
+    if synchronize is not None:
+        synchronize()
     count, start = 0, time.perf_counter()
     while time.perf_counter() - start < seconds:
         fn()
@@ -550,7 +552,8 @@ OPEN_CLIP_LAUNCH = (
     "import sys, open_clip; open_clip.add_model_config(sys.argv[1]); "
     "from open_clip_train.main import main; main(sys.argv[2:])"
 )
-EPOCH_LINE = re.compile(r"Train Epoch: (\d+) .*Batch \(t\): ([0-9.]+),")
+# open_clip's progress line: epoch, samples so far in the epoch, mean step time since its last line.
+EPOCH_LINE = re.compile(r"Train Epoch: (\d+) \[\s*(\d+)/\d+ .*Batch \(t\): ([0-9.]+),")
 
 
 def bench_vs_open_clip(args) -> dict:
@@ -560,7 +563,8 @@ def bench_vs_open_clip(args) -> dict:
     open_clip), the quickstart's optimiser, loss, crop scale and fp32, the same batch, epochs and loader
     workers; each trainer in its own process, as its users start it. Samples/s of each epoch's training loop
     (loader start-up included: neither keeps workers between epochs), median over the epochs after the first.
-    open_clip logs every step here so its per-step times add up to whole epochs; that adds one print a step.
+    open_clip's epoch time is read from its own log, at its default interval: each line gives the mean step
+    time since the previous line and how many samples the epoch has seen.
     """
     import importlib.util
     import tempfile
@@ -589,16 +593,19 @@ def bench_vs_open_clip(args) -> dict:
             "--train-data", table, "--dataset-type", "csv", "--model", "tiny-clip", "--batch-size", str(args.batch),
             "--epochs", str(args.epochs), "--workers", str(args.workers), "--precision", "fp32", "--lr", "1e-3",
             "--wd", "0.05", "--warmup", "30", "--aug-cfg", "scale=(0.8,1.0)", "--save-frequency", "0",
-            "--zeroshot-frequency", "0", "--log-every-n-steps", "1", "--logs", out, "--name", "open_clip",
-            "--seed", "0",
+            "--zeroshot-frequency", "0", "--logs", out, "--name", "open_clip", "--seed", "0",
         ]  # fmt: skip
         _run_or_explain([sys.executable, "-c", OPEN_CLIP_LAUNCH, config, *open_clip_args], cwd=out)
         open_clip_seconds = time.perf_counter() - started
-        epochs: dict[int, list[float]] = {}
+        seen: dict[int, tuple[int, float]] = {}  # epoch -> (samples, seconds) so far
         with open(os.path.join(out, "open_clip", "out.log"), encoding="utf-8") as f:
             for match in filter(None, map(EPOCH_LINE.search, f)):
-                epochs.setdefault(int(match[1]), []).append(float(match[2]))
-        open_clip_rates = [len(steps) * args.batch / sum(steps) for _, steps in sorted(epochs.items())]
+                epoch, samples, mean_step = int(match[1]), int(match[2]), float(match[3])
+                before, seconds = seen.get(epoch, (0, 0.0))
+                seen[epoch] = (samples, seconds + mean_step * (samples - before) / args.batch)
+        if not seen:
+            raise SystemExit("no 'Train Epoch' line in open_clip's out.log: has its log format changed?")
+        open_clip_rates = [samples / seconds for _, (samples, seconds) in sorted(seen.items())]
 
         started = time.perf_counter()
         results = os.path.join(out, "clip_tao")
@@ -615,6 +622,9 @@ def bench_vs_open_clip(args) -> dict:
         for line in lines:  # one RUNNING line an epoch, with TAO's progress fields
             if line.get("status") == "RUNNING" and "time_per_step" in line:
                 clip_tao_rates.append(args.batch / _seconds(line["time_per_step"]))
+
+    if not clip_tao_rates:
+        raise SystemExit("no epoch line with time_per_step in clip-tao's status.json")
 
     def summary(rates: list[float], seconds: float) -> dict:
         steady = rates[1:] or rates
