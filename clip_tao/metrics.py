@@ -17,8 +17,8 @@ How: one pass over the similarity matrix in blocks of captions. Each block serve
 rank images for those captions (t2i), its columns rank those captions for every image (i2t, counts summed
 over blocks). Only counts are kept — how many irrelevant items score at least / more than each relevant
 pair — so memory is one block. Blocks are counted in eager PyTorch (``COUNTING``): a fused ``torch.compile``
-kernel reads each block once instead of eight times, but compiling it costs seconds in every fresh process,
-more than the counting it saves (see :func:`_count`).
+kernel reads each block once instead of once a comparison, but compiling it costs seconds in every fresh
+process, more than the counting it saves (see :func:`_count`).
 
 Ties: an irrelevant item with exactly the same similarity as a relevant one is ranked *before* it,
 so a tie never makes a result look better than it is (ranks, R@K, mAP). ROC AUC counts a tied pair
