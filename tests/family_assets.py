@@ -225,33 +225,30 @@ def radio_args(
     )
 
 
+def _linear(name: str, out_dim: int, in_dim: int) -> dict:
+    return {f"{name}.weight": torch.randn(out_dim, in_dim) * 0.1, f"{name}.bias": torch.randn(out_dim) * 0.1}
+
+
+def _layer_norm(name: str, width: int) -> dict:
+    return {f"{name}.weight": 1 + 0.1 * torch.randn(width), f"{name}.bias": 0.1 * torch.randn(width)}
+
+
 def radio_head_tensors(prefix: str, version: str, dim: int, out_dim: int, num_inner: int = 1) -> dict:
     """One adaptor MLP's tensors under ``prefix``, named as RADIO's ``MLP`` (v1) / ``MLP2`` (v2) name them."""
     hidden = RADIO_HEAD_HIDDEN
-    t: dict[str, torch.Tensor] = {
-        f"{prefix}fc1.weight": torch.randn(hidden, dim) * 0.1,
-        f"{prefix}fc1.bias": torch.randn(hidden) * 0.1,
-    }
+    t = _linear(f"{prefix}fc1", hidden, dim)
     if version == "v2":
         for i in range(num_inner):
-            t[f"{prefix}blocks.{i}.0.weight"] = 1 + 0.1 * torch.randn(hidden)
-            t[f"{prefix}blocks.{i}.0.bias"] = 0.1 * torch.randn(hidden)
-            t[f"{prefix}blocks.{i}.2.weight"] = torch.randn(hidden, hidden) * 0.1
-            t[f"{prefix}blocks.{i}.2.bias"] = torch.randn(hidden) * 0.1
-        t[f"{prefix}final.0.weight"] = 1 + 0.1 * torch.randn(hidden)
-        t[f"{prefix}final.0.bias"] = 0.1 * torch.randn(hidden)
-        t[f"{prefix}final.2.weight"] = torch.randn(out_dim, hidden) * 0.1
-        t[f"{prefix}final.2.bias"] = torch.randn(out_dim) * 0.1
+            t.update(_layer_norm(f"{prefix}blocks.{i}.0", hidden))
+            t.update(_linear(f"{prefix}blocks.{i}.2", hidden, hidden))
+        t.update(_layer_norm(f"{prefix}final.0", hidden))
+        t.update(_linear(f"{prefix}final.2", out_dim, hidden))
     else:  # v1: fc1, norm, ReLU, inner = (Linear, LayerNorm, ReLU) x n flattened into one Sequential, fc2
-        t[f"{prefix}norm.weight"] = 1 + 0.1 * torch.randn(hidden)
-        t[f"{prefix}norm.bias"] = 0.1 * torch.randn(hidden)
+        t.update(_layer_norm(f"{prefix}norm", hidden))
         for i in range(num_inner):
-            t[f"{prefix}inner.{3 * i}.weight"] = torch.randn(hidden, hidden) * 0.1
-            t[f"{prefix}inner.{3 * i}.bias"] = torch.randn(hidden) * 0.1
-            t[f"{prefix}inner.{3 * i + 1}.weight"] = 1 + 0.1 * torch.randn(hidden)
-            t[f"{prefix}inner.{3 * i + 1}.bias"] = 0.1 * torch.randn(hidden)
-        t[f"{prefix}fc2.weight"] = torch.randn(out_dim, hidden) * 0.1
-        t[f"{prefix}fc2.bias"] = torch.randn(out_dim) * 0.1
+            t.update(_linear(f"{prefix}inner.{3 * i}", hidden, hidden))
+            t.update(_layer_norm(f"{prefix}inner.{3 * i + 1}", hidden))
+        t.update(_linear(f"{prefix}fc2", out_dim, hidden))
     return t
 
 
