@@ -5,9 +5,11 @@ processes: torchrun with gloo, SIGKILL to every process of the run)."""
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import random
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -58,9 +60,8 @@ def _steps(log) -> dict[int, list[str]]:
     return {step: sorted(keys) for step, keys in sorted(steps.items())}
 
 
-def _process_tree(root: int) -> list[int]:
-    """``root`` and every process below it, from /proc (torchrun starts its workers in sessions of their own,
-    so a process-group kill would miss them)."""
+def _children() -> dict[int, list[int]]:
+    """Parent pid -> child pids, from /proc."""
     children = defaultdict(list)
     for entry in os.listdir("/proc"):
         if entry.isdigit():
@@ -70,6 +71,13 @@ def _process_tree(root: int) -> list[int]:
             except OSError:
                 continue
             children[int(fields[1])].append(int(entry))
+    return children
+
+
+def _process_tree(root: int) -> list[int]:
+    """``root`` and every process below it (torchrun starts its workers in sessions of their own, so a
+    process-group kill would miss them)."""
+    children = _children()
     tree, todo = [], [root]
     while todo:
         pid = todo.pop()
@@ -108,10 +116,7 @@ def _kill_at_a_random_step(command, results) -> int:
 )
 def test_a_run_resumed_on_another_layout_is_the_uninterrupted_run(tiny_spec, tmp_path, kind, before, after):
     spec = _spec(tiny_spec, tmp_path, kind)
-    reference = tmp_path / "reference"
-    done = subprocess.run(_command(spec, reference, tmp_path / "reference.keys", 1, 0), env=_env(),
-                          capture_output=True, text=True, timeout=900)  # fmt: skip
-    assert done.returncode == 0, done.stderr[-3000:]
+    reference = _reference_run(spec, tmp_path)
     results, log = tmp_path / "interrupted", tmp_path / "interrupted.keys"
     stop = _kill_at_a_random_step(_command(spec, results, log, *before), results)
     latest = torch.load(results / "train" / "clip_latest.pth", weights_only=True)
@@ -120,12 +125,26 @@ def test_a_run_resumed_on_another_layout_is_the_uninterrupted_run(tiny_spec, tmp
     done = subprocess.run(_command(spec, results, log, *after), env=_env(), capture_output=True, text=True,
                           timeout=900)  # fmt: skip
     assert done.returncode == 0, done.stderr[-3000:]
-    want, got = _steps(tmp_path / "reference.keys"), _steps(log)
+    _assert_same_run(tmp_path / "reference.keys", reference, log, results, stop, after[0])
+
+
+def _reference_run(spec, tmp_path):
+    """One uninterrupted process at the global batch: the run every other layout must reproduce."""
+    reference = tmp_path / "reference"
+    done = subprocess.run(_command(spec, reference, tmp_path / "reference.keys", 1, 0), env=_env(),
+                          capture_output=True, text=True, timeout=900)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    return reference
+
+
+def _assert_same_run(reference_log, reference, log, results, stop: int, world_size: int) -> None:
+    """The same samples at every step (none twice, none left out) and the same final weights."""
+    want, got = _steps(reference_log), _steps(log)
     assert len(want) == 12 and all(len(keys) == GLOBAL_BATCH for keys in want.values())
-    assert got == want, f"killed after step {stop}"  # the same samples at every step, none twice or left out
+    assert got == want, f"killed after step {stop}"
     a = torch.load(reference / "train" / "clip_latest.pth", weights_only=True)
     b = torch.load(results / "train" / "clip_latest.pth", weights_only=True)
-    assert a["global_step"] == b["global_step"] == 12 and b["world_size"] == after[0]
+    assert a["global_step"] == b["global_step"] == 12 and b["world_size"] == world_size
     for name, value in a["model"].items():
         got = b["model"][name]
         if name.endswith("attn.in_proj_bias"):
@@ -135,3 +154,53 @@ def test_a_run_resumed_on_another_layout_is_the_uninterrupted_run(tiny_spec, tmp
             d = len(value) // 3
             value, got = torch.cat([value[:d], value[2 * d :]]), torch.cat([got[:d], got[2 * d :]])
         torch.testing.assert_close(got, value, rtol=0, atol=1e-5, msg=f"{name}, killed after step {stop}")
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def test_torchrun_elastic_restarts_a_killed_process_and_the_run_resumes_by_itself(tiny_spec, tmp_path):
+    """``torchrun --nnodes=1:2 --max-restarts``: one of the two processes is SIGKILLed mid-epoch; torchrun
+    restarts the group, which continues from clip_latest.pth on its own and ends as the uninterrupted run."""
+    spec = _spec(tiny_spec, tmp_path, "wds")
+    reference = _reference_run(spec, tmp_path)
+    results, log = tmp_path / "elastic", tmp_path / "elastic.keys"
+    command = _command(spec, results, log, 2, 1)
+    at = command.index("--standalone")
+    command[at : at + 1] = ["--nnodes=1:2", "--max-restarts=2", "--rdzv-backend=c10d",
+                            f"--rdzv-endpoint=127.0.0.1:{_free_port()}", "--rdzv-id=elastic-test",
+                            "--rdzv-conf=last_call_timeout=1"]  # fmt: skip
+    stop = random.randint(2, 10)
+    process = subprocess.Popen(command, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                               start_new_session=True)  # fmt: skip
+    try:
+        deadline = time.monotonic() + 600
+        while not list((results / "train").glob(f"model_epoch_*_step_{stop:05d}.pth")):
+            assert process.poll() is None, "training ended before a process could be killed"
+            assert time.monotonic() < deadline, "no checkpoint in 600 s"
+            time.sleep(0.02)
+        workers = [pid for pid in _children()[process.pid] if _is_trainer(pid)]  # torchrun's, not the loaders'
+        assert len(workers) == 2, workers
+        os.kill(random.choice(workers), signal.SIGKILL)
+        _, stderr = process.communicate(timeout=900)
+    finally:
+        if process.poll() is None:
+            for pid in _process_tree(process.pid):
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+            process.wait()
+    assert process.returncode == 0, stderr[-3000:]
+    statuses = [json.loads(line)["status"] for line in (results / "train" / "status.json").read_text().splitlines()]
+    assert statuses.count("STARTED") == 2 and statuses[-1] == "SUCCESS"  # a second attempt, resumed
+    _assert_same_run(tmp_path / "reference.keys", reference, log, results, stop, 2)
+
+
+def _is_trainer(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return b"clip_tao" in f.read()
+    except OSError:
+        return False
