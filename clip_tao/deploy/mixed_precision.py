@@ -70,8 +70,32 @@ def convert_to_mixed_fp16(path: str) -> onnx.ModelProto:
         op_block_list=sorted(FP32_OPS | set(float16.DEFAULT_OP_BLOCK_LIST)),
         node_block_list=sorted(final_normalisation_nodes(graph)),
     )
+    _skip_fp16_round_trips(model.graph)
     OnnxModel(model).topological_sort()  # the converter appends its Cast nodes at the end of the graph
     return model
+
+
+def _skip_fp16_round_trips(graph: onnx.GraphProto) -> None:
+    """The converter casts every fp32 node's output to fp16 and back when the next node is fp32 too: read
+    the fp32 value directly instead, so that a block of fp32 nodes (the final normalisation) stays fp32."""
+    fp16, fp32 = onnx.TensorProto.FLOAT16, onnx.TensorProto.FLOAT
+    producers = {output: node for node in graph.node for output in node.output}
+    for node in graph.node:
+        first = producers.get(node.input[0]) if _is_cast(node, fp32) else None
+        if first is not None and _is_cast(first, fp16):
+            node.input[0] = first.input[0]  # Cast(to=fp32) of the fp32 (or integer) value itself
+    # Drop the fp16 casts nobody reads any more.
+    while True:
+        used = {name for node in graph.node for name in node.input} | {output.name for output in graph.output}
+        dead = [node for node in graph.node if _is_cast(node, fp16) and node.output[0] not in used]
+        if not dead:
+            return
+        for node in dead:
+            graph.node.remove(node)
+
+
+def _is_cast(node: onnx.NodeProto, to: int) -> bool:
+    return node.op_type == "Cast" and any(a.name == "to" and a.i == to for a in node.attribute)
 
 
 def graph_data_type(model: onnx.ModelProto) -> str:
