@@ -1,4 +1,8 @@
-"""Build TensorRT engines from exported ONNX files with the TensorRT Python API."""
+"""Build TensorRT engines from exported ONNX files with the TensorRT Python API (TensorRT 10 and 11).
+
+How each engine is built (strongly or weakly typed, which flags) is :func:`build_plan`, a pure function of
+the TensorRT version, ``tensorrt.data_type`` and the precision of the ONNX graph, so it is tested without a GPU.
+"""
 
 from __future__ import annotations
 
