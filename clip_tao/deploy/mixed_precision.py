@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import onnx
 
+from clip_tao.errors import ModelError
+
 DATA_TYPES = ("fp32", "fp16")
 # Kept in fp32 wherever they appear. LayerNormalization is one op from opset 17 on (earlier opsets spell it
 # out as reductions and a Pow, whose square overflows fp16), hence FP16_MIN_OPSET. Resize: NaFlex's
@@ -63,7 +65,7 @@ def convert_to_mixed_fp16(path: str) -> onnx.ModelProto:
     graph = onnx.load(path, load_external_data=False).graph
     unnamed = [node.op_type for node in graph.node if not node.name]
     if unnamed:  # the block list is by node name; the exporter names every node
-        raise ValueError(f"{path}: {len(unnamed)} unnamed nodes ({unnamed[0]} ...); cannot keep them in fp32")
+        raise ModelError(f"{path}: {len(unnamed)} unnamed nodes ({unnamed[0]} ...); cannot keep them in fp32")
     model = float16.convert_float_to_float16(
         path,  # a path, not a ModelProto: shape inference then works past protobuf's 2 GB limit
         keep_io_types=True,
