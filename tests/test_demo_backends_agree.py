@@ -37,10 +37,10 @@ def test_pytorch_and_onnxruntime_figures_match_on_the_demo_set(tmp_path, monkeyp
     assert figures["onnxruntime"] == figures["pytorch"]
     # The mixed-precision file gives the same recall figures and median ranks. Its embeddings differ from
     # fp32 ones by ~1e-4 (cosine >= 0.9999), enough to swap a near-tied pair deep in a ranking: the figures
-    # that average over every rank (mAP, mean rank, AUC) may move by that one swap, and no more.
+    # that average over every rank (mAP, mean rank, AUC) may move by those few swaps, and no more.
     fp16, fp32 = figures["onnxruntime-fp16"], figures["pytorch"]
     assert fp16.keys() == fp32.keys()
-    averaged = {"mAP": 0.05, "MeanR": 0.05, "AUC": 1e-3}  # one swapped pair among 100 queries moves them less
+    averaged = {"mAP": 0.05, "MeanR": 0.05, "AUC": 1e-3}  # a swapped pair among 100 queries moves them less
     for key, value in fp32.items():
         tolerance = averaged.get(key.split("_", 1)[1])
         assert fp16[key] == (value if tolerance is None else pytest.approx(value, abs=tolerance)), key
