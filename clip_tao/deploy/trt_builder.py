@@ -27,6 +27,7 @@ class EngineBuild:
     onnx_file: str
     engine_file: str
     fp32_layers: int
+    strongly_typed: bool
 
 
 def build_engines(
@@ -43,8 +44,8 @@ def build_engines(
     builds = []
     for encoder, onnx_file in onnx.encoders.items():
         engine_file = engines.encoders[encoder]
-        fp32_layers = _build_one(trt, onnx_file, engine_file, trt_cfg, batch_size, timing_cache, verbose)
-        builds.append(EngineBuild(onnx_file, engine_file, fp32_layers))
+        fp32_layers, plan = _build_one(trt, onnx_file, engine_file, trt_cfg, batch_size, timing_cache, verbose)
+        builds.append(EngineBuild(onnx_file, engine_file, fp32_layers, plan.strongly_typed))
     # The runtime needs the same companions as the ONNX files: the spec with deploy info, and the tokenizer.
     shutil.copyfile(onnx.config, engines.config)
     if os.path.isdir(engines.tokenizer):
@@ -113,7 +114,9 @@ def build_plan(trt_version: str, data_type: str, graph_type: str, onnx_file: str
     return BuildPlan(False, (), (), False)
 
 
-def _build_one(trt, onnx_file, engine_file, cfg: TensorRTConfig, batch_size, timing_cache, verbose) -> int:
+def _build_one(
+    trt, onnx_file, engine_file, cfg: TensorRTConfig, batch_size, timing_cache, verbose
+) -> tuple[int, BuildPlan]:
     plan = build_plan(trt.__version__, cfg.data_type, file_data_type(onnx_file), onnx_file, cfg.layers_precision)
     logger = trt.Logger(trt.Logger.VERBOSE if verbose else trt.Logger.WARNING)
     builder = trt.Builder(logger)
@@ -149,7 +152,7 @@ def _build_one(trt, onnx_file, engine_file, cfg: TensorRTConfig, batch_size, tim
             f.write(config.get_timing_cache().serialize())
     typing = "strongly typed" if plan.strongly_typed else "weakly typed"
     log.info("built %s (%s, %s, %d layers in fp32)", engine_file, cfg.data_type, typing, fp32_layers)
-    return fp32_layers
+    return fp32_layers, plan
 
 
 def _count_fp32_layers(trt, network) -> int:
