@@ -269,6 +269,11 @@ def test_twins_are_found_by_their_bits_wherever_they_sit():
     rows = bits.view(torch.float32)
     assert float(bits[0].double() @ weights.double()) == float(bits[1].double() @ weights.double())
     assert _first_equal(rows).tolist() == [0, 1, 1, 0]
+    # Rows too wide for an exact key (2**15 components) are sorted instead.
+    assert _exact_key_weights(1 << 15) is None
+    wide = torch.randn(3, 1 << 15)
+    wide[2] = wide[0]
+    assert _first_equal(wide).tolist() == [0, 1, 0] and _first_equal(wide[:2]) is None
 
 
 @pytest.mark.parametrize("chunk", [None, 3])
