@@ -231,17 +231,44 @@ class _Twins:
 
 
 def _first_equal(x: torch.Tensor) -> torch.Tensor | None:
-    """``[N]`` index of the first row bit-for-bit equal to each row; ``None`` when all rows differ."""
+    """``[N]`` index of the first row bit-for-bit equal to each row; ``None`` when all rows differ.
+
+    Rows are grouped by a key computed exactly: their bits as integers times small integer weights, summed
+    in float64 with every partial sum below 2**53, so no rounding happens and equal rows get equal keys
+    whatever order or kernel the product uses (a rounded key would part twins by their position). Equality
+    of the bits then decides; rows whose key collides with another row's are regrouped by an exact sort.
+    """
     bits = x.contiguous().view(torch.int32)
-    # A hash of the bits groups candidates; equality of the bits then decides.
-    weights = torch.randn(x.shape[1], generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    index = torch.arange(len(x), device=x.device)
+    weights = _exact_key_weights(x.shape[1])
+    if weights is None:  # too wide for an exact key: sort the rows themselves
+        first = _first_of_groups(torch.unique(bits, dim=0, return_inverse=True)[1])
+        return None if torch.equal(first, index) else first
     weights = weights.to(x.device)
     keys = torch.cat([part.double() @ weights for part in bits.split(1 << 14)])  # bounded memory
-    _, group = torch.unique(keys, return_inverse=True)
-    index = torch.arange(len(x), device=x.device)
-    first = torch.full_like(index, len(x)).scatter_reduce_(0, group, index, "amin")[group]
-    first = torch.where((bits[first] == bits).all(1), first, index)
+    first = _first_of_groups(torch.unique(keys, return_inverse=True)[1])
+    collided = ~(bits[first] == bits).all(1)
+    if collided.any():
+        rows = index[torch.isin(first, first[collided])]
+        first[rows] = rows[_first_of_groups(torch.unique(bits[rows], dim=0, return_inverse=True)[1])]
     return None if torch.equal(first, index) else first
+
+
+def _exact_key_weights(dim: int) -> torch.Tensor | None:
+    """``[dim]`` float64 integer weights such that ``bits @ weights`` is exact for int32 ``bits``: each
+    product and partial sum stays below 2**53 (|bits| < 2**31, ``dim`` terms); ``None`` when ``dim`` is too
+    large to leave the weights room."""
+    weight_bits = 53 - 31 - max(1, math.ceil(math.log2(max(dim, 1))))
+    if weight_bits < 8:
+        return None
+    generator = torch.Generator().manual_seed(0)
+    return torch.randint(1, 2**weight_bits, (dim,), generator=generator).double()
+
+
+def _first_of_groups(group: torch.Tensor) -> torch.Tensor:
+    """For each row, the position of the first row with the same ``group`` label."""
+    position = torch.arange(len(group), device=group.device)
+    return torch.full_like(position, len(group)).scatter_reduce_(0, group, position, "amin")[group]
 
 
 def _pair_scores(texts: torch.Tensor, images: torch.Tensor, owner: torch.Tensor, group: int = 256) -> torch.Tensor:

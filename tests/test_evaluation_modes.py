@@ -62,6 +62,37 @@ def test_multi_caption_retrieval_follows_the_definition(tiny_spec, tmp_path):
     assert json.loads((tmp_path / "results" / "evaluate" / "results.json").read_text())["num_texts"] == 16
 
 
+def test_repeated_captions_share_one_embedding(tmp_path):
+    """A caption repeated at other batch positions, in a shorter last batch and among an image's extra
+    captions is encoded once: its rows are bit-identical, so retrieval ties them exactly on every CPU."""
+    from clip_tao.config.schema import DatasetEntry
+    from clip_tao.data.loaders import build_eval_loader
+    from clip_tao.engine.device import resolve_precision
+    from clip_tao.engine.embedding import embed_loader
+    from clip_tao.tasks.evaluate import _all_captions
+
+    root = make_dataset(tmp_path / "val", 11, seed=3)
+    files = sorted(root.glob("*.txt"))
+    repeated = "a red square on blue"
+    for i in (0, 5, 9):  # first batch, second batch, the short last batch (batches of 4, 4, 3)
+        files[i].write_text(repeated + "\n")
+    files[6].write_text(f"a green square\n{repeated}\nsomething else\n")
+    model = create_model("tiny-clip")
+    data = build_eval_loader([DatasetEntry(image_dir=str(root), multi_caption=True)], "evaluate.datasets",
+                             model.preprocess, model.tokenizer, 4, 0, False)  # fmt: skip
+    precision = resolve_precision("fp32", torch.device("cpu"))
+    embeddings = embed_loader(model, data.loader, torch.device("cpu"), precision)
+    texts, owner = _all_captions(model, data, embeddings, torch.device("cpu"), precision, 4)
+    assert owner.tolist() == [*range(11), 6, 6]
+    captions = [f.read_text().splitlines()[0] for f in files] + [repeated, "something else"]
+    for i in range(len(captions)):  # make_dataset repeats some captions of its own too
+        for j in range(i):
+            assert torch.equal(texts[i], texts[j]) == (captions[i] == captions[j]), (i, j)
+    with torch.no_grad():
+        alone = model.encode_text(model.tokenizer([repeated]))[0]
+    torch.testing.assert_close(texts[0], alone, atol=1e-5, rtol=0)
+
+
 def test_evaluate_and_train_write_valid_pictures(tiny_spec, tmp_path):
     spec = tiny_spec(train={"num_epochs": 2})
     assert main(["train", "-e", str(spec)]) == 0

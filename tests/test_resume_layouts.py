@@ -137,8 +137,9 @@ def _reference_run(spec, tmp_path):
     return reference
 
 
-def _assert_same_run(reference_log, reference, log, results, stop: int, world_size: int) -> None:
+def _assert_same_run(reference_log, reference, log, results, stop: int | None, world_size: int) -> None:
     """The same samples at every step (none twice, none left out) and the same final weights."""
+    stop = "(not killed)" if stop is None else stop
     want, got = _steps(reference_log), _steps(log)
     assert len(want) == 12 and all(len(keys) == GLOBAL_BATCH for keys in want.values())
     assert got == want, f"killed after step {stop}"

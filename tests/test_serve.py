@@ -216,6 +216,12 @@ def test_embed_and_search_endpoints(served, client, reference):
         paths = [p.decode() for p in f["image_paths"][()]]
     query = _expected_text(reference, ["a red square on yellow"])[0]
     want = np.argsort(-(collection @ query), kind="stable")[:4]
+    # The order is the data's, not rounding's: the server's query embedding is within ATOL of this one a
+    # component, which moves a score by at most sqrt(D) ATOL (plus FAISS's own rounding); neighbours in the
+    # top 5, and image 5 against every other image, lie further apart than twice that.
+    moved = np.sqrt(len(query)) * ATOL + 1e-6
+    assert -np.diff(np.sort(collection @ query)[::-1][:5]).max() > 2 * moved
+    assert np.delete(collection @ collection[5], 5).max() < collection[5] @ collection[5] - 2 * moved
     response = httpx.post(f"{served.url}/search", json={"text": "a red square on yellow", "k": 4})
     results = response.json()["results"]
     assert [r["index"] for r in results] == want.tolist()

@@ -16,12 +16,14 @@ from clip_tao.models.base import ClipModel
 
 @dataclass
 class Embeddings:
-    """``image`` / ``text`` ``[N, D]`` float32 on the CPU; ``indices`` are dataset positions of the rows."""
+    """``image`` / ``text`` ``[N, D]`` float32 on the CPU; ``indices`` are dataset positions of the rows;
+    ``text_ids`` ``[N, L]`` the token ids the text rows were encoded from."""
 
     image: torch.Tensor | None
     text: torch.Tensor | None
     indices: torch.Tensor
     skipped: SkipCounter = field(default_factory=SkipCounter)
+    text_ids: torch.Tensor | None = None
 
 
 @torch.no_grad()
@@ -36,7 +38,7 @@ def embed_loader(
     """Image (and, when batches carry ``input_ids`` and ``texts``, text) embeddings of every good sample."""
     was_training = model.training
     model.eval()
-    images, captions, indices, skipped = [], [], [], SkipCounter()
+    images, captions, ids, indices, skipped = [], [], [], [], SkipCounter()
     for batch in tqdm(loader, desc=desc, unit="batch", leave=False):
         skipped.update(batch["skipped"])
         if "pixels" not in batch:
@@ -45,6 +47,7 @@ def embed_loader(
             images.append(model.encode_image(batch["pixels"].to(device, non_blocking=True)).float().cpu())
             if texts and "input_ids" in batch:
                 captions.append(model.encode_text(batch["input_ids"].to(device, non_blocking=True)).float().cpu())
+                ids.append(batch["input_ids"].cpu())
         indices.append(batch["indices"])
     model.train(was_training)
     result = Embeddings(
@@ -52,6 +55,7 @@ def embed_loader(
         text=torch.cat(captions) if captions else None,
         indices=torch.cat(indices) if indices else torch.zeros(0, dtype=torch.long),
         skipped=skipped,
+        text_ids=torch.cat(ids) if ids else None,
     )
     check_embeddings(result.image, "image")
     check_embeddings(result.text, "text")
@@ -72,3 +76,19 @@ def embed_texts(
     result = torch.cat(out) if out else torch.zeros(0, model.embed_dim)
     check_embeddings(result, "text")
     return result
+
+
+def share_equal_inputs(embeddings: torch.Tensor, inputs: torch.Tensor) -> torch.Tensor:
+    """``embeddings`` with every row of an input seen before replaced by the first such row's embedding.
+
+    A model may round the same input differently at another batch position or in a batch of another size
+    (the kernels treat the edges of their blocks apart), so repeated captions would come out a few ulps
+    apart and retrieval would break their ties by that rounding. Shared, they tie exactly in every backend.
+    ``inputs`` ``[N, ...]``: what each row was computed from (token ids).
+    """
+    if len(inputs) < 2:
+        return embeddings
+    _, group = torch.unique(inputs.reshape(len(inputs), -1), dim=0, return_inverse=True)
+    position = torch.arange(len(group))
+    first = torch.full_like(position, len(group)).scatter_reduce_(0, group, position, "amin")[group]
+    return embeddings if torch.equal(first, position) else embeddings[first]

@@ -19,9 +19,9 @@ from torch import nn
 
 from clip_tao.errors import ModelError
 from clip_tao.models.base import Preprocess, checked_image_size, preprocess_from_config, seeded_init
+from clip_tao.models.family import BuildOptions, ModelInfo, register_family
 from clip_tao.models.hub_cli import download_command, prepare_hub
 from clip_tao.models.patches import PatchBatch, check_max_num_patches, image_to_patch_sequence
-from clip_tao.models.registry import BuildOptions, ModelInfo, register_family
 from clip_tao.models.siglip_family import SiglipClipModel, _siglip_tokenizer, quiet_hf_loading
 from clip_tao.models.tokenizer import Tokenizer
 

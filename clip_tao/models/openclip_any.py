@@ -18,8 +18,8 @@ from torch import nn
 
 from clip_tao.errors import ModelError
 from clip_tao.models.base import Preprocess, checked_image_size, seeded_init
+from clip_tao.models.family import BuildOptions, ModelInfo, register_family
 from clip_tao.models.openclip_family import OpenClipModel, _weight_file, load_openclip_weights
-from clip_tao.models.registry import BuildOptions, ModelInfo, register_family
 from clip_tao.models.tokenizer import HfTokenizer, OpenClipBpeTokenizer, Tokenizer
 
 log = logging.getLogger(__name__)

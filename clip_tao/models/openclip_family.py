@@ -19,7 +19,7 @@ from torch import nn
 
 from clip_tao.errors import ModelError
 from clip_tao.models.base import ClipModel, Preprocess, checked_image_size, preprocess_from_config, seeded_init
-from clip_tao.models.registry import BuildOptions, ModelInfo, register_family
+from clip_tao.models.family import BuildOptions, ModelInfo, register_family
 from clip_tao.models.tokenizer import HfTokenizer, Tokenizer, build_tokenizer
 
 OPEN_CLIP_CONFIG = "open_clip_config.json"

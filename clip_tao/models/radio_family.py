@@ -24,12 +24,12 @@ from torch import nn
 
 from clip_tao.errors import ModelError
 from clip_tao.models.base import OPENAI_MEAN, OPENAI_STD, ClipModel, Preprocess, checked_image_size, seeded_init
+from clip_tao.models.family import BuildOptions, ModelInfo, register_family
 from clip_tao.models.hub_cli import download_command, prepare_hub
 from clip_tao.models.radio_adaptors import Adaptor, resolve_adaptor
 from clip_tao.models.radio_backbone import create_backbone, load_backbone, timm_arguments
 from clip_tao.models.radio_checkpoint import RadioCheckpoint, arg, checkpoint_from_hub_dict, read_radio_checkpoint
 from clip_tao.models.radio_heads import head_from_config, head_from_state
-from clip_tao.models.registry import BuildOptions, ModelInfo, register_family
 from clip_tao.models.text_towers import openclip_text_tower, siglip_text_tower
 from clip_tao.models.tokenizer import Tokenizer
 

@@ -2,68 +2,25 @@
 
 Every model type is one JSON file in ``clip_tao/models/configs/`` (scanned at import, like open_clip's
 ``model_configs/``): its family, sizes, weights source and the family-specific architecture config.
-A family module registers one builder with :func:`register_family`; adding a size is a new JSON
-file, not a new code path. Users can add their own with :func:`add_model_config`.
+A family module registers one builder with :func:`clip_tao.models.family.register_family`; adding a size
+is a new JSON file, not a new code path. Users can add their own with :func:`add_model_config`.
 """
 
 from __future__ import annotations
 
 import difflib
 import fnmatch
-import importlib
 import json
-from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from clip_tao.errors import ConfigError, ModelError
 from clip_tao.models.base import DEFAULT_LOGIT_INIT, MAX_LOGIT_SCALE, ClipModel
+from clip_tao.models.family import BuildOptions, ModelInfo, family_builder
 
 CONFIG_DIR = Path(__file__).parent / "configs"
 
-# family name -> module that registers its builder (imported on first use).
-FAMILY_MODULES = {
-    "openclip": "clip_tao.models.openclip_family",
-    "siglip": "clip_tao.models.siglip_family",
-    "radio": "clip_tao.models.radio_family",
-    "siglip2-naflex": "clip_tao.models.naflex_family",
-    "openclip-any": "clip_tao.models.openclip_any",
-}
-
-
-@dataclass(frozen=True)
-class ModelInfo:
-    """What ``clip-tao list-models`` shows, plus the architecture config the family builder reads."""
-
-    name: str
-    family: str
-    image_size: int
-    embed_dim: int
-    context_length: int
-    weights: str
-    description: str = ""
-    config: dict[str, Any] = field(default_factory=dict, hash=False, compare=False)
-
-
-@dataclass
-class BuildOptions:
-    """How to build a model: which weights, and the user's pre-processing choices."""
-
-    pretrained: bool = True  # load the type's published weights (False: random init for training)
-    pretrained_path: str | None = None  # a local file or folder instead of the hub
-    image_size: int | None = None  # None: the type's own size
-    canonicalize_text: bool = False
-    adaptor_name: str | None = None  # Radio-CLIP: which teacher's head and text tower
-    radio_repo_dir: str | None = None  # Radio-CLIP: a local clone of NVlabs/RADIO for torch.hub (source='local')
-    text_pretrained_path: str | None = None  # Radio-CLIP: the teacher text tower, local folder/file
-    tokenizer_path: str | None = None  # a local tokenizer folder instead of the hub (Gemma, BERT)
-    max_num_patches: int | None = None  # NaFlex: the patch budget of an image (None: the model's default)
-
-
-Builder = Callable[[ModelInfo, BuildOptions], tuple[ClipModel, bool]]
 _MODEL_INFOS: dict[str, ModelInfo] = {}
-_BUILDERS: dict[str, Builder] = {}
 
 
 def add_model_config(source: str | Path | dict[str, Any], name: str | None = None) -> ModelInfo:
@@ -88,20 +45,6 @@ def add_model_config(source: str | Path | dict[str, Any], name: str | None = Non
     )
     _MODEL_INFOS[name] = info
     return info
-
-
-def register_family(family: str) -> Callable[[Builder], Builder]:
-    """Decorator: ``builder(info, options) -> (model, loaded_weights)`` for every type of ``family``.
-
-    ``loaded_weights`` says that the logit scale/bias came with the weights; when False they start at
-    TAO's defaults for the loss (Radio-CLIP's checkpoints, for one, carry none).
-    """
-
-    def decorate(builder: Builder) -> Builder:
-        _BUILDERS[family] = builder
-        return builder
-
-    return decorate
 
 
 def list_models(pattern: str = "*") -> list[ModelInfo]:
@@ -151,7 +94,7 @@ def create_model(
     if init_logit_scale is not None and not 0.0 <= init_logit_scale <= MAX_LOGIT_SCALE:
         raise ModelError(f"model.init_logit_scale={init_logit_scale} must lie in [0, ln 100 = 4.605]")
     info = get_model_info(model_type)
-    builder = _family_builder(info.family)
+    builder = family_builder(info.family)
     options = BuildOptions(
         pretrained=pretrained,
         pretrained_path=pretrained_path,
@@ -177,14 +120,6 @@ def create_model(
     if init_logit_bias is not None:
         model.logit_bias.data.fill_(init_logit_bias)
     return model
-
-
-def _family_builder(family: str) -> Builder:
-    if family not in _BUILDERS and family in FAMILY_MODULES:
-        importlib.import_module(FAMILY_MODULES[family])
-    if family not in _BUILDERS:
-        raise ModelError(f"model family {family!r} has no builder; known: {', '.join(sorted(FAMILY_MODULES))}")
-    return _BUILDERS[family]
 
 
 def _scan_configs() -> None:

@@ -17,8 +17,8 @@ from torch import nn
 
 from clip_tao.errors import ModelError
 from clip_tao.models.base import ClipModel, Preprocess, checked_image_size, preprocess_from_config, seeded_init
+from clip_tao.models.family import BuildOptions, ModelInfo, register_family
 from clip_tao.models.hub_cli import download_command, prepare_hub
-from clip_tao.models.registry import BuildOptions, ModelInfo, register_family
 from clip_tao.models.tokenizer import HfTokenizer, Tokenizer, build_tokenizer
 
 log = logging.getLogger(__name__)

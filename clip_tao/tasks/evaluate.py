@@ -17,7 +17,7 @@ from clip_tao.config.schema import ExperimentConfig
 from clip_tao.data.classes import build_image_loader, scan_labelled_images
 from clip_tao.data.loaders import build_eval_loader, build_val_loader
 from clip_tao.engine.device import resolve_precision
-from clip_tao.engine.embedding import embed_loader, embed_texts
+from clip_tao.engine.embedding import embed_loader, embed_texts, share_equal_inputs
 from clip_tao.engine.model_setup import backend_name, build_encoder
 from clip_tao.errors import DataError
 from clip_tao.io import plots
@@ -96,13 +96,15 @@ def _retrieval_data(cfg: ExperimentConfig, model):
 
 
 def _all_captions(model, data, embeddings, device, precision, batch_size) -> tuple[torch.Tensor, torch.Tensor]:
-    """Every caption of every embedded image and the image it belongs to.
+    """Every caption of every embedded image and the image it belongs to; repeated captions share one
+    embedding (see :func:`share_equal_inputs`), so they tie exactly.
 
     The loader gives each image's first caption; multi-caption entries add the rest here.
     """
     count = len(embeddings.image)
     owner = [torch.arange(count)]
     texts = [embeddings.text]
+    ids = [embeddings.text_ids]
     if data.samples:
         extra, extra_owner = [], []
         for row, index in enumerate(embeddings.indices.tolist()):
@@ -112,7 +114,11 @@ def _all_captions(model, data, embeddings, device, precision, batch_size) -> tup
         if extra:
             texts.append(embed_texts(model, extra, device, precision, batch_size))
             owner.append(torch.tensor(extra_owner))
-    return torch.cat(texts), torch.cat(owner)
+            ids.append(model.tokenizer(extra).cpu())
+    texts = torch.cat(texts)
+    if all(part is not None for part in ids) and len({part.shape[1:] for part in ids}) == 1:
+        texts = share_equal_inputs(texts, torch.cat(ids))
+    return texts, torch.cat(owner)
 
 
 def _classification(cfg: ExperimentConfig, out_dir: str) -> dict:
