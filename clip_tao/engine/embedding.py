@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 from tqdm import tqdm
 
 from clip_tao.data.custom import SkipCounter
+from clip_tao.data.loaders import iterate_batches
 from clip_tao.engine.device import Precision
 from clip_tao.engine.finite import check_embeddings
 from clip_tao.models.base import ClipModel
@@ -72,3 +74,66 @@ def embed_texts(
     result = torch.cat(out) if out else torch.zeros(0, model.embed_dim)
     check_embeddings(result, "text")
     return result
+
+
+@dataclass
+class PartEmbeddings:
+    """The embeddings of one part (see :mod:`clip_tao.data.parts`), rows in the part's order."""
+
+    part: int
+    image: np.ndarray  # [n, D] float32
+    text: np.ndarray | None  # [n, D] of each image's first caption, when the batches carried captions
+    indices: np.ndarray  # [n] dataset positions (image folders) or offsets in the shard
+    labels: list[str]  # image path, or "<shard>/<key>"
+    skipped: SkipCounter = field(default_factory=SkipCounter)
+
+
+class _PartBuffer:
+    def __init__(self):
+        self.images, self.texts, self.indices, self.labels = [], [], [], []
+        self.skipped = SkipCounter()
+
+    def finish(self, part: int, dim: int) -> PartEmbeddings:
+        image = torch.cat(self.images) if self.images else torch.zeros(0, dim)
+        text = torch.cat(self.texts) if self.texts else None
+        check_embeddings(image, "image")
+        check_embeddings(text, "text")
+        indices = torch.cat(self.indices).numpy() if self.indices else np.zeros(0, dtype=np.int64)
+        return PartEmbeddings(part, image.numpy(), None if text is None else text.numpy(), indices, self.labels,
+                              self.skipped)  # fmt: skip
+
+
+@torch.no_grad()
+def embed_parts(
+    model: ClipModel,
+    loader,
+    device: torch.device,
+    precision: Precision,
+    on_part: Callable[[PartEmbeddings], None],
+    texts: bool = False,
+    total: int | None = None,
+    desc: str = "embed",
+    progress: bool = True,
+) -> None:
+    """Embed the batches of a :class:`~clip_tao.data.parts.PartStream`; hand each part to ``on_part`` as soon
+    as its last batch is done, so no more than the parts in flight (one a loader worker) are held."""
+    was_training = model.training
+    model.eval()
+    buffers: dict[int, _PartBuffer] = {}
+    bar = tqdm(total=total, desc=desc, unit="img", leave=False, disable=not progress)
+    for batch in iterate_batches(loader):
+        buffer = buffers.setdefault(batch["part"], _PartBuffer())
+        buffer.skipped.update(batch["skipped"])
+        if "pixels" in batch:
+            with precision.autocast(device):
+                buffer.images.append(model.encode_image(batch["pixels"].to(device, non_blocking=True)).float().cpu())
+                if texts and "input_ids" in batch:
+                    ids = batch["input_ids"].to(device, non_blocking=True)
+                    buffer.texts.append(model.encode_text(ids).float().cpu())
+            buffer.indices.append(batch["indices"])
+            buffer.labels += batch["labels"]
+            bar.update(len(batch["labels"]))
+        if batch["last"]:
+            on_part(buffers.pop(batch["part"]).finish(batch["part"], model.embed_dim))
+    bar.close()
+    model.train(was_training)
