@@ -120,8 +120,8 @@ def _embed_collection(cfg: ExperimentConfig, model, device, precision, out_dir: 
     start = time.perf_counter()
     embed_parts(model, loader, device, precision, store.write, total=sum(map(collection.estimated_size, mine)),
                 desc="embed images", progress=ctx.is_main)  # fmt: skip
-    seconds = time.perf_counter() - start
     barrier(ctx)  # every part is written
+    seconds = time.perf_counter() - start  # the slowest rank's share
     if not ctx.is_main:
         return None
     rows, skipped = store.totals()
@@ -171,7 +171,8 @@ def _embed(cfg: ExperimentConfig, out_dir: str, prompts: list[str], ctx: DistCon
             return None
         summary.update(num_images=images["num_images"], skipped_files=dict(images["skipped"]),
                        num_processes=ctx.world_size, num_parts=images["num_parts"],
-                       resumed_parts=images["resumed_parts"])  # fmt: skip
+                       resumed_parts=images["resumed_parts"], embed_seconds=round(images["embed_seconds"], 3),
+                       join_seconds=round(images["join_seconds"], 3))  # fmt: skip
         rows.append(["images", images["num_images"], images["file"]])
         if i.output_format == "npy":
             rows.append(["images (clip-retrieval)", images["num_images"], os.path.join(out_dir, "img_emb")])
