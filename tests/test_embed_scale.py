@@ -204,3 +204,68 @@ def test_killed_two_process_run_on_s3_resumes_to_the_uninterrupted_result(tiny_s
             skipped[reason] = skipped.get(reason, 0) + n
     assert skipped == {"undecodable_image": 1, "unreadable_shard": 1}
     assert yaml.safe_load((out / "experiment.yaml").read_text())["inference"]["output_format"] == "npy"
+
+
+def test_part_store_keeps_exactly_the_finished_parts_of_the_same_job(tmp_path):
+    import pandas as pd
+
+    from clip_tao.data.custom import SkipCounter
+    from clip_tao.engine.embedding import PartEmbeddings
+    from clip_tao.io.embedding_parts import PartStore
+
+    def store(manifest):
+        return PartStore(str(tmp_path), str(tmp_path / "parts"), 12, manifest)
+
+    first = store({"model": "a"})
+    assert first.prepare() == 0
+    rows = np.eye(4, dtype=np.float32)[:3]
+    names = ["a.jpg", "line\nbreak ☃.jpg", "s3://b/x.tar/k"]
+    first.write(PartEmbeddings(0, rows, None, np.arange(3), names))
+    first.write(PartEmbeddings(1, np.zeros((0, 4), np.float32), None, np.zeros(0), [], SkipCounter(missing_image=2)))
+    first.write(PartEmbeddings(11, rows[::-1].copy(), None, np.arange(3), names[::-1]))
+    # killed while writing part 2 (its .npy is there, no marker) and part 3 (a writer's temporary file)
+    np.save(first.npy_path(2), rows)
+    stale = tmp_path / "img_emb" / ".img_emb_03.npy.x1y2.tmp"
+    stale.write_bytes(b"half")
+    # a marker whose .npy was cut short (another tool copying the folder) does not count
+    (tmp_path / "parts" / "part_04.json").write_text('{"rows": 3, "skipped": {}}')
+    (tmp_path / "img_emb" / "img_emb_04.npy").write_bytes(b"\x93NUMPY")
+    assert first.finished() == {0, 1, 11}
+    assert sorted(p.name for p in (tmp_path / "img_emb").glob("*.npy"))[:2] == ["img_emb_00.npy", "img_emb_02.npy"]
+
+    again = store({"model": "a"})
+    assert again.prepare() == 3 and not stale.exists()
+    assert again.totals() == (6, SkipCounter(missing_image=2))
+    # the parts joined in part order, read back by h5py and pandas (pyarrow)
+    for part in (2, 4):
+        os.remove(again.npy_path(part))
+    h5 = tmp_path / "image_embeddings.h5"
+    assert again.join_h5(str(h5), 4) == 6
+    embeddings, paths, attrs = read_h5(h5)
+    assert paths == names + names[::-1] and attrs["num_images"] == 6 and attrs["embedding_dim"] == 4
+    np.testing.assert_array_equal(embeddings, np.concatenate([rows, rows[::-1]]))
+    assert list(pd.read_parquet(again.parquet_path(0))["image_path"]) == names
+
+    other = store({"model": "b"})  # another model: nothing is reused
+    assert other.prepare() == 0 and not list((tmp_path / "img_emb").glob("*.npy"))
+    assert not list((tmp_path / "parts").glob("part_*.json"))
+
+
+def test_evaluate_and_inference_relaunch_like_train(monkeypatch, caplog):
+    import torch
+
+    from clip_tao.config.schema import EvaluateConfig, InferenceConfig
+    from clip_tao.engine.distributed import relaunch_command
+
+    for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "CUDA_VISIBLE_DEVICES"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
+    command, env = relaunch_command(InferenceConfig(num_gpus=2, gpu_ids=[2, 3]), ["inference", "-e", "s.yaml"],
+                                    "inference")  # fmt: skip
+    assert command[-6:] == ["--nproc_per_node=2", "-m", "clip_tao", "inference", "-e", "s.yaml"]
+    assert "--standalone" in command and env["CUDA_VISIBLE_DEVICES"] == "2,3"
+    assert relaunch_command(EvaluateConfig(num_gpus=1), ["evaluate"], "evaluate") is None
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert relaunch_command(EvaluateConfig(num_gpus=2), ["evaluate"], "evaluate") is None
+    assert "evaluate.num_gpus=2 but no GPU is visible" in caplog.text

@@ -109,8 +109,9 @@ class PartStore:
 
     # -- after a run (one process) ------------------------------------------------------------------------
     def totals(self) -> tuple[int, SkipCounter]:
+        """Rows and skipped samples of the finished parts."""
         rows, skipped = 0, SkipCounter()
-        for part in range(self.num_parts):
+        for part in sorted(self.finished()):
             marker = _read_json(self.marker_path(part)) or {}
             rows += int(marker.get("rows", 0))
             skipped.update(marker.get("skipped", {}))
@@ -120,7 +121,7 @@ class PartStore:
         """Every row in part order, a block at a time (memory-mapped: one block is read at once)."""
         import pyarrow.parquet as pq
 
-        for part in range(self.num_parts):
+        for part in sorted(self.finished()):
             if not os.path.isfile(self.npy_path(part)):
                 continue  # an empty part
             embeddings = np.load(self.npy_path(part), mmap_mode="r")
@@ -129,7 +130,7 @@ class PartStore:
                 yield np.asarray(embeddings[start : start + block_rows]), labels[start : start + block_rows]
 
     def join_h5(self, path: str, dim: int) -> int:
-        """TAO's ``image_embeddings.h5`` from every part, streamed; the number of rows."""
+        """TAO's ``image_embeddings.h5`` from the finished parts, streamed; the number of rows."""
         rows, _ = self.totals()
         write_embeddings_streamed(path, "image", self.blocks(), rows, dim)
         return rows

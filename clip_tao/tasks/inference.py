@@ -27,7 +27,7 @@ from clip_tao.engine.distributed import DistContext, barrier, broadcast_object
 from clip_tao.engine.embedding import embed_loader, embed_parts, embed_texts
 from clip_tao.engine.model_setup import build_encoder
 from clip_tao.engine.task_ranks import task_on_ranks
-from clip_tao.errors import ConfigError, DataError
+from clip_tao.errors import ConfigError, DataError, OutputError
 from clip_tao.io.atomic import write_json
 from clip_tao.io.contact_sheet import write_contact_sheet
 from clip_tao.io.embedding_parts import PartStore
@@ -124,6 +124,12 @@ def _embed_collection(cfg: ExperimentConfig, model, device, precision, out_dir: 
     seconds = time.perf_counter() - start  # the slowest rank's share
     if not ctx.is_main:
         return None
+    missing = sorted(set(range(len(collection.parts))) - store.finished())
+    if missing:  # a process stopped without an error, or someone removed files: never join an incomplete set
+        raise OutputError(
+            f"{store.marker_dir}: part(s) {', '.join(map(str, missing[:5]))} of {len(collection.parts)} are missing "
+            "after every process finished; run the same command again to embed them"
+        )
     rows, skipped = store.totals()
     if rows == 0:
         raise DataError(f"{collection.section}: no decodable image found")
