@@ -93,11 +93,12 @@ class _PartBuffer:
         self.images, self.texts, self.indices, self.labels = [], [], [], []
         self.skipped = SkipCounter()
 
-    def finish(self, part: int, dim: int) -> PartEmbeddings:
+    def finish(self, part: int, dim: int, check_finite: bool) -> PartEmbeddings:
         image = torch.cat(self.images) if self.images else torch.zeros(0, dim)
         text = torch.cat(self.texts) if self.texts else None
-        check_embeddings(image, "image")
-        check_embeddings(text, "text")
+        if check_finite:
+            check_embeddings(image, "image")
+            check_embeddings(text, "text")
         indices = torch.cat(self.indices).numpy() if self.indices else np.zeros(0, dtype=np.int64)
         return PartEmbeddings(part, image.numpy(), None if text is None else text.numpy(), indices, self.labels,
                               self.skipped)  # fmt: skip
@@ -114,13 +115,22 @@ def embed_parts(
     total: int | None = None,
     desc: str = "embed",
     progress: bool = True,
+    check_finite: bool = True,
 ) -> None:
     """Embed the batches of a :class:`~clip_tao.data.parts.PartStream`; hand each part to ``on_part`` as soon
-    as its last batch is done, so no more than the parts in flight (one a loader worker) are held."""
+    as its last batch is done, so no more than the parts in flight (one a loader worker) are held.
+
+    ``check_finite``: refuse a part with a NaN/inf embedding before it is handed on (``False``: the caller
+    checks, e.g. on everything gathered)."""
     was_training = model.training
     model.eval()
     buffers: dict[int, _PartBuffer] = {}
-    bar = tqdm(total=total, desc=desc, unit="img", leave=False, disable=not progress)
+    with tqdm(total=total, desc=desc, unit="img", leave=False, disable=not progress) as bar:
+        _embed_batches(model, loader, device, precision, on_part, texts, check_finite, buffers, bar)
+    model.train(was_training)
+
+
+def _embed_batches(model, loader, device, precision, on_part, texts, check_finite, buffers, bar) -> None:
     for batch in iterate_batches(loader):
         buffer = buffers.setdefault(batch["part"], _PartBuffer())
         buffer.skipped.update(batch["skipped"])
@@ -134,6 +144,4 @@ def embed_parts(
             buffer.labels += batch["labels"]
             bar.update(len(batch["labels"]))
         if batch["last"]:
-            on_part(buffers.pop(batch["part"]).finish(batch["part"], model.embed_dim))
-    bar.close()
-    model.train(was_training)
+            on_part(buffers.pop(batch["part"]).finish(batch["part"], model.embed_dim, check_finite))

@@ -31,6 +31,7 @@ from clip_tao.data.parts import (
 from clip_tao.engine.device import resolve_precision
 from clip_tao.engine.distributed import DistContext, gather_to_main
 from clip_tao.engine.embedding import embed_parts, embed_texts
+from clip_tao.engine.finite import check_embeddings
 from clip_tao.engine.model_setup import backend_name, build_encoder
 from clip_tao.engine.task_ranks import task_on_ranks
 from clip_tao.errors import DataError
@@ -86,7 +87,8 @@ def _embed_share(cfg, model, device, precision, collection, ctx, texts: bool, de
                                e.num_workers, "evaluate.num_workers", cfg.dataset.pin_memory)  # fmt: skip
     parts = []
     embed_parts(model, loader, device, precision, parts.append, texts=texts,
-                total=sum(map(collection.estimated_size, mine)), desc=desc, progress=ctx.is_main)  # fmt: skip
+                total=sum(map(collection.estimated_size, mine)), desc=desc, progress=ctx.is_main,
+                check_finite=False)  # fmt: skip
     extras = []
     for part in parts if texts and collection.samples else []:
         captions = [(c, int(k)) for k in part.indices for c in collection.samples[k].extra_captions]
@@ -105,6 +107,8 @@ def _embed_share(cfg, model, device, precision, collection, ctx, texts: bool, de
     with_text = [p.text for p in parts if p.text is not None]  # a part without any good image has none
     text = torch.from_numpy(np.concatenate(with_text)) if with_text else None
     indices = torch.from_numpy(np.concatenate([p.indices for p in parts]))
+    check_embeddings(image, "image")  # on everything: the message counts all the bad rows
+    check_embeddings(text, "text")
     extra_text = extra_owner = None
     if extras:
         row_of = {int(k): row for row, k in enumerate(indices.tolist())}
