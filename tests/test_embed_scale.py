@@ -4,6 +4,7 @@ WebDataset shards from a real S3-compatible server (moto on 127.0.0.1)."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
@@ -142,6 +143,33 @@ def test_multi_caption_evaluate_on_two_processes(tiny_spec, tmp_path):
         assert got[key] == pytest.approx(want[key], abs=1e-6), key
 
 
+def process_tree(root: int) -> list[int]:
+    """``root`` and every process below it, from /proc (torchrun starts each rank in a session of its own, so
+    killing torchrun's process group would leave the ranks running)."""
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    parent = int(f.read().rsplit(")", 1)[1].split()[1])
+            except (OSError, ValueError, IndexError):
+                continue
+            children.setdefault(parent, []).append(int(entry))
+    tree, todo = [], [root]
+    while todo:
+        pid = todo.pop()
+        tree.append(pid)
+        todo += children.get(pid, [])
+    return tree
+
+
+def kill_job(root: int) -> None:
+    """SIGKILL the whole job at once: the launcher first (so it restarts nothing), then every rank and worker."""
+    for pid in process_tree(root):
+        with contextlib.suppress(ProcessLookupError):  # a worker that ended meanwhile
+            os.kill(pid, signal.SIGKILL)
+
+
 def upload_shards(server: dict, folder: Path, prefix: str) -> list[str]:
     import boto3
 
@@ -178,16 +206,16 @@ def test_killed_two_process_run_on_s3_resumes_to_the_uninterrupted_result(tiny_s
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "clip_tao",
                "inference", "-e", str(spec), f"results_dir={tmp_path / 'killed'}"]  # fmt: skip
-    job = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                           start_new_session=True)  # fmt: skip
+    job = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     kill_after = random.Random().randint(1, 15)  # parts finished before the kill: a random moment mid-run
     deadline = time.monotonic() + 600
     while time.monotonic() < deadline and job.poll() is None:
         if len(list((out / "parts").glob("part_*.json"))) >= kill_after:
             break
         time.sleep(0.005)
-    os.killpg(job.pid, signal.SIGKILL)
+    kill_job(job.pid)
     job.wait(timeout=60)
+    time.sleep(2)  # nothing of the killed job may still be writing
     done_at_kill = len(list((out / "parts").glob("part_*.json")))
     assert 1 <= done_at_kill < 22 and not (out / "image_embeddings.h5").exists(), "the run was not interrupted"
 
