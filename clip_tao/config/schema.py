@@ -102,6 +102,9 @@ class WdsConfig:
     shard_list_file: str | None = None
     # Used for the epoch length unless sizes.json / _info.json / img2dataset *_stats.json give real counts.
     samples_per_shard: int = 10000
+    # Training: the sample streams the shards are dealt to (null: the largest divisor of the global batch up to
+    # the shard count and 128). The sample order depends on it, never on the processes or loader workers.
+    streams: int | None = None
 
 
 @dataclass
