@@ -99,15 +99,16 @@ def _run_task(task: str, spec: str, overrides: Sequence[str]) -> int:
 
             StatusWriter(cfg.task_dir(task)).write("FAILURE", f"{task} failed: {exc}")
         raise
-    if task == "train":
+    if task in ("train", "evaluate", "inference"):
         from clip_tao.engine.distributed import relaunch_command
 
-        relaunch = relaunch_command(cfg.train, ["train", "-e", spec, *overrides])
-        if relaunch is not None:  # train.num_gpus > 1 on this node: one process a GPU, under torchrun
+        section = getattr(cfg, task)
+        relaunch = relaunch_command(section, [task, "-e", spec, *overrides], task)
+        if relaunch is not None:  # <task>.num_gpus > 1 on this node: one process a GPU, under torchrun
             import subprocess
 
             command, env = relaunch
-            log.info("starting %d processes: %s", cfg.train.num_gpus, " ".join(command))
+            log.info("starting %d processes: %s", section.num_gpus, " ".join(command))
             return subprocess.run(command, env=env).returncode
     from clip_tao.threads import set_main_process_threads
 

@@ -13,21 +13,20 @@ import torch
 
 from clip_tao.config import load_experiment
 from clip_tao.engine.device import resolve_precision
-from clip_tao.engine.embedding import embed_loader
+from clip_tao.engine.distributed import DistContext
 from clip_tao.engine.model_setup import build_encoder
 from clip_tao.metrics import compute_retrieval
-from clip_tao.tasks.evaluate import _all_captions, _retrieval_data
+from clip_tao.tasks.evaluate import _retrieval_collection, _retrieval_embeddings
 
 
 def evaluation_embeddings(spec, overrides) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Image and caption embeddings as ``clip-tao evaluate`` computes them, and each caption's image."""
     cfg = load_experiment(spec, overrides)
     model, device = build_encoder(cfg, "evaluate")
-    data, _ = _retrieval_data(cfg, model)
-    precision = resolve_precision("fp32", device)
-    embedded = embed_loader(model, data.loader, device, precision)
-    texts, owner = _all_captions(model, data, embedded, device, precision, cfg.evaluate.batch_size)
-    return embedded.image, texts, owner
+    one_process = DistContext(0, 1, 0, device)
+    images, texts, owner, _ = _retrieval_embeddings(cfg, model, device, resolve_precision("fp32", device),
+                                                    _retrieval_collection(cfg), one_process)  # fmt: skip
+    return images, texts, owner
 
 
 def near_ties(images, texts, owner, distance) -> tuple[set[int], set[int]]:

@@ -15,7 +15,7 @@ from clip_tao import metrics
 from clip_tao.classification import DEFAULT_TEMPLATES
 from clip_tao.cli import main
 from clip_tao.models import create_model
-from tests.conftest import make_dataset
+from tests.conftest import make_dataset, write_spec
 
 
 def _png_ok(path):
@@ -65,11 +65,7 @@ def test_multi_caption_retrieval_follows_the_definition(tiny_spec, tmp_path):
 def test_repeated_captions_share_one_embedding(tmp_path):
     """A caption repeated at other batch positions, in a shorter last batch and among an image's extra
     captions is encoded once: its rows are bit-identical, so retrieval ties them exactly on every CPU."""
-    from clip_tao.config.schema import DatasetEntry
-    from clip_tao.data.loaders import build_eval_loader
-    from clip_tao.engine.device import resolve_precision
-    from clip_tao.engine.embedding import embed_loader
-    from clip_tao.tasks.evaluate import _all_captions
+    from tests.retrieval_checks import evaluation_embeddings
 
     root = make_dataset(tmp_path / "val", 11, seed=3)
     files = sorted(root.glob("*.txt"))
@@ -78,11 +74,12 @@ def test_repeated_captions_share_one_embedding(tmp_path):
         files[i].write_text(repeated + "\n")
     files[6].write_text(f"a green square\n{repeated}\nsomething else\n")
     model = create_model("tiny-clip")
-    data = build_eval_loader([DatasetEntry(image_dir=str(root), multi_caption=True)], "evaluate.datasets",
-                             model.preprocess, model.tokenizer, 4, 0, False)  # fmt: skip
-    precision = resolve_precision("fp32", torch.device("cpu"))
-    embeddings = embed_loader(model, data.loader, torch.device("cpu"), precision)
-    texts, owner = _all_captions(model, data, embeddings, torch.device("cpu"), precision, 4)
+    spec = write_spec(tmp_path / "spec.yaml", {
+        "results_dir": str(tmp_path / "results"), "model": {"type": "tiny-clip"},
+        "evaluate": {"batch_size": 4, "num_workers": 0,
+                     "datasets": [{"image_dir": str(root), "multi_caption": True}]},
+    })  # fmt: skip
+    _, texts, owner = evaluation_embeddings(str(spec), [])
     assert owner.tolist() == [*range(11), 6, 6]
     captions = [f.read_text().splitlines()[0] for f in files] + [repeated, "something else"]
     for i in range(len(captions)):  # make_dataset repeats some captions of its own too

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import torch
 
@@ -57,7 +58,10 @@ def test_evaluating_a_nan_checkpoint_fails_with_one_line(tiny_spec, tmp_path, ca
     args = ["inference", "-e", str(spec), f"inference.checkpoint={checkpoint}", f"inference.text_file={prompts}"]
     args.append(f"inference.datasets=[{{image_dir: {tmp_path / 'data' / 'val'}}}]")
     assert main(args) == 1
-    assert "NaN/inf for 16 of 16 image embeddings" in _error_line(capsys.readouterr().err)
+    # inference checks each part before writing it: the first part's images, all NaN, and nothing written
+    assert re.search(r"NaN/inf for (\d+) of \1 image embeddings", _error_line(capsys.readouterr().err))
+    inference = tmp_path / "results" / "inference"
+    assert not (inference / "image_embeddings.h5").exists() and not list(inference.rglob("*.npy"))
 
 
 def test_every_json_written_is_strict_json(tiny_spec, tmp_path):

@@ -58,6 +58,8 @@ def _paths(cfg: ExperimentConfig, task: str) -> Iterator[tuple[str, str, str]]:
             yield f"{task}.checkpoint", s.checkpoint, "file"
         if s.datasets:
             yield from _data("custom", s.datasets, None, task)
+        elif s.wds.root_dir or s.wds.shard_list_file:
+            yield from _data("wds", [], s.wds, task)
         elif task == "evaluate" and s.mode == "retrieval":
             yield from _data(cfg.dataset.val.type, cfg.dataset.val.datasets, cfg.dataset.val.wds, "dataset.val")
         files = ("classnames_file", "templates_file") if task == "evaluate" else ("text_file", "image_embeddings_file")

@@ -214,6 +214,8 @@ class EvaluateConfig:
     mode: Literal["retrieval", "classification"] = "retrieval"
     classnames_file: str | None = None  # one class name a line, in sorted folder order
     templates_file: str | None = None  # prompt templates, one a line, "{}" marks the class name
+    # clip-tao, at scale: WebDataset shards (local or s3://, keys as in dataset.train.wds) instead of datasets.
+    wds: WdsConfig = field(default_factory=WdsConfig)
 
 
 @dataclass
@@ -235,6 +237,15 @@ class InferenceConfig:
     image_embeddings_file: str | None = None  # search an existing image_embeddings.h5 instead of embedding
     query_images: list[str] = field(default_factory=list)  # image files or folders for image-to-image search
     faiss_min_images: int = 50000  # collections at least this large are searched through a FAISS index
+    # clip-tao, at scale: WebDataset shards (local or s3://, keys as in dataset.train.wds) instead of datasets;
+    # captions are not needed.
+    wds: WdsConfig = field(default_factory=WdsConfig)
+    # clip-tao, at scale: "h5" (TAO's image_embeddings.h5) or "npy": clip-retrieval's img_emb/ + metadata/
+    # folders as well (what autofaiss and clip-retrieval read).
+    output_format: Literal["h5", "npy"] = "h5"
+    # clip-tao, at scale: images a part (the unit written, resumed and shared out between processes) for
+    # image folders; null: a 64th of the collection, 10,000 at most. Shards: one part a shard.
+    part_size: int | None = None
 
 
 @dataclass

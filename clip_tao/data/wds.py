@@ -263,20 +263,27 @@ def draft_side_for(image_size: int, min_scale: float) -> int:
     return math.ceil(image_size / math.sqrt(min_scale * 3 / 4))
 
 
-def decode_pair(raw: dict, draft_side: int | None = None) -> tuple[Image.Image | None, str | None, str | None]:
-    """``(image, caption, None)`` or ``(None, None, reason)`` for a sample that must be skipped."""
+def decode_pair(
+    raw: dict, draft_side: int | None = None, require_caption: bool = True
+) -> tuple[Image.Image | None, str | None, str | None]:
+    """``(image, caption, None)`` or ``(None, None, reason)`` for a sample that must be skipped.
+
+    With ``require_caption=False`` (embedding images only) captions are not read: ``caption`` is ``None``.
+    """
     image_key = next((k for k in IMAGE_KEYS if k in raw), None)
     caption_key = next((k for k in CAPTION_KEYS if k in raw), None)
     if image_key is None:
         return None, None, "missing_image"
-    if caption_key is None:
-        return None, None, "missing_caption"
-    try:
-        caption = raw[caption_key].decode("utf-8-sig").strip()
-    except UnicodeDecodeError:
-        return None, None, "caption_not_utf8"
-    if not caption:
-        return None, None, "empty_caption"
+    caption = None
+    if require_caption:
+        if caption_key is None:
+            return None, None, "missing_caption"
+        try:
+            caption = raw[caption_key].decode("utf-8-sig").strip()
+        except UnicodeDecodeError:
+            return None, None, "caption_not_utf8"
+        if not caption:
+            return None, None, "empty_caption"
     try:
         return open_rgb(io.BytesIO(raw[image_key]), draft_side), caption, None
     except (OSError, UnidentifiedImageError, ValueError, Image.DecompressionBombError):
@@ -599,7 +606,7 @@ def _collate(
         "input_ids": tokenizer([i["caption"] for i in items]),  # a batch at once: cheaper than one by one
         "keys": [i["key"] for i in items],
         "indices": torch.arange(len(items)),
-        "skipped": SkipCounter(skipped),
+        "skipped": dict(skipped),  # a plain dict: default_convert would double a Counter (see data/parts.py)
         "position": positions,
     }
 

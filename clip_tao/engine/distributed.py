@@ -1,7 +1,7 @@
-"""Multi-process training on PyTorch's own machinery: ``torchrun`` starts the processes, ``torch.distributed``
-connects them (NCCL on GPUs, gloo on CPUs), DDP or FSDP wraps the model.
+"""Multi-process runs on PyTorch's own machinery: ``torchrun`` starts the processes, ``torch.distributed``
+connects them (NCCL on GPUs, gloo on CPUs), DDP or FSDP wraps the model for training.
 
-A single-node run with ``train.num_gpus > 1`` re-launches itself under torchrun
+A single-node run with ``<task>.num_gpus > 1`` (train, evaluate, inference) re-launches itself under torchrun
 (:func:`relaunch_command`); multi-node runs are started by the user with torchrun on every node.
 """
 
@@ -20,7 +20,6 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from clip_tao.config.schema import TrainConfig
 from clip_tao.engine.device import select_device
 from clip_tao.engine.launcher import SLURM_LAUNCHED, TORCHRUN_VARS
 from clip_tao.errors import ConfigError
@@ -50,22 +49,23 @@ def under_torchrun() -> bool:
     return all(v in os.environ for v in TORCHRUN_VARS) and int(os.environ["WORLD_SIZE"]) > 1
 
 
-def setup_distributed(train: TrainConfig) -> DistContext:
+def setup_distributed(section, timeout: datetime.timedelta = datetime.timedelta(minutes=30)) -> DistContext:
     """Join the process group torchrun (or ``srun``, see :mod:`clip_tao.engine.launcher`) prepared, or describe
     a single process.
 
-    Each process uses GPU ``LOCAL_RANK`` (torchrun's numbering of the visible GPUs) or, without GPUs,
-    the CPU with the gloo backend.
+    ``section`` is the task's spec section (``train``, ``evaluate``, ``inference``: ``num_gpus``, ``gpu_ids``
+    and, for training, ``num_nodes``). Each process uses GPU ``LOCAL_RANK`` (torchrun's numbering of the
+    visible GPUs) or, without GPUs, the CPU with the gloo backend. ``timeout`` bounds every collective.
     """
     if not under_torchrun():
-        if train.num_nodes > 1:
+        if getattr(section, "num_nodes", 1) > 1:
             raise ConfigError(
-                f"train.num_nodes={train.num_nodes}: start multi-node training with torchrun on every node "
+                f"train.num_nodes={section.num_nodes}: start multi-node training with torchrun on every node "
                 "(see the README's scale-out section), or set train.num_nodes=1"
             )
-        return DistContext(0, 1, 0, select_device(train.num_gpus, train.gpu_ids))
+        return DistContext(0, 1, 0, select_device(section.num_gpus, section.gpu_ids))
     rank, world, local = (int(os.environ[v]) for v in TORCHRUN_VARS)
-    if torch.cuda.is_available() and train.num_gpus > 0:
+    if torch.cuda.is_available() and section.num_gpus > 0:
         if SLURM_LAUNCHED in os.environ and torch.cuda.device_count() == 1:
             local = 0  # Slurm bound one GPU to this task (--gpus-per-task=1, --gpu-bind): it is device 0
         if local >= torch.cuda.device_count():
@@ -78,7 +78,7 @@ def setup_distributed(train: TrainConfig) -> DistContext:
     else:
         device, backend = torch.device("cpu"), "gloo"
     if not dist.is_initialized():
-        dist.init_process_group(backend, timeout=datetime.timedelta(minutes=30))
+        dist.init_process_group(backend, timeout=timeout)
     log.info("process %d of %d (local %d) on %s, backend %s", rank, world, local, device, backend)
     return DistContext(rank, world, local, device)
 
@@ -88,30 +88,30 @@ def cleanup_distributed() -> None:
         dist.destroy_process_group()
 
 
-def relaunch_command(train: TrainConfig, argv: Sequence[str]) -> tuple[list[str], dict[str, str]] | None:
-    """The torchrun command (and environment) that runs ``clip-tao argv`` on ``train.num_gpus`` local GPUs;
-    ``None`` when this process should train by itself."""
-    if train.num_gpus <= 1 or train.num_nodes > 1 or under_torchrun() or "LOCAL_RANK" in os.environ:
+def relaunch_command(section, argv: Sequence[str], task: str = "train") -> tuple[list[str], dict[str, str]] | None:
+    """The torchrun command (and environment) that runs ``clip-tao argv`` on ``<task>.num_gpus`` local GPUs
+    (``section`` is the task's spec section); ``None`` when this process should run by itself."""
+    if section.num_gpus <= 1 or getattr(section, "num_nodes", 1) > 1 or under_torchrun() or "LOCAL_RANK" in os.environ:
         return None
     available = torch.cuda.device_count() if torch.cuda.is_available() else 0
     if available == 0:
         log.warning(
-            "train.num_gpus=%d but no GPU is visible: training in one CPU process "
-            "(for several CPU processes: torchrun --standalone --nproc_per_node=N $(which clip-tao) train ...)",
-            train.num_gpus,
-        )
+            "%s.num_gpus=%d but no GPU is visible: running in one CPU process "
+            "(for several CPU processes: torchrun --standalone --nproc_per_node=N $(which clip-tao) %s ...)",
+            task, section.num_gpus, task,
+        )  # fmt: skip
         return None
     env = dict(os.environ)
-    if len(train.gpu_ids) >= train.num_gpus:
-        ids = train.gpu_ids[: train.num_gpus]
+    if len(section.gpu_ids) >= section.num_gpus:
+        ids = section.gpu_ids[: section.num_gpus]
         if max(ids) >= available:
-            raise ConfigError(f"train.gpu_ids={train.gpu_ids}: GPU {max(ids)} does not exist ({available} visible)")
+            raise ConfigError(f"{task}.gpu_ids={section.gpu_ids}: GPU {max(ids)} does not exist ({available} visible)")
         if "CUDA_VISIBLE_DEVICES" not in env:
             env["CUDA_VISIBLE_DEVICES"] = ",".join(map(str, ids))
-    elif train.num_gpus > available:
-        raise ConfigError(f"train.num_gpus={train.num_gpus} but only {available} GPU(s) are visible")
+    elif section.num_gpus > available:
+        raise ConfigError(f"{task}.num_gpus={section.num_gpus} but only {available} GPU(s) are visible")
     command = [
-        sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={train.num_gpus}",
+        sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={section.num_gpus}",
         "-m", "clip_tao", *argv,
     ]  # fmt: skip
     return command, env
@@ -217,6 +217,16 @@ def gather_objects(ctx: DistContext, obj: Any) -> list[Any]:
         return [obj]
     out: list[Any] = [None] * ctx.world_size
     dist.all_gather_object(out, obj)
+    return out
+
+
+def gather_to_main(ctx: DistContext, obj: Any) -> list[Any] | None:
+    """``[obj of rank 0, obj of rank 1, ...]`` on rank 0 only (``None`` elsewhere): the other ranks never hold
+    what the rest sent, unlike :func:`gather_objects`."""
+    if not ctx.distributed:
+        return [obj]
+    out: list[Any] | None = [None] * ctx.world_size if ctx.is_main else None
+    dist.gather_object(obj, out, dst=0)
     return out
 
 

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 from tqdm import tqdm
 
 from clip_tao.data.custom import SkipCounter
+from clip_tao.data.loaders import iterate_batches
 from clip_tao.engine.device import Precision
 from clip_tao.engine.finite import check_embeddings
 from clip_tao.models.base import ClipModel
@@ -92,3 +94,77 @@ def share_equal_inputs(embeddings: torch.Tensor, inputs: torch.Tensor) -> torch.
     position = torch.arange(len(group))
     first = torch.full_like(position, len(group)).scatter_reduce_(0, group, position, "amin")[group]
     return embeddings if torch.equal(first, position) else embeddings[first]
+
+
+@dataclass
+class PartEmbeddings:
+    """The embeddings of one part (see :mod:`clip_tao.data.parts`), rows in the part's order."""
+
+    part: int
+    image: np.ndarray  # [n, D] float32
+    text: np.ndarray | None  # [n, D] of each image's first caption, when the batches carried captions
+    indices: np.ndarray  # [n] dataset positions (image folders) or offsets in the shard
+    labels: list[str]  # image path, or "<shard>/<key>"
+    skipped: SkipCounter = field(default_factory=SkipCounter)
+    text_ids: np.ndarray | None = None  # [n, L] the captions' token ids (see share_equal_inputs)
+
+
+class _PartBuffer:
+    def __init__(self):
+        self.images, self.texts, self.text_ids, self.indices, self.labels = [], [], [], [], []
+        self.skipped = SkipCounter()
+
+    def finish(self, part: int, dim: int, check_finite: bool) -> PartEmbeddings:
+        image = torch.cat(self.images) if self.images else torch.zeros(0, dim)
+        text = torch.cat(self.texts) if self.texts else None
+        if check_finite:
+            check_embeddings(image, "image")
+            check_embeddings(text, "text")
+        indices = torch.cat(self.indices).numpy() if self.indices else np.zeros(0, dtype=np.int64)
+        ids = torch.cat(self.text_ids).numpy() if self.text_ids else None
+        return PartEmbeddings(part, image.numpy(), None if text is None else text.numpy(), indices, self.labels,
+                              self.skipped, ids)  # fmt: skip
+
+
+@torch.no_grad()
+def embed_parts(
+    model: ClipModel,
+    loader,
+    device: torch.device,
+    precision: Precision,
+    on_part: Callable[[PartEmbeddings], None],
+    texts: bool = False,
+    total: int | None = None,
+    desc: str = "embed",
+    progress: bool = True,
+    check_finite: bool = True,
+) -> None:
+    """Embed the batches of a :class:`~clip_tao.data.parts.PartStream`; hand each part to ``on_part`` as soon
+    as its last batch is done, so no more than the parts in flight (one a loader worker) are held.
+
+    ``check_finite``: refuse a part with a NaN/inf embedding before it is handed on (``False``: the caller
+    checks, e.g. on everything gathered)."""
+    was_training = model.training
+    model.eval()
+    buffers: dict[int, _PartBuffer] = {}
+    with tqdm(total=total, desc=desc, unit="img", leave=False, disable=not progress) as bar:
+        _embed_batches(model, loader, device, precision, on_part, texts, check_finite, buffers, bar)
+    model.train(was_training)
+
+
+def _embed_batches(model, loader, device, precision, on_part, texts, check_finite, buffers, bar) -> None:
+    for batch in iterate_batches(loader):
+        buffer = buffers.setdefault(batch["part"], _PartBuffer())
+        buffer.skipped.update(batch["skipped"])
+        if "pixels" in batch:
+            with precision.autocast(device):
+                buffer.images.append(model.encode_image(batch["pixels"].to(device, non_blocking=True)).float().cpu())
+                if texts and "input_ids" in batch:
+                    ids = batch["input_ids"].to(device, non_blocking=True)
+                    buffer.texts.append(model.encode_text(ids).float().cpu())
+                    buffer.text_ids.append(batch["input_ids"].cpu())
+            buffer.indices.append(batch["indices"])
+            buffer.labels += batch["labels"]
+            bar.update(len(batch["labels"]))
+        if batch["last"]:
+            on_part(buffers.pop(batch["part"]).finish(batch["part"], model.embed_dim, check_finite))

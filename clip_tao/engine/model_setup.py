@@ -43,11 +43,12 @@ def build_model(cfg: ExperimentConfig, checkpoint: str | None = None) -> ClipMod
     return model
 
 
-def build_encoder(cfg: ExperimentConfig, section: str):
+def build_encoder(cfg: ExperimentConfig, section: str, device: torch.device | None = None):
     """What ``evaluate``/``inference`` embed with, and its device.
 
     ``<section>.trt_engine`` -> TensorRT, ``<section>.onnx_file`` -> ONNX Runtime, else the PyTorch model
-    from ``<section>.checkpoint`` (or the type's own weights when it is null).
+    from ``<section>.checkpoint`` (or the type's own weights when it is null) on ``device`` (default: the
+    one ``<section>.num_gpus``/``gpu_ids`` choose; one process of a torchrun job passes its own).
     """
     from clip_tao.deploy.backends import open_deployed
 
@@ -56,7 +57,7 @@ def build_encoder(cfg: ExperimentConfig, section: str):
     if deployed is not None:
         return deployed, getattr(deployed, "device", torch.device("cpu"))
     model = build_model(cfg, s.checkpoint)
-    device = select_device(s.num_gpus, s.gpu_ids)
+    device = device or select_device(s.num_gpus, s.gpu_ids)
     return model.to(device), device
 
 

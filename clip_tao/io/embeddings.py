@@ -7,7 +7,7 @@ Layout: dataset ``embeddings`` (float32 ``[N, D]``, L2-normalised, gzip), datase
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 
 import h5py
 import numpy as np
@@ -28,6 +28,34 @@ def write_embeddings(path: str | os.PathLike, kind: str, embeddings: np.ndarray,
         f.create_dataset(label_name, data=list(labels), dtype=h5py.string_dtype("utf-8"))
         f.attrs[count_name] = embeddings.shape[0]
         f.attrs["embedding_dim"] = embeddings.shape[1]
+        f.attrs["embedding_type"] = kind
+
+
+def write_embeddings_streamed(
+    path: str | os.PathLike, kind: str, blocks: Iterable[tuple[np.ndarray, Sequence[str]]], rows: int, dim: int
+) -> None:
+    """:func:`write_embeddings`'s file from ``blocks`` of ``(embeddings [n, D], labels)`` that add up to ``rows``
+    rows, written as they come: memory is one block, whatever ``rows`` is."""
+    label_name, count_name = _LABELS[kind]
+    with atomic_path(path) as tmp, h5py.File(tmp, "w") as f:
+        # gzip as write_embeddings, at level 1 behind the byte shuffle: embeddings barely compress, and level 1
+        # writes faster and smaller (standard HDF5 filters: every reader undoes them).
+        embeddings = f.create_dataset("embeddings", shape=(rows, dim), dtype=np.float32, compression="gzip",
+                                      compression_opts=1, shuffle=True,
+                                      chunks=(max(1, min(rows, 2**18 // dim)), dim) if rows else None)  # fmt: skip
+        labels = f.create_dataset(label_name, shape=(rows,), dtype=h5py.string_dtype("utf-8"))
+        position = 0
+        for block, names in blocks:
+            n = len(block)
+            if n != len(names) or position + n > rows or (n and block.shape[1] != dim):
+                raise ValueError(f"block of {block.shape} with {len(names)} labels at row {position} of {rows}")
+            embeddings[position : position + n] = np.asarray(block, dtype=np.float32)
+            labels[position : position + n] = list(names)
+            position += n
+        if position != rows:
+            raise ValueError(f"blocks held {position} rows, {rows} expected")
+        f.attrs[count_name] = rows
+        f.attrs["embedding_dim"] = dim
         f.attrs["embedding_type"] = kind
 
 

@@ -1,6 +1,8 @@
 """``clip-tao evaluate``: image-text retrieval in both directions, or zero-shot classification.
 
-Retrieval (TAO's): ``evaluate.datasets`` (falling back to ``dataset.val``), one or many captions per image.
+Retrieval (TAO's): ``evaluate.datasets`` or the shards of ``evaluate.wds`` (falling back to ``dataset.val``),
+one or many captions per image. Under torchrun every process embeds its share of the parts
+(:mod:`clip_tao.data.parts`); rank 0 gathers them and computes the exact figures.
 Classification (``evaluate.mode: classification``): a folder per class, prompts from templates.
 """
 
@@ -9,66 +11,157 @@ from __future__ import annotations
 import csv
 import logging
 import os
+from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from clip_tao.classification import DEFAULT_TEMPLATES, class_embeddings, classification_metrics
 from clip_tao.config.schema import ExperimentConfig
-from clip_tao.data.classes import build_image_loader, scan_labelled_images
-from clip_tao.data.loaders import build_eval_loader, build_val_loader
+from clip_tao.data.classes import scan_labelled_images
+from clip_tao.data.custom import SkipCounter
+from clip_tao.data.parts import (
+    Collection,
+    build_collection,
+    build_part_loader,
+    rank_parts,
+    samples_collection,
+    wds_given,
+)
 from clip_tao.engine.device import resolve_precision
-from clip_tao.engine.embedding import embed_loader, embed_texts, share_equal_inputs
+from clip_tao.engine.distributed import DistContext, gather_to_main
+from clip_tao.engine.embedding import embed_parts, embed_texts, share_equal_inputs
+from clip_tao.engine.finite import check_embeddings
 from clip_tao.engine.model_setup import backend_name, build_encoder
+from clip_tao.engine.task_ranks import task_on_ranks
 from clip_tao.errors import DataError
 from clip_tao.io import plots
 from clip_tao.io.atomic import atomic_path, write_json
 from clip_tao.io.tables import format_retrieval_table, format_table
 from clip_tao.io.tao_kpi import tao_retrieval_kpi
-from clip_tao.io.task_dir import failure_message, prepare_task_dir
+from clip_tao.io.task_dir import failure_message
 from clip_tao.metrics import compute_retrieval
 
 log = logging.getLogger(__name__)
 
 
-def run(cfg: ExperimentConfig) -> dict:
-    out_dir, status = prepare_task_dir(cfg, "evaluate")
-    status.write("STARTED", f"Starting evaluation ({cfg.evaluate.mode}).")
-    try:
-        if cfg.evaluate.mode == "classification":
-            results = _classification(cfg, out_dir)
-        else:
-            results = _retrieval(cfg, out_dir)
-    except (Exception, KeyboardInterrupt) as exc:
-        status.write("FAILURE", failure_message("Evaluation", exc))
-        raise
-    kpi = {k: v for k, v in results.items() if isinstance(v, (int, float))}
-    kpi.update(tao_retrieval_kpi(kpi, "test"))  # TAO's test/... keys, fractions as strings
-    status.write("SUCCESS", "Evaluation finished.", kpi=kpi)
-    print(f"results: {os.path.join(out_dir, 'results.json')} (plots and status.json beside it)")
-    return results
+def run(cfg: ExperimentConfig) -> dict | None:
+    """Evaluate in this process, or as one rank of a torchrun job: every rank embeds its share of the parts,
+    rank 0 gathers them in order and computes the exact figures (the others return ``None``)."""
+    with task_on_ranks(cfg, "evaluate") as (ctx, out_dir, status):
+        status.write("STARTED", f"Starting evaluation ({cfg.evaluate.mode}).")
+        try:
+            if cfg.evaluate.mode == "classification":
+                results = _classification(cfg, out_dir, ctx)
+            else:
+                results = _retrieval(cfg, out_dir, ctx)
+        except (Exception, KeyboardInterrupt) as exc:
+            status.write("FAILURE", failure_message("Evaluation", exc))
+            raise
+        if results is None:
+            return None
+        kpi = {k: v for k, v in results.items() if isinstance(v, (int, float))}
+        kpi.update(tao_retrieval_kpi(kpi, "test"))  # TAO's test/... keys, fractions as strings
+        status.write("SUCCESS", "Evaluation finished.", kpi=kpi)
+        print(f"results: {os.path.join(out_dir, 'results.json')} (plots and status.json beside it)")
+        return results
 
 
-def _retrieval(cfg: ExperimentConfig, out_dir: str) -> dict:
+@dataclass
+class _Gathered:
+    """Every rank's parts, joined on rank 0 in part order: the rows of a one-process run."""
+
+    image: torch.Tensor
+    text: torch.Tensor | None
+    indices: torch.Tensor  # dataset positions (image folders)
+    extra_text: torch.Tensor | None  # further captions of multi-caption images, in row order
+    extra_owner: torch.Tensor | None  # the row each belongs to
+    skipped: SkipCounter
+    text_ids: torch.Tensor | None = None  # token ids of ``text`` then ``extra_text`` (see share_equal_inputs)
+
+
+def _embed_share(cfg, model, device, precision, collection, ctx, texts: bool, desc: str) -> _Gathered | None:
+    """Embed this rank's parts (and their images' further captions); rank 0 gets every rank's, in order."""
     e = cfg.evaluate
-    model, device = build_encoder(cfg, "evaluate")
+    mine = rank_parts(collection.parts, ctx.rank, ctx.world_size)
+    loader = build_part_loader(collection, mine, model.preprocess, model.tokenizer if texts else None, e.batch_size,
+                               e.num_workers, "evaluate.num_workers", cfg.dataset.pin_memory)  # fmt: skip
+    parts = []
+    embed_parts(model, loader, device, precision, parts.append, texts=texts,
+                total=sum(map(collection.estimated_size, mine)), desc=desc, progress=ctx.is_main,
+                check_finite=False)  # fmt: skip
+    extras = []
+    for part in parts if texts and collection.samples else []:
+        captions = [(c, int(k)) for k in part.indices for c in collection.samples[k].extra_captions]
+        if captions:
+            extra = [c for c, _ in captions]
+            embedded = embed_texts(model, extra, device, precision, e.batch_size).numpy()
+            ids = model.tokenizer(extra).cpu().numpy() if model.tokenizer is not None else None
+            extras.append((part.part, embedded, np.array([k for _, k in captions], dtype=np.int64), ids))
+    gathered = gather_to_main(ctx, (parts, extras))  # each rank's share goes to rank 0 only
+    if gathered is None:
+        return None
+    parts = sorted((p for share, _ in gathered for p in share), key=lambda p: p.part)
+    extras = sorted((x for _, share in gathered for x in share), key=lambda x: x[0])
+    skipped = SkipCounter(collection.scan_skipped)
+    for part in parts:
+        skipped.update(part.skipped)
+    image = torch.from_numpy(np.concatenate([p.image for p in parts]))
+    with_text = [p.text for p in parts if p.text is not None]  # a part without any good image has none
+    text = torch.from_numpy(np.concatenate(with_text)) if with_text else None
+    indices = torch.from_numpy(np.concatenate([p.indices for p in parts]))
+    check_embeddings(image, "image")  # on everything: the message counts all the bad rows
+    check_embeddings(text, "text")
+    extra_text = extra_owner = None
+    ids = [p.text_ids for p in parts if p.text is not None]
+    if extras:
+        row_of = {int(k): row for row, k in enumerate(indices.tolist())}
+        extra_text = torch.from_numpy(np.concatenate([x[1] for x in extras]))
+        extra_owner = torch.tensor([row_of[int(k)] for x in extras for k in x[2]])
+        ids += [x[3] for x in extras]
+    shapes = {None if i is None else i.shape[1:] for i in ids}
+    text_ids = torch.from_numpy(np.concatenate(ids)) if ids and None not in shapes and len(shapes) == 1 else None
+    return _Gathered(image, text, indices, extra_text, extra_owner, skipped, text_ids)
+
+
+def _retrieval_embeddings(cfg, model, device, precision, collection, ctx):
+    """``(images, texts, owner, skipped)`` on rank 0 (``None`` elsewhere): every caption of every image and the
+    image it belongs to. Repeated captions share one embedding (see :func:`share_equal_inputs`), so they tie
+    exactly whichever batch position or backend computed them."""
+    embeddings = _embed_share(cfg, model, device, precision, collection, ctx, texts=True, desc="evaluate")
+    if embeddings is None:
+        return None
+    if len(embeddings.image) < 2:
+        raise DataError(f"{collection.section}: fewer than two decodable images; nothing to rank")
+    texts, owner = embeddings.text, torch.arange(len(embeddings.image))
+    if embeddings.extra_text is not None:
+        texts, owner = torch.cat([texts, embeddings.extra_text]), torch.cat([owner, embeddings.extra_owner])
+    if embeddings.text_ids is not None:
+        texts = share_equal_inputs(texts, embeddings.text_ids)
+    return embeddings.image, texts, owner, embeddings.skipped
+
+
+def _retrieval(cfg: ExperimentConfig, out_dir: str, ctx: DistContext) -> dict | None:
+    e = cfg.evaluate
+    model, device = build_encoder(cfg, "evaluate", ctx.device)
     if hasattr(model, "require"):  # a deployed backend must hold both encoders
         model.require("vision")
         model.require("text")
-    data, section = _retrieval_data(cfg, model)
+    collection = _retrieval_collection(cfg)
     precision = resolve_precision("fp32", device)
-    embeddings = embed_loader(model, data.loader, device, precision, desc="evaluate")
-    if embeddings.image is None or len(embeddings.image) < 2:
-        raise DataError(f"{section}: fewer than two decodable images; nothing to rank")
-    texts, owner = _all_captions(model, data, embeddings, device, precision, e.batch_size)
-    result = compute_retrieval(embeddings.image, texts, owner, device=device)
+    embedded = _retrieval_embeddings(cfg, model, device, precision, collection, ctx)
+    if embedded is None:
+        return None
+    images, texts, owner, skipped = embedded
+    result = compute_retrieval(images, texts, owner, device=device)
     metrics = result.figures
-    skipped = embeddings.skipped + data.scan_skipped
     results = {
         **metrics,
         "model_type": model.model_type,
         "backend": backend_name(e),
         "checkpoint": e.checkpoint,
         "skipped_files": dict(skipped),
+        "num_processes": ctx.world_size,
     }
     write_json(os.path.join(out_dir, "results.json"), results)
     ranks = {"i2t": result.i2t_ranks, "t2i": result.t2i_ranks}
@@ -81,47 +174,23 @@ def _retrieval(cfg: ExperimentConfig, out_dir: str) -> dict:
     return results
 
 
-def _retrieval_data(cfg: ExperimentConfig, model):
+def _retrieval_collection(cfg: ExperimentConfig) -> Collection:
+    """``evaluate.datasets`` or ``evaluate.wds``, else (as TAO 7.0.1) the validation data, folders or shards."""
     e = cfg.evaluate
-    pin = cfg.dataset.pin_memory
-    if e.datasets:
-        loader = build_eval_loader(e.datasets, "evaluate.datasets", model.preprocess, model.tokenizer,
-                                   e.batch_size, e.num_workers, pin)  # fmt: skip
-        return loader, "evaluate.datasets"
-    # TAO 7.0.1 falls back to the validation data when evaluate.datasets is not given.
-    loader = build_val_loader(cfg.dataset, model.preprocess, model.tokenizer, pin)
-    if loader is None:
-        raise DataError("nothing to evaluate: set evaluate.datasets (or dataset.val.datasets) to image/caption folders")
-    return loader, "dataset.val"
+    if e.datasets or wds_given(e.wds):
+        return build_collection(e.datasets, e.wds, "evaluate", e.batch_size)
+    val = cfg.dataset.val
+    if val.type == "wds":
+        return build_collection([], val.wds, "dataset.val", e.batch_size)
+    if not val.datasets:
+        raise DataError(
+            "nothing to evaluate: set evaluate.datasets (image/caption folders), evaluate.wds (shards) "
+            "or dataset.val.datasets"
+        )
+    return build_collection(val.datasets, None, "dataset.val", e.batch_size)
 
 
-def _all_captions(model, data, embeddings, device, precision, batch_size) -> tuple[torch.Tensor, torch.Tensor]:
-    """Every caption of every embedded image and the image it belongs to; repeated captions share one
-    embedding (see :func:`share_equal_inputs`), so they tie exactly.
-
-    The loader gives each image's first caption; multi-caption entries add the rest here.
-    """
-    count = len(embeddings.image)
-    owner = [torch.arange(count)]
-    texts = [embeddings.text]
-    ids = [embeddings.text_ids]
-    if data.samples:
-        extra, extra_owner = [], []
-        for row, index in enumerate(embeddings.indices.tolist()):
-            for caption in data.samples[index].extra_captions:
-                extra.append(caption)
-                extra_owner.append(row)
-        if extra:
-            texts.append(embed_texts(model, extra, device, precision, batch_size))
-            owner.append(torch.tensor(extra_owner))
-            ids.append(model.tokenizer(extra).cpu())
-    texts = torch.cat(texts)
-    if all(part is not None for part in ids) and len({part.shape[1:] for part in ids}) == 1:
-        texts = share_equal_inputs(texts, torch.cat(ids))
-    return texts, torch.cat(owner)
-
-
-def _classification(cfg: ExperimentConfig, out_dir: str) -> dict:
+def _classification(cfg: ExperimentConfig, out_dir: str, ctx: DistContext) -> dict | None:
     e = cfg.evaluate
     entries, section = (
         (e.datasets, "evaluate.datasets") if e.datasets else (cfg.dataset.val.datasets, "dataset.val.datasets")
@@ -142,17 +211,17 @@ def _classification(cfg: ExperimentConfig, out_dir: str) -> dict:
     if bad := [t for t in templates if "{}" not in t]:
         raise DataError(f"evaluate.templates_file: template {bad[0]!r} has no {{}} where the class name goes")
 
-    model, device = build_encoder(cfg, "evaluate")
+    model, device = build_encoder(cfg, "evaluate", ctx.device)
     precision = resolve_precision("fp32", device)
+    collection = samples_collection(samples, SkipCounter(), section, e.batch_size)
+    embeddings = _embed_share(cfg, model, device, precision, collection, ctx, texts=False, desc="classify")
+    if embeddings is None:
+        return None
+    if len(embeddings.image) == 0:
+        raise DataError(f"{section}: no decodable image")
     classes = class_embeddings(
         lambda texts: embed_texts(model, texts, device, precision, e.batch_size), classnames, templates
     )
-    loader = build_image_loader(
-        samples, model.preprocess, e.batch_size, e.num_workers, "evaluate.num_workers", cfg.dataset.pin_memory
-    )
-    embeddings = embed_loader(model, loader, device, precision, desc="classify", texts=False)
-    if embeddings.image is None:
-        raise DataError(f"{section}: no decodable image")
     kept = torch.tensor(labels)[embeddings.indices]
     metrics = classification_metrics(embeddings.image @ classes.T, kept, len(classnames))
     confusion, per_class = metrics.pop("confusion"), metrics.pop("per_class")
@@ -166,6 +235,7 @@ def _classification(cfg: ExperimentConfig, out_dir: str) -> dict:
         "backend": backend_name(e),
         "checkpoint": e.checkpoint,
         "skipped_files": dict(embeddings.skipped),
+        "num_processes": ctx.world_size,
     }
     write_json(os.path.join(out_dir, "results.json"), results)
     print(

@@ -1,6 +1,9 @@
 """``clip-tao inference``: TAO's ``image_embeddings.h5`` / ``text_embeddings.h5``, or a search over images.
 
-``inference.mode: embed`` (TAO's) embeds ``inference.datasets`` and ``inference.text_file``.
+``inference.mode: embed`` (TAO's) embeds ``inference.datasets`` (or the shards of ``inference.wds``) and
+``inference.text_file``. The images are embedded part by part, by every process of a torchrun job, each part
+written as soon as it is done (:mod:`clip_tao.io.embedding_parts`); a killed run started again continues from
+the finished parts, and the parts are joined in order into ``image_embeddings.h5``.
 ``inference.mode: search`` ranks an image collection (``inference.image_embeddings_file`` or the embedded
 ``inference.datasets``) against every prompt of ``text_file`` and every image of ``query_images``, and writes
 the top ``top_k`` of each as ``search_results.json`` and an offline HTML contact sheet.
@@ -8,53 +11,72 @@ the top ``top_k`` of each as ``search_results.json`` and an offline HTML contact
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
+import time
 
 import numpy as np
 
 from clip_tao.config.schema import ExperimentConfig, InferenceConfig
 from clip_tao.data.classes import build_image_loader
-from clip_tao.data.custom import IMAGE_EXTENSIONS, Sample
-from clip_tao.data.loaders import build_eval_loader
+from clip_tao.data.custom import IMAGE_EXTENSIONS, Sample, SkipCounter
+from clip_tao.data.parts import build_collection, build_part_loader, check_not_empty, rank_parts, wds_given
 from clip_tao.engine.device import resolve_precision
-from clip_tao.engine.embedding import embed_loader, embed_texts
+from clip_tao.engine.distributed import DistContext, barrier, broadcast_object
+from clip_tao.engine.embedding import embed_loader, embed_parts, embed_texts
 from clip_tao.engine.model_setup import build_encoder
-from clip_tao.errors import ConfigError, DataError
+from clip_tao.engine.task_ranks import task_on_ranks
+from clip_tao.errors import ConfigError, DataError, OutputError
 from clip_tao.io.atomic import write_json
 from clip_tao.io.contact_sheet import write_contact_sheet
+from clip_tao.io.embedding_parts import PartStore
 from clip_tao.io.embeddings import read_embeddings, write_embeddings
 from clip_tao.io.tables import format_table
-from clip_tao.io.task_dir import failure_message, prepare_task_dir
+from clip_tao.io.task_dir import failure_message
 from clip_tao.search import ImageIndex
 
 log = logging.getLogger(__name__)
 
 
-def run(cfg: ExperimentConfig) -> dict:
+def run(cfg: ExperimentConfig) -> dict | None:
+    """Embed (or search) in this process, or as one rank of a torchrun job: every rank embeds its share of
+    the collection's parts; rank 0 joins them, embeds the prompts, searches and writes the summary."""
     i = cfg.inference
     _check(i)
     prompts = read_prompts(i.text_file) if i.text_file else []
-    out_dir, status = prepare_task_dir(cfg, "inference")
-    status.write("STARTED", f"Starting inference ({i.mode}).")
-    try:
-        summary = _search(cfg, out_dir, prompts) if i.mode == "search" else _embed(cfg, out_dir, prompts)
-    except (Exception, KeyboardInterrupt) as exc:
-        status.write("FAILURE", failure_message("Inference", exc))
-        raise
-    status.write(
-        "SUCCESS", "Inference finished.", kpi={k: v for k, v in summary.items() if isinstance(v, (int, float))}
-    )
-    return summary
+    with task_on_ranks(cfg, "inference") as (ctx, out_dir, status):
+        status.write("STARTED", f"Starting inference ({i.mode}).")
+        try:
+            if i.mode == "search":
+                summary = _search(cfg, out_dir, prompts, ctx)
+            else:
+                summary = _embed(cfg, out_dir, prompts, ctx)
+        except (Exception, KeyboardInterrupt) as exc:
+            status.write("FAILURE", failure_message("Inference", exc))
+            raise
+        if summary is None:  # a rank other than 0: its share is written
+            return None
+        kpi = {k: v for k, v in summary.items() if isinstance(v, (int, float))}
+        status.write("SUCCESS", "Inference finished.", kpi=kpi)
+        return summary
+
+
+def _has_collection(i: InferenceConfig) -> bool:
+    return bool(i.datasets) or wds_given(i.wds)
 
 
 def _check(i: InferenceConfig) -> None:
-    if i.mode == "embed" and not i.datasets and not i.text_file:
-        raise ConfigError("inference needs inference.datasets (image folders), inference.text_file (prompts), or both")
+    if i.mode == "embed" and not _has_collection(i) and not i.text_file:
+        raise ConfigError(
+            "inference needs inference.datasets (image folders) or inference.wds (shards), "
+            "inference.text_file (prompts), or both"
+        )
     if i.mode == "search":
-        if not i.datasets and not i.image_embeddings_file:
+        if not _has_collection(i) and not i.image_embeddings_file:
             raise ConfigError(
-                "inference.mode=search needs a collection: inference.image_embeddings_file or inference.datasets"
+                "inference.mode=search needs a collection: inference.image_embeddings_file, inference.datasets "
+                "or inference.wds"
             )
         if not i.text_file and not i.query_images:
             raise ConfigError(
@@ -78,36 +100,90 @@ def read_prompts(path: str) -> list[str]:
     return prompts
 
 
-def _embed_collection(
-    cfg: ExperimentConfig, model, device, precision, out_dir: str
-) -> tuple[np.ndarray, list[str], str, dict]:
-    """Embed ``inference.datasets`` into ``out_dir/image_embeddings.h5``: ``(embeddings, paths, file, skipped)``."""
+def _embed_collection(cfg: ExperimentConfig, model, device, precision, out_dir: str, ctx: DistContext) -> dict | None:
+    """Embed ``inference.datasets`` / ``inference.wds`` part by part into ``out_dir/image_embeddings.h5``
+    (and clip-retrieval's folders with ``output_format: npy``), continuing from the finished parts of an
+    interrupted run. Rank 0 gets ``{"file", "num_images", "skipped", "resumed_parts", ...}``, the others ``None``."""
     i = cfg.inference
-    data = build_eval_loader(
-        i.datasets, "inference.datasets", model.preprocess, None, i.batch_size, i.num_workers,
-        cfg.dataset.pin_memory, require_captions=False,
-    )  # fmt: skip
-    result = embed_loader(model, data.loader, device, precision, desc="embed images", texts=False)
-    if result.image is None:
-        raise DataError("inference.datasets: no decodable image found")
-    paths = [data.samples[k].image_path for k in result.indices.tolist()]
+    collection = build_collection(i.datasets, i.wds, "inference", i.batch_size, i.part_size, require_captions=False)
+    check_not_empty(collection)
+    store = _part_store(cfg, model, collection, out_dir, ctx.rank)
+    kept = store.prepare() if ctx.is_main else 0
+    barrier(ctx)  # the manifest is settled before any rank looks for finished parts
+    finished = broadcast_object(ctx, store.finished() if ctx.is_main else None)
+    todo = [p for p in collection.parts if p.index not in finished]
+    mine = rank_parts(todo, ctx.rank, ctx.world_size)
+    if ctx.is_main and kept:
+        log.info("inference: %d of %d parts finished by an earlier run are kept", kept, len(collection.parts))
+    loader = build_part_loader(collection, mine, model.preprocess, None, i.batch_size, i.num_workers,
+                               "inference.num_workers", cfg.dataset.pin_memory)  # fmt: skip
+    start = time.perf_counter()
+    embed_parts(model, loader, device, precision, store.write, total=sum(map(collection.estimated_size, mine)),
+                desc="embed images", progress=ctx.is_main)  # fmt: skip
+    barrier(ctx)  # every part is written
+    seconds = time.perf_counter() - start  # the slowest rank's share
+    if not ctx.is_main:
+        return None
+    missing = sorted(set(range(len(collection.parts))) - store.finished())
+    if missing:  # a process stopped without an error, or someone removed files: never join an incomplete set
+        raise OutputError(
+            f"{store.marker_dir}: part(s) {', '.join(map(str, missing[:5]))} of {len(collection.parts)} are missing "
+            "after every process finished; run the same command again to embed them"
+        )
+    rows, skipped = store.totals()
+    if rows == 0:
+        raise DataError(f"{collection.section}: no decodable image found")
     path = os.path.join(out_dir, "image_embeddings.h5")
-    write_embeddings(path, "image", result.image.numpy(), paths)
-    return result.image.numpy(), paths, path, dict(result.skipped)
+    start = time.perf_counter()
+    store.join_h5(path, model.embed_dim)
+    join_seconds = time.perf_counter() - start
+    if i.output_format == "h5":
+        store.remove_folder()  # the parts were only a means to the .h5
+    skipped.update(collection.scan_skipped)
+    return {"file": path, "num_images": rows, "skipped": skipped, "num_parts": len(collection.parts),
+            "resumed_parts": kept, "embed_seconds": seconds, "join_seconds": join_seconds}  # fmt: skip
 
 
-def _embed(cfg: ExperimentConfig, out_dir: str, prompts: list[str]) -> dict:
+def _part_store(cfg: ExperimentConfig, model, collection, out_dir: str, rank: int) -> PartStore:
+    """Where the parts go, and what they are computed from (a run of anything else never reuses them)."""
+    i = cfg.inference
+    markers = os.path.join(out_dir, "parts")
+    data_dir = out_dir if i.output_format == "npy" else markers
+    sources = hashlib.sha256("\n".join(collection.sources()).encode("utf-8")).hexdigest()
+    weights = [_file_identity(path) for path in (i.checkpoint, i.onnx_file, i.trt_engine) if path]
+    manifest = {"model_type": model.model_type, "embedding_dim": model.embed_dim, "weights": weights,
+                "pretrained_path": cfg.model.pretrained_path, "image_size": cfg.model.image_size,
+                "max_num_patches": cfg.model.max_num_patches, "batch_size": i.batch_size,
+                "parts": [[p.start, p.stop] for p in collection.parts] if collection.kind == "custom" else "shards",
+                "sources": sources, "output_format": i.output_format}  # fmt: skip
+    return PartStore(data_dir, markers, len(collection.parts), manifest, rank)
+
+
+def _file_identity(path: str) -> list:
+    stat = os.stat(path)
+    return [os.path.abspath(path), stat.st_size, stat.st_mtime_ns]
+
+
+def _embed(cfg: ExperimentConfig, out_dir: str, prompts: list[str], ctx: DistContext) -> dict | None:
     i = cfg.inference
     # No checkpoint means the model's pretrained weights (TAO crashes here).
-    model, device = build_encoder(cfg, "inference")
+    model, device = build_encoder(cfg, "inference", ctx.device)
     precision = resolve_precision("fp32", device)
     summary: dict = {"model_type": model.model_type, "embedding_dim": model.embed_dim}
     rows = []
-    if i.datasets:
-        _, paths, path, skipped = _embed_collection(cfg, model, device, precision, out_dir)
-        summary["num_images"] = len(paths)
-        summary["skipped_files"] = skipped
-        rows.append(["images", len(paths), path])
+    if _has_collection(i):
+        images = _embed_collection(cfg, model, device, precision, out_dir, ctx)
+        if images is None:
+            return None
+        summary.update(num_images=images["num_images"], skipped_files=dict(images["skipped"]),
+                       num_processes=ctx.world_size, num_parts=images["num_parts"],
+                       resumed_parts=images["resumed_parts"], embed_seconds=round(images["embed_seconds"], 3),
+                       join_seconds=round(images["join_seconds"], 3))  # fmt: skip
+        rows.append(["images", images["num_images"], images["file"]])
+        if i.output_format == "npy":
+            rows.append(["images (clip-retrieval)", images["num_images"], os.path.join(out_dir, "img_emb")])
+    elif not ctx.is_main:
+        return None
     if prompts:
         embeddings = embed_texts(model, prompts, device, precision, i.batch_size)
         path = os.path.join(out_dir, "text_embeddings.h5")
@@ -116,15 +192,24 @@ def _embed(cfg: ExperimentConfig, out_dir: str, prompts: list[str]) -> dict:
         rows.append(["texts", len(prompts), path])
     print(f"\nEmbeddings ({model.model_type}, dimension {model.embed_dim})")
     print(format_table(["kind", "count", "file"], rows))
+    if summary.get("skipped_files"):
+        print(f"skipped: {SkipCounter(summary['skipped_files']).summary()}")
     return summary
 
 
-def _search(cfg: ExperimentConfig, out_dir: str, prompts: list[str]) -> dict:
+def _search(cfg: ExperimentConfig, out_dir: str, prompts: list[str], ctx: DistContext) -> dict | None:
     i = cfg.inference
-    model, device = build_encoder(cfg, "inference")
+    model, device = build_encoder(cfg, "inference", ctx.device)
     precision = resolve_precision("fp32", device)
+    if not i.image_embeddings_file:  # every rank embeds its share of the collection first
+        images = _embed_collection(cfg, model, device, precision, out_dir, ctx)
+        if images is None:
+            return None
+    elif not ctx.is_main:
+        return None
+    source = i.image_embeddings_file or images["file"]
+    collection, paths, kind = read_embeddings(source)
     if i.image_embeddings_file:
-        collection, paths, kind = read_embeddings(i.image_embeddings_file)
         if kind != "image":
             raise DataError(
                 f"inference.image_embeddings_file {i.image_embeddings_file!r} holds {kind} embeddings, not images"
@@ -134,9 +219,6 @@ def _search(cfg: ExperimentConfig, out_dir: str, prompts: list[str]) -> dict:
                 f"inference.image_embeddings_file has {collection.shape[1]}-d embeddings but {model.model_type} makes "
                 f"{model.embed_dim}-d ones: embed the collection with the same model"
             )
-        source = i.image_embeddings_file
-    else:
-        collection, paths, source, _ = _embed_collection(cfg, model, device, precision, out_dir)
     use_faiss = len(paths) >= i.faiss_min_images
     index = ImageIndex(collection, use_faiss=use_faiss, index_file=os.path.splitext(source)[0] + ".faiss")
 
