@@ -94,6 +94,8 @@ class DatasetEntry:
     image_list_file: str | None = None
     # clip-tao: every non-empty line of a caption file is a caption of its image (COCO/Flickr style).
     multi_caption: bool = False
+    # clip-tao: hard negatives, one a line, in files at the caption's relative path and suffix (null: none).
+    negative_caption_dir: str | None = None
 
 
 @dataclass
@@ -191,6 +193,11 @@ class TrainConfig:
     num_threads: int | None = None
     # clip-tao: torch.compile the model for training.
     compile: bool = False
+    # clip-tao: hard-negative captions a sample (negative_caption_dir / neg.txt), drawn from its seed.
+    hard_negatives_per_sample: int = 1
+    # clip-tao: off-diagonal pairs with the anchor's caption text or a byte-identical image: negative
+    # (open_clip's), ignore (left out of the loss) or positive (multi-positive).
+    duplicate_pairs: Literal["negative", "ignore", "positive"] = "negative"
 
 
 @dataclass
