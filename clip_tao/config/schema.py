@@ -215,9 +215,11 @@ class EvaluateConfig:
     # TAO 7.0.1 shares one dataclass between evaluate and inference, so evaluate has it too; unused here.
     text_file: str | None = None
     # clip-tao: "retrieval" (TAO's) or zero-shot "classification" of a folder-per-class image tree.
-    mode: Literal["retrieval", "classification"] = "retrieval"
+    # clip-tao: or "pairs": compositional accuracy on pairs_file (JSON lines: image, positive, negatives, tag).
+    mode: Literal["retrieval", "classification", "pairs"] = "retrieval"
     classnames_file: str | None = None  # one class name a line, in sorted folder order
     templates_file: str | None = None  # prompt templates, one a line, "{}" marks the class name
+    pairs_file: str | None = None  # clip-tao: for mode=pairs
 
 
 @dataclass
