@@ -223,6 +223,15 @@ class EvaluateConfig:
 
 
 @dataclass
+class MineConfig:
+    """clip-tao: ``inference.mode: mine``, hard negatives for training from the current model."""
+
+    negatives_per_image: int = 3
+    max_similarity: float | None = None  # cosine; candidates above it are skipped as likely true captions
+    output_dir: str | None = None  # null: <inference results>/negatives (the negative_caption_dir layout)
+
+
+@dataclass
 class InferenceConfig:
     checkpoint: str | None = None
     trt_engine: str | None = None
@@ -235,12 +244,14 @@ class InferenceConfig:
     num_gpus: int = 1
     gpu_ids: list[int] = field(default_factory=lambda: [0])
     results_dir: str | None = None
-    # clip-tao: "embed" (TAO's .h5 files) or "search": rank the images against each prompt / query image.
-    mode: Literal["embed", "search"] = "embed"
+    # clip-tao: "embed" (TAO's .h5 files), "search": rank the images against each prompt / query image, or
+    # "mine": write hard negatives of every image of inference.datasets (see mine).
+    mode: Literal["embed", "search", "mine"] = "embed"
     top_k: int = 5
     image_embeddings_file: str | None = None  # search an existing image_embeddings.h5 instead of embedding
     query_images: list[str] = field(default_factory=list)  # image files or folders for image-to-image search
     faiss_min_images: int = 50000  # collections at least this large are searched through a FAISS index
+    mine: MineConfig = field(default_factory=MineConfig)
 
 
 @dataclass
