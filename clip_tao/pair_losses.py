@@ -4,10 +4,9 @@
 caption of its image, an id of the image's content, and which of its ``K`` hard-negative slots hold a caption
 (and their ids). Ids are hashes of the text / image bytes (:func:`text_id`), so equal ids mean equal content.
 
-The losses gather every rank's embeddings (with gradients) and info, and compute the loss of the *whole*
-global batch on every rank, as open_clip's ``ClipLoss(local_loss=False, gather_with_grad=True)`` does: the
-value equals the one-process loss on the concatenated batch, and with DDP's gradient averaging so do the
-gradients.
+The losses gather every rank's embeddings (with gradients) and info; each rank computes its own samples'
+rows against the whole gathered batch, so the mean over ranks equals the one-process loss on the
+concatenated batch, and with DDP's gradient averaging so do the gradients. Memory is ``B x N`` a rank.
 
 Definitions (N images/captions of the global batch, ``s`` the logit scale, ``b`` the bias):
 
@@ -76,17 +75,22 @@ class PairInfo:
                                                   self.negative_ids)))  # fmt: skip
 
 
-def duplicate_pairs(info: PairInfo) -> torch.Tensor:
-    """``[N, N]`` bool: image ``i`` / caption ``j`` (``j != i``) describe each other (see module doc)."""
-    own = (info.caption_sets[:, :, None] == info.caption_ids[None, None, :]).any(dim=1)  # caption j in set i
-    same_image = info.image_ids[:, None] == info.image_ids[None, :]
-    pairs = own | same_image
-    pairs.fill_diagonal_(False)
-    return pairs
+def duplicate_pairs(info: PairInfo, images: slice = slice(None), captions: slice = slice(None)) -> torch.Tensor:
+    """``[images, captions]`` bool: image ``i`` and caption ``j != i`` describe each other (see module doc)."""
+    sets, ids = info.caption_sets[images], info.image_ids
+    own = (sets[:, :, None] == info.caption_ids[captions][None, None, :]).any(dim=1)  # caption j in image i's set
+    pairs = own | (ids[images][:, None] == ids[captions][None, :])
+    rows = torch.arange(len(ids), device=ids.device)
+    return pairs & (rows[images][:, None] != rows[captions][None, :])
 
 
 class PairContrastiveLoss(torch.nn.Module):
-    """``loss(image [B,D], text [B,D], log_scale, bias, negatives [B*K,D] | None, info) -> scalar``."""
+    """``loss(image [B,D], text [B,D], log_scale, bias, negatives [B*K,D] | None, info) -> scalar``.
+
+    Each process computes the rows of its own samples against the whole gathered batch (as open_clip's
+    SigLIP loss does), divided by its own batch size: the mean over processes is the whole batch's loss, and
+    with DDP's gradient averaging so are the gradients.
+    """
 
     def __init__(self, loss_type: str, duplicates: str = "negative", rank: int = 0, world_size: int = 1):
         super().__init__()
@@ -100,55 +104,64 @@ class PairContrastiveLoss(torch.nn.Module):
     def forward(self, image, text, logit_scale, logit_bias, negatives=None, info: PairInfo | None = None):
         if info is None:
             raise ValueError("PairContrastiveLoss needs the batch's PairInfo")
+        b = len(image)
+        mine = slice(self.rank * b, (self.rank + 1) * b)  # this process's rows of the gathered batch
         info = _gather_info(info.to(image.device), self.world_size)
-        image, text = _gather(image, self.world_size), _gather(text, self.world_size)
+        all_image, all_text = _gather(image, self.world_size), _gather(text, self.world_size)
         k = info.negative_ids.shape[1]
-        negatives = _gather(negatives, self.world_size) if negatives is not None and k else None
         scale = logit_scale.exp()
-        dup = duplicate_pairs(info) if self.duplicates != "negative" else None
         if self.loss_type == "siglip":
-            return self._siglip(image, text, negatives, scale, logit_bias, info, dup)
-        return self._clip(image, text, negatives, scale, info, dup)
+            return self._siglip(image, all_text, negatives if k else None, scale, logit_bias, info, mine)
+        all_negatives = _gather(negatives, self.world_size) if negatives is not None and k else None
+        return self._clip(image, text, all_image, all_text, all_negatives, scale, info, mine)
 
-    def _clip(self, image, text, negatives, scale, info, dup):
-        n = len(image)
-        logits = scale * image @ text.T
-        positive = torch.eye(n, dtype=torch.bool, device=image.device)
+    def _masks(self, info: PairInfo, images: slice, captions: slice, n_rows: int, n_cols: int):
+        """``(positive, keep)`` of image rows ``images`` against caption columns ``captions`` (global slices)."""
+        device = info.image_ids.device
+        rows = torch.arange(n_rows, device=device)[:, None] + (images.start or 0)
+        cols = torch.arange(n_cols, device=device)[None, :] + (captions.start or 0)
+        positive = rows == cols
         keep = torch.ones_like(positive)
-        if dup is not None:
+        if self.duplicates != "negative":
+            dup = duplicate_pairs(info, images, captions)
             if self.duplicates == "positive":
                 positive = positive | dup
             else:
                 keep = ~dup
-        i2t, i2t_pos, i2t_keep = logits, positive, keep
-        if negatives is not None:
-            extra = scale * image @ negatives.T  # [N, N*K]: every image against every hard negative
-            valid = info.negative_valid.reshape(1, -1).expand(n, -1)
-            if dup is not None:  # a hard negative that is one of the image's own captions is no negative
-                owned = (info.caption_sets[:, :, None] == info.negative_ids.reshape(1, 1, -1)).any(dim=1)
-                valid = valid & ~owned
-            i2t = torch.cat([logits, extra], dim=1)
-            i2t_pos = torch.cat([positive, torch.zeros_like(valid)], dim=1)
-            i2t_keep = torch.cat([keep, valid], dim=1)
-        return (_multi_positive_ce(i2t, i2t_pos, i2t_keep) + _multi_positive_ce(logits.T, positive.T, keep.T)) / 2
+        return positive, keep
 
-    def _siglip(self, image, text, negatives, scale, bias, info, dup):
-        n = len(image)
-        logits = scale * image @ text.T + bias
-        labels = 2 * torch.eye(n, device=image.device, dtype=logits.dtype) - 1
-        weight = torch.ones_like(labels)
-        if dup is not None:
-            if self.duplicates == "positive":
-                labels = torch.where(dup, torch.ones_like(labels), labels)
-            else:
-                weight = (~dup).to(logits.dtype)
-        total = -(weight * F.logsigmoid(labels * logits)).sum()
+    def _clip(self, image, text, all_image, all_text, all_negatives, scale, info, mine):
+        b, n = len(image), len(all_image)
+        # image -> text: this process's images against every caption (and every hard negative)
+        i2t = scale * image @ all_text.T
+        positive, keep = self._masks(info, mine, slice(None), b, n)
+        if all_negatives is not None:
+            valid = info.negative_valid.reshape(1, -1).expand(b, -1)
+            if self.duplicates != "negative":  # a hard negative that is one of the image's own captions is none
+                owned = (info.caption_sets[mine][:, :, None] == info.negative_ids.reshape(1, 1, -1)).any(dim=1)
+                valid = valid & ~owned
+            i2t = torch.cat([i2t, scale * image @ all_negatives.T], dim=1)
+            positive = torch.cat([positive, torch.zeros_like(valid)], dim=1)
+            keep = torch.cat([keep, valid], dim=1)
+        image_to_text = _multi_positive_ce(i2t, positive, keep)
+        # text -> image: this process's captions against every image
+        t2i = scale * text @ all_image.T
+        positive, keep = self._masks(info, slice(None), mine, n, b)
+        text_to_image = _multi_positive_ce(t2i, positive.T, keep.T)
+        return (image_to_text + text_to_image) / 2
+
+    def _siglip(self, image, all_text, negatives, scale, bias, info, mine):
+        b, n = len(image), len(all_text)
+        logits = scale * image @ all_text.T + bias
+        positive, keep = self._masks(info, mine, slice(None), b, n)
+        labels = positive.to(logits.dtype) * 2 - 1
+        total = -(keep.to(logits.dtype) * F.logsigmoid(labels * logits)).sum()
         if negatives is not None:
             k = info.negative_ids.shape[1]
-            own = negatives.reshape(n, k, -1)  # image i's own negatives
+            own = negatives.reshape(b, k, -1)  # each image's own negatives, never gathered
             neg_logits = scale * torch.einsum("nd,nkd->nk", image, own) + bias
-            total = total - (info.negative_valid.to(logits.dtype) * F.logsigmoid(-neg_logits)).sum()
-        return total / n
+            total = total - (info.negative_valid[mine].to(logits.dtype) * F.logsigmoid(-neg_logits)).sum()
+        return total / b
 
 
 def _multi_positive_ce(logits: torch.Tensor, positive: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:

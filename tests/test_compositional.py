@@ -94,3 +94,27 @@ def test_missing_pairs_file_is_named(tiny_spec, tmp_path, capsys):
     spec = tiny_spec()
     assert main(["evaluate", "-e", str(spec), "evaluate.mode=pairs"]) != 0
     assert "evaluate.mode=pairs needs evaluate.pairs_file" in capsys.readouterr().err
+
+
+def test_benchmark_foils_rearrange_the_captions_words():
+    """The measured foils are hard by construction: the same words (or one relation word changed), never the
+    true caption, and the caption's word order does not tell which shape is on top."""
+    import random
+    import sys
+
+    from tests.conftest import REPO
+
+    sys.path.insert(0, str(REPO / "scripts"))
+    from benchmarks.compositional import draw_scene
+
+    rng = random.Random(1)
+    firsts = set()
+    for _ in range(50):
+        _, caption, foils = draw_scene(rng, 32)
+        assert set(foils) == {"swap-att", "swap-obj", "replace-rel"}
+        for tag in ("swap-att", "swap-obj"):
+            assert sorted(foils[tag].split()) == sorted(caption.split()) and foils[tag] != caption
+        changed = [(a, b) for a, b in zip(caption.split(), foils["replace-rel"].split()) if a != b]
+        assert sorted(changed[0]) == ["above", "below"] and len(changed) == 1
+        firsts.add(caption.split()[3])
+    assert firsts == {"above", "below"}

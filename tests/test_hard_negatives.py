@@ -323,3 +323,17 @@ def test_duplicate_images_are_found_by_content(tmp_path):
     assert ids["x.jpg"] == ids["x_copy.jpg"] != ids["y.png"]
     plain, _ = scan_custom_datasets([DatasetEntry(str(tmp_path / "d"))], "train")
     assert all(s.content_id is None for s in plain)  # only read when duplicate_pairs needs it
+
+
+def test_negative_count_of_negatives_is_a_config_error(tmp_path):
+    from clip_tao.config.schema import DatasetConfig
+    from clip_tao.data.loaders import build_train_loader
+    from clip_tao.data.pairs import PairOptions
+    from clip_tao.errors import ConfigError
+    from clip_tao.models import create_model
+
+    model = create_model("tiny-clip", pretrained=False)
+    cfg = DatasetConfig()
+    cfg.train.datasets = [_folder_with_negatives(tmp_path)]
+    with pytest.raises(ConfigError, match="train.hard_negatives_per_sample=-1 must be >= 0"):
+        build_train_loader(cfg, model.preprocess, model.tokenizer, pairs=PairOptions(-1))

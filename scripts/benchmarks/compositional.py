@@ -1,9 +1,9 @@
 """``compositional``: what hard negatives buy. Two-shape scenes ("a red circle above a blue square"), tiny-clip
 trained twice with the same data, seed and schedule: once on in-batch negatives only, once with hard negatives
-made by swapping attributes in each training caption (the colours of the two shapes, the two shapes). Both are
-evaluated with ``clip-tao evaluate``: ``evaluate.mode=pairs`` on held-out images against their swapped
-captions (``swap-att``: colours exchanged, ``swap-obj``: shapes exchanged), and retrieval R@1 on the same
-held-out images. A quality figure, not a speed one: machine load does not change it.
+made by rearranging each training caption's words (the two colours exchanged, the two shapes exchanged, the
+relation reversed). Both are evaluated with ``clip-tao evaluate``: ``evaluate.mode=pairs`` on held-out images
+against their rearranged captions (tags ``swap-att``, ``swap-obj``, ``replace-rel``), and retrieval R@1 on
+the same held-out images. A quality figure, not a speed one: machine load does not change it.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ NAME = "compositional"
 HELP = "swap accuracy and retrieval R@1 of tiny-clip trained with and without hard negatives"
 
 COLORS = {"red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 80, 220), "yellow": (240, 220, 40),
-          "purple": (140, 50, 170), "orange": (245, 140, 30)}  # fmt: skip
+          "purple": (140, 50, 170), "orange": (245, 140, 30), "white": (250, 250, 250), "black": (15, 15, 15)}  # fmt: skip
 SHAPES = ("circle", "square", "triangle", "cross")
 
 
@@ -39,12 +39,17 @@ def add_arguments(parser) -> None:
 
 
 def draw_scene(rng: random.Random, size: int):
-    """Two different shapes of two different colours, one above the other; the caption and its swaps."""
+    """Two different shapes of two different colours, one above the other; the caption and its foils.
+
+    The caption names either shape first ("a red circle above a blue square" or "a blue square below a red
+    circle"), so the order of the words does not say which shape is on top: telling the captions apart takes
+    the relation word and which colour goes with which shape. The foils use the same words rearranged.
+    """
     from PIL import Image, ImageDraw
 
     top_shape, bottom_shape = rng.sample(SHAPES, 2)
     top_color, bottom_color = rng.sample(sorted(COLORS), 2)
-    grey = 200 + rng.randint(-12, 12)
+    grey = 128 + rng.randint(-12, 12)
     image = Image.new("RGB", (size, size), (grey, grey, grey))
     draw = ImageDraw.Draw(image)
     side = size * 2 // 5
@@ -52,10 +57,18 @@ def draw_scene(rng: random.Random, size: int):
         x0 = rng.randint(0, size - side)
         y0 = y + rng.randint(0, size // 2 - side)
         _shape(draw, shape, (x0, y0, x0 + side, y0 + side), COLORS[color])
-    caption = f"a {top_color} {top_shape} above a {bottom_color} {bottom_shape}"
+
+    def say(a_color, a_shape, relation, b_color, b_shape):
+        return f"a {a_color} {a_shape} {relation} a {b_color} {b_shape}"
+
+    top, bottom = (top_color, top_shape), (bottom_color, bottom_shape)
+    first, relation, second = (top, "above", bottom) if rng.random() < 0.5 else (bottom, "below", top)
+    other = "below" if relation == "above" else "above"
+    caption = say(*first, relation, *second)
     swaps = {
-        "swap-att": f"a {bottom_color} {top_shape} above a {top_color} {bottom_shape}",
-        "swap-obj": f"a {top_color} {bottom_shape} above a {bottom_color} {top_shape}",
+        "swap-att": say(second[0], first[1], relation, first[0], second[1]),  # the colours exchanged
+        "swap-obj": say(first[0], second[1], relation, second[0], first[1]),  # the shapes exchanged
+        "replace-rel": say(*first, other, *second),  # the relation reversed
     }
     return image, caption, swaps
 
