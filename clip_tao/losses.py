@@ -3,6 +3,9 @@
 Both are open_clip's implementations (``SigLipLoss`` exchanges text features between ranks,
 ``ClipLoss`` gathers features with gradients), so single- and multi-process training share one code
 path. Inputs: L2-normalised ``[B, D]`` embeddings and the *log* logit scale, as models store it.
+
+With hard negatives or ``duplicate_pairs`` other than ``negative``, the batch's :class:`PairInfo` picks
+:class:`~clip_tao.pair_losses.PairContrastiveLoss` instead (open_clip has no such losses).
 """
 
 from __future__ import annotations
@@ -10,15 +13,19 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from clip_tao.pair_losses import PairContrastiveLoss, PairInfo
+
 
 class ContrastiveLoss(nn.Module):
     """``loss(image_emb, text_emb, logit_scale, logit_bias) -> scalar``; pair i of the batch is the positive."""
 
-    def __init__(self, loss_type: str, rank: int = 0, world_size: int = 1):
+    def __init__(self, loss_type: str, rank: int = 0, world_size: int = 1, duplicate_pairs: str = "negative"):
         super().__init__()
         from open_clip.loss import ClipLoss, SigLipLoss
 
         self.loss_type = loss_type
+        self.duplicate_pairs = duplicate_pairs
+        self.pairs = PairContrastiveLoss(loss_type, duplicate_pairs, rank, world_size)
         if loss_type == "siglip":
             self.impl = SigLipLoss(rank=rank, world_size=world_size)
         elif loss_type == "clip":
@@ -32,7 +39,12 @@ class ContrastiveLoss(nn.Module):
         text_emb: torch.Tensor,
         logit_scale: torch.Tensor,
         logit_bias: torch.Tensor,
+        negatives: torch.Tensor | None = None,
+        info: PairInfo | None = None,
     ) -> torch.Tensor:
+        """``negatives``: ``[B*K, D]`` hard-negative caption embeddings (``K`` a sample, in sample order)."""
+        if info is not None and (negatives is not None or self.duplicate_pairs != "negative"):
+            return self.pairs(image_emb, text_emb, logit_scale, logit_bias, negatives, info)
         scale = logit_scale.exp()
         if self.loss_type == "siglip":
             return self.impl(image_emb, text_emb, scale, logit_bias)

@@ -11,6 +11,7 @@
     python scripts/benchmark.py quickstart --threads unset 1
     python scripts/benchmark.py vs-open-clip          # needs pandas: pip install -e ".[bench]"
     python scripts/benchmark.py embed-scale --n 1024 --processes 1 2
+    python scripts/benchmark.py compositional         # hard negatives: swap accuracy and R@1, with and without
 
 Each benchmark is a module of ``scripts/benchmarks/`` (its docstring says what it measures); the shared
 measuring core (machine, peaks, FLOP counts, rates, random-weight models) is ``scripts/benchmarks/core.py``.

@@ -160,3 +160,27 @@ def test_custom_data_is_split_evenly_over_ranks():
     sampler.set_epoch(1)
     sampler.start_index = 4
     assert list(sampler) == shares[1][4:]  # resuming a rank mid-epoch
+
+
+def test_hard_negatives_and_duplicates_on_two_ranks_equal_one_rank(tmp_path):
+    """Twins split across the ranks and hard negatives: the gathered loss is the whole batch's loss."""
+    from clip_tao.engine.distributed import ContrastiveForward
+    from clip_tao.losses import ContrastiveLoss
+    from tests.distributed_pairs_step import RUNS, micro_batches, step
+
+    out = tmp_path / "pairs.pt"
+    torchrun(os.path.join(HERE, "distributed_pairs_step.py"), str(out))
+    results = torch.load(out, weights_only=True)
+    for loss_type, mode, micro in RUNS:
+        model = fresh_model(loss_type)
+        loss_fn = ContrastiveLoss(loss_type, duplicate_pairs=mode)
+        want_loss = step(ContrastiveForward(model), loss_fn, micro_batches(model, slice(None), 1), torch.device("cpu"))
+        want = full_gradients(model)
+        got = results[f"{loss_type}/{mode}/{micro}"]
+        assert abs(got["loss"] - want_loss) < 1e-5, (loss_type, mode, micro)
+        for name, grad in want.items():
+            torch.testing.assert_close(got["grads"][name], grad, rtol=0, atol=1e-5, msg=f"{loss_type} {mode} {name}")
+        # the twins matter: the plain loss on the same batch differs
+        plain = step(ContrastiveForward(fresh_model(loss_type)), ContrastiveLoss(loss_type),
+                     [p[:2] for p in micro_batches(model, slice(None), 1)], torch.device("cpu"))  # fmt: skip
+        assert abs(plain - want_loss) > 1e-4

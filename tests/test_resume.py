@@ -6,6 +6,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -33,8 +34,22 @@ def _spec(tiny_spec, tmp_path, kind, **train):
     data["dataset"]["train"]["num_workers"] = 2
     if kind == "wds":
         data["dataset"]["train"] = _wds_sections(tmp_path)
+    if kind == "negatives":  # hard negatives (3 a file, 2 drawn a sample) and twins left out of the loss
+        entry = data["dataset"]["train"]["datasets"][0]
+        entry["negative_caption_dir"] = str(_swapped_negatives(entry["image_dir"], tmp_path / "negatives"))
+        data["train"].update(hard_negatives_per_sample=2, duplicate_pairs="ignore", loss_type="clip")
     spec.write_text(yaml.safe_dump(data))
     return spec
+
+
+def _swapped_negatives(caption_dir, out):
+    """For "a red square on blue": the colours swapped, and two other colours."""
+    out.mkdir()
+    for caption_file in sorted(Path(caption_dir).glob("*.txt")):
+        words = caption_file.read_text().split()  # a <color> square on <background>
+        lines = [f"a {words[4]} square on {words[1]}", f"a {words[1]} circle on {words[4]}", "a black square on white"]
+        (out / caption_file.name).write_text("\n".join(lines) + "\n")
+    return out
 
 
 def _weights(path):
@@ -51,7 +66,7 @@ def _assert_same_weights(a, b):
         assert torch.equal(a[key], b[key]), f"{key}: max difference {float((a[key] - b[key]).abs().max()):.3g}"
 
 
-@pytest.mark.parametrize("kind", ["custom", "wds"])
+@pytest.mark.parametrize("kind", ["custom", "wds", "negatives"])
 def test_resumed_run_trains_on_exactly_the_same_samples(tiny_spec, tmp_path, kind):
     # wds: 6 steps an epoch from 2 workers; a checkpoint after 3 (an odd step) resumes in the middle
     spec = _spec(tiny_spec, tmp_path, kind, checkpoint_interval=3 if kind == "wds" else 2)

@@ -62,7 +62,11 @@ def _paths(cfg: ExperimentConfig, task: str) -> Iterator[tuple[str, str, str]]:
             yield from _data("wds", [], s.wds, task)
         elif task == "evaluate" and s.mode == "retrieval":
             yield from _data(cfg.dataset.val.type, cfg.dataset.val.datasets, cfg.dataset.val.wds, "dataset.val")
-        files = ("classnames_file", "templates_file") if task == "evaluate" else ("text_file", "image_embeddings_file")
+        files = (
+            ("classnames_file", "templates_file", "pairs_file")
+            if task == "evaluate"
+            else ("text_file", "image_embeddings_file")
+        )
         for key in files:
             if getattr(s, key):
                 yield f"{task}.{key}", getattr(s, key), "file"
@@ -85,5 +89,7 @@ def _data(kind: str, entries: list[DatasetEntry], wds: WdsConfig | None, section
             yield f"{where}.image_dir", entry.image_dir, "folder"
         if entry.caption_dir:
             yield f"{where}.caption_dir", entry.caption_dir, "folder"
+        if entry.negative_caption_dir:
+            yield f"{where}.negative_caption_dir", entry.negative_caption_dir, "folder"
         if entry.image_list_file:
             yield f"{where}.image_list_file", entry.image_list_file, "file"

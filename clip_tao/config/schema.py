@@ -94,6 +94,8 @@ class DatasetEntry:
     image_list_file: str | None = None
     # clip-tao: every non-empty line of a caption file is a caption of its image (COCO/Flickr style).
     multi_caption: bool = False
+    # clip-tao: hard negatives, one a line, in files at the caption's relative path and suffix (null: none).
+    negative_caption_dir: str | None = None
 
 
 @dataclass
@@ -194,6 +196,11 @@ class TrainConfig:
     num_threads: int | None = None
     # clip-tao: torch.compile the model for training.
     compile: bool = False
+    # clip-tao: hard-negative captions a sample (negative_caption_dir / neg.txt), drawn from its seed.
+    hard_negatives_per_sample: int = 1
+    # clip-tao: off-diagonal pairs with the anchor's caption text or a byte-identical image: negative
+    # (open_clip's), ignore (left out of the loss) or positive (multi-positive).
+    duplicate_pairs: Literal["negative", "ignore", "positive"] = "negative"
 
 
 @dataclass
@@ -211,11 +218,22 @@ class EvaluateConfig:
     # TAO 7.0.1 shares one dataclass between evaluate and inference, so evaluate has it too; unused here.
     text_file: str | None = None
     # clip-tao: "retrieval" (TAO's) or zero-shot "classification" of a folder-per-class image tree.
-    mode: Literal["retrieval", "classification"] = "retrieval"
+    # clip-tao: or "pairs": compositional accuracy on pairs_file (JSON lines: image, positive, negatives, tag).
+    mode: Literal["retrieval", "classification", "pairs"] = "retrieval"
     classnames_file: str | None = None  # one class name a line, in sorted folder order
     templates_file: str | None = None  # prompt templates, one a line, "{}" marks the class name
     # clip-tao, at scale: WebDataset shards (local or s3://, keys as in dataset.train.wds) instead of datasets.
     wds: WdsConfig = field(default_factory=WdsConfig)
+    pairs_file: str | None = None  # clip-tao: for mode=pairs
+
+
+@dataclass
+class MineConfig:
+    """clip-tao: ``inference.mode: mine``, hard negatives for training from the current model."""
+
+    negatives_per_image: int = 3
+    max_similarity: float | None = None  # cosine; candidates above it are skipped as likely true captions
+    output_dir: str | None = None  # null: <inference results>/negatives (the negative_caption_dir layout)
 
 
 @dataclass
@@ -231,8 +249,9 @@ class InferenceConfig:
     num_gpus: int = 1
     gpu_ids: list[int] = field(default_factory=lambda: [0])
     results_dir: str | None = None
-    # clip-tao: "embed" (TAO's .h5 files) or "search": rank the images against each prompt / query image.
-    mode: Literal["embed", "search"] = "embed"
+    # clip-tao: "embed" (TAO's .h5 files), "search": rank the images against each prompt / query image, or
+    # "mine": write hard negatives of every image of inference.datasets (see mine).
+    mode: Literal["embed", "search", "mine"] = "embed"
     top_k: int = 5
     image_embeddings_file: str | None = None  # search an existing image_embeddings.h5 instead of embedding
     query_images: list[str] = field(default_factory=list)  # image files or folders for image-to-image search
@@ -246,6 +265,7 @@ class InferenceConfig:
     # clip-tao, at scale: images a part (the unit written, resumed and shared out between processes) for
     # image folders; null: a 64th of the collection, 10,000 at most. Shards: one part a shard.
     part_size: int | None = None
+    mine: MineConfig = field(default_factory=MineConfig)
 
 
 @dataclass

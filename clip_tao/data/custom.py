@@ -16,8 +16,10 @@ from dataclasses import dataclass
 from tqdm import tqdm
 
 from clip_tao.config.schema import DatasetEntry
+from clip_tao.data.pairs import read_negatives
 from clip_tao.data.walk import walk_files_once
 from clip_tao.errors import DataError
+from clip_tao.pair_losses import bytes_id
 
 log = logging.getLogger(__name__)
 
@@ -32,6 +34,8 @@ class Sample:
     caption: str | None
     key: str  # "<dataset index>/<path relative to image_dir>": unique across concatenated datasets
     extra_captions: tuple[str, ...] = ()  # further captions of a multi-caption entry
+    negative_captions: tuple[str, ...] = ()  # hard negatives from the entry's negative_caption_dir
+    content_id: int | None = None  # a hash of the image file's bytes (when scanned with hash_images)
 
     @property
     def captions(self) -> tuple[str, ...]:
@@ -47,9 +51,13 @@ class SkipCounter(Counter):
 
 
 def scan_custom_datasets(
-    entries: Sequence[DatasetEntry], section: str, require_captions: bool = True
+    entries: Sequence[DatasetEntry], section: str, require_captions: bool = True, hash_images: bool = False
 ) -> tuple[list[Sample], SkipCounter]:
     """Every usable (image, caption) pair of ``entries``, concatenated in order.
+
+    Negative captions are read for entries with ``negative_caption_dir`` (a file that is not UTF-8 or is
+    empty is skipped and counted; the sample stays, without negatives). ``hash_images`` reads every image
+    file to give it a content id (duplicate detection).
 
     ``section`` names the spec key in errors (``dataset.train.datasets``). Raises :class:`DataError`
     when there are no entries, an ``image_dir`` or list file is missing, or nothing usable is found.
@@ -64,6 +72,11 @@ def scan_custom_datasets(
         caption_dir = entry.caption_dir or entry.image_dir
         if require_captions and not os.path.isdir(caption_dir):
             raise DataError(f"{where}.caption_dir {caption_dir!r} does not exist: point it at the caption files")
+        negative_dir = entry.negative_caption_dir
+        if negative_dir and not os.path.isdir(negative_dir):
+            raise DataError(
+                f"{where}.negative_caption_dir {negative_dir!r} does not exist: point it at the negative files"
+            )
         found = 0
         for rel in tqdm(image_paths, desc=f"scan {where}", unit="img", leave=False, disable=len(image_paths) < 5000):
             captions: tuple[str, ...] = ()
@@ -75,7 +88,16 @@ def scan_custom_datasets(
                     continue
                 captions = split_captions(text) if entry.multi_caption else (text,)
             first, *rest = captions or (None,)
-            samples.append(Sample(os.path.join(entry.image_dir, rel), first, f"{index}/{rel}", tuple(rest)))
+            negatives: tuple[str, ...] = ()
+            if negative_dir:
+                negatives, problem = read_negatives(
+                    os.path.join(negative_dir, os.path.splitext(rel)[0] + entry.caption_file_suffix)
+                )
+                if problem:
+                    skipped[problem] += 1
+            image_path = os.path.join(entry.image_dir, rel)
+            content = _content_id(image_path) if hash_images else None
+            samples.append(Sample(image_path, first, f"{index}/{rel}", tuple(rest), negatives, content))
             found += 1
         log.info("%s: %d samples from %s", where, found, entry.image_dir)
     if not samples:
@@ -86,6 +108,15 @@ def scan_custom_datasets(
     if skipped:
         log.warning("%s: skipped %s", section, skipped.summary())
     return samples, skipped
+
+
+def _content_id(path: str) -> int | None:
+    """A hash of the file's bytes; ``None`` when it cannot be read (the loader counts the image then)."""
+    try:
+        with open(path, "rb") as f:
+            return bytes_id(f.read())
+    except OSError:
+        return None
 
 
 def read_caption(path: str) -> tuple[str | None, str | None]:

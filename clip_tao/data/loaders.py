@@ -29,10 +29,12 @@ from clip_tao.config.schema import DatasetConfig, DatasetEntry
 from clip_tao.data import wds
 from clip_tao.data.custom import Sample, SkipCounter, scan_custom_datasets
 from clip_tao.data.naflex import batch_stacker
+from clip_tao.data.pairs import NO_PAIRS, PairOptions, draw_negatives, pair_fields
 from clip_tao.data.transforms import build_eval_transform, build_train_transform
 from clip_tao.errors import ConfigError, DataError
 from clip_tao.models.base import Preprocess
 from clip_tao.models.patches import PatchBudgetError
+from clip_tao.pair_losses import text_id
 from clip_tao.threads import one_thread_per_worker
 
 log = logging.getLogger(__name__)
@@ -60,8 +62,10 @@ class ImageTextDataset(Dataset):
         augment_seed: int | None = None,
         draft_side: int | None = None,
         tokenize_in_collate: bool = False,
+        pairs: PairOptions = NO_PAIRS,
     ):
         self.samples = list(samples)
+        self.pairs = pairs  # hard negatives and duplicate ids (training)
         self.transform = transform
         self.tokenizer = tokenizer
         # Tokenizing a whole batch in the collate function is cheaper than one caption at a time.
@@ -91,6 +95,11 @@ class ImageTextDataset(Dataset):
                 item["caption"] = caption
             else:
                 item["input_ids"] = self.tokenizer([caption])[0]
+            if self.pairs.enabled:
+                neg_seed = None if seed is None else wds.sample_seed(seed, "negatives")
+                item["captions"] = sample.captions
+                item["image_id"] = sample.content_id if sample.content_id is not None else text_id(sample.image_path)
+                item["negatives"] = draw_negatives(sample.negative_captions, self.pairs.negatives_per_sample, neg_seed)
         return item
 
     @staticmethod
@@ -103,9 +112,11 @@ class ImageTextDataset(Dataset):
         return captions[seed % len(captions)]
 
 
-def collate_skipping_bad(items: list, tokenizer: Callable | None = None, stack: Callable = torch.stack) -> dict:
+def collate_skipping_bad(
+    items: list, tokenizer: Callable | None = None, stack: Callable = torch.stack, negatives_per_sample: int = 0
+) -> dict:
     """Stack the good items (``stack``: see :func:`~clip_tao.data.naflex.batch_stacker`); count the bad ones
-    in ``batch["skipped"]``; tokenize ``caption`` items together."""
+    in ``batch["skipped"]``; tokenize ``caption`` items together; add :func:`pair_fields` when items have them."""
     skipped = SkipCounter(item.reason for item in items if isinstance(item, _Bad))
     good = [item for item in items if not isinstance(item, _Bad)]
     batch: dict = {
@@ -119,6 +130,8 @@ def collate_skipping_bad(items: list, tokenizer: Callable | None = None, stack: 
             batch["input_ids"] = torch.stack([item["input_ids"] for item in good])
         elif "caption" in good[0] and tokenizer is not None:
             batch["input_ids"] = tokenizer([item["caption"] for item in good])
+        if "negatives" in good[0] and tokenizer is not None:
+            batch.update(pair_fields(good, tokenizer, negatives_per_sample))
     return batch
 
 
@@ -257,6 +270,7 @@ def build_train_loader(
     rank: int = 0,
     world_size: int = 1,
     accumulate: int = 1,
+    pairs: PairOptions = NO_PAIRS,
 ) -> LoaderBundle:
     """Shuffled, augmented image-text batches from ``dataset.train`` for ``rank`` of ``world_size``, whose
     optimiser steps take ``accumulate`` batches each.
@@ -264,8 +278,15 @@ def build_train_loader(
     The samples of a global step (``batch_size x world_size x accumulate`` of them) depend only on the data,
     ``dataset.seed``, the epoch and that global batch: custom data takes consecutive runs of the epoch's
     permutation, shards take the same share of every canonical stream (:class:`~clip_tao.data.wds.StreamPlan`).
+
+    ``pairs``: hard-negative slots and image hashing (see :mod:`clip_tao.data.pairs`); custom folders get
+    negative slots only when an entry has a ``negative_caption_dir``.
     """
     train = data_cfg.train
+    if pairs.negatives_per_sample < 0:
+        raise ConfigError(f"train.hard_negatives_per_sample={pairs.negatives_per_sample} must be >= 0")
+    if train.type != "wds" and not any(entry.negative_caption_dir for entry in train.datasets):
+        pairs = PairOptions(0, pairs.hash_images)
     if train.batch_size < 1:
         raise ConfigError(f"dataset.train.batch_size={train.batch_size} must be >= 1")
     transform = build_train_transform(preprocess, data_cfg.augmentation)
@@ -279,7 +300,7 @@ def build_train_loader(
         total = wds.epoch_samples(shards, train.wds.samples_per_shard)
         plan = wds.plan_streams(shards, total, train.batch_size, world_size, workers, "dataset.train.wds",
                                 accumulate, train.wds.streams)  # fmt: skip
-        stream = wds.WdsTrainStream(shards, plan, rank, transform, tokenizer, data_cfg.seed, draft, stack)
+        stream = wds.WdsTrainStream(shards, plan, rank, transform, tokenizer, data_cfg.seed, draft, stack, pairs)
         # Several workers' chunks are joined into a step's batch: pinned by that join, not chunk by chunk.
         pin_chunks = pin and plan.readers_per_rank == 1
         loader = DataLoader(stream, batch_size=None, num_workers=plan.workers, pin_memory=pin_chunks,
@@ -288,8 +309,9 @@ def build_train_loader(
                  len(shards), plan.streams, total, plan.steps_per_epoch, plan.global_batch)  # fmt: skip
         return LoaderBundle(loader, [], SkipCounter(), kind="wds", num_samples=total, global_batch=plan.global_batch,
                             pin_joined=pin and not pin_chunks)  # fmt: skip
-    samples, skipped = scan_custom_datasets(train.datasets, "dataset.train.datasets")
-    dataset = ImageTextDataset(samples, transform, tokenizer, data_cfg.seed, draft, tokenize_in_collate=True)
+    samples, skipped = scan_custom_datasets(train.datasets, "dataset.train.datasets", hash_images=pairs.hash_images)
+    dataset = ImageTextDataset(samples, transform, tokenizer, data_cfg.seed, draft, tokenize_in_collate=True,
+                               pairs=pairs)  # fmt: skip
     dataset.seed = data_cfg.seed
     sampler = EpochShuffleSampler(len(dataset), data_cfg.seed, rank, world_size)
     if sampler.per_rank < 1:
@@ -299,7 +321,9 @@ def build_train_loader(
         batch_size=train.batch_size,
         sampler=sampler,
         num_workers=workers,
-        collate_fn=functools.partial(collate_skipping_bad, tokenizer=tokenizer, stack=stack),
+        collate_fn=functools.partial(
+            collate_skipping_bad, tokenizer=tokenizer, stack=stack, negatives_per_sample=pairs.negatives_per_sample
+        ),  # fmt: skip
         pin_memory=pin,
         worker_init_fn=one_thread_per_worker,
         # Contrastive batches lose their point when tiny; keep every sample only if there is one batch.

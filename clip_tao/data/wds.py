@@ -2,7 +2,8 @@
 
 Reading is webdataset's own (``tar_file_iterator`` + ``group_by_keys``), so shards written by
 ``webdataset.ShardWriter``, by ``img2dataset`` and by plain GNU ``tar`` all work. A sample pairs an image
-(``jpg jpeg png webp``) with a caption (``txt text``); anything else in a shard is ignored.
+(``jpg jpeg png webp``) with a caption (``txt text``) and, for training, optional hard-negative captions
+(``neg.txt``, one a line); anything else in a shard is ignored.
 
 Training epochs are explicit: ``epoch_samples`` (real counts from ``sizes.json`` / ``_info.json`` /
 img2dataset's ``*_stats.json`` when present, else ``samples_per_shard x shards``) divided by the global batch.
@@ -34,15 +35,26 @@ from torch.utils.data import IterableDataset, get_worker_info
 
 from clip_tao.config.schema import WdsConfig
 from clip_tao.data.custom import SkipCounter
+from clip_tao.data.pairs import (
+    NO_PAIRS,
+    PairOptions,
+    draw_negatives,
+    join_pair_fields,
+    pair_fields,
+    parse_negatives,
+    slice_pair_fields,
+)
 from clip_tao.data.s3 import is_s3_url, open_s3, parse_s3_url, read_s3_bytes, redact_url
 from clip_tao.data.walk import walk_files_once
 from clip_tao.errors import DataError
 from clip_tao.models.patches import PatchBudgetError
+from clip_tao.pair_losses import bytes_id, text_id
 
 log = logging.getLogger(__name__)
 
 IMAGE_KEYS = ("jpg", "jpeg", "png", "webp")
 CAPTION_KEYS = ("txt", "text")
+NEGATIVES_KEY = "neg.txt"  # hard-negative captions of the sample, one a line
 SHARD_SUFFIXES = (".tar", ".tar.gz", ".tgz")
 # Errors of a shard that ends early or is corrupt: the rest of the shard is skipped, never the run.
 SHARD_ERRORS = (tarfile.TarError, EOFError, OSError, ValueError, DataError)
@@ -478,8 +490,10 @@ class WdsTrainStream(IterableDataset):
         seed: int,
         draft_side: int | None = None,
         stack: Callable = torch.stack,
+        pairs: PairOptions = NO_PAIRS,
     ):
         self.shards = list(shards)
+        self.pairs = pairs  # hard negatives (neg.txt members) and image content ids
         self.draft_side = draft_side
         self.stack = stack  # torch.stack, or NaFlex's patch batching
         self.plan = plan
@@ -514,7 +528,7 @@ class WdsTrainStream(IterableDataset):
                 skipped.update(r.skipped)
                 r.skipped.clear()  # the shard reader holds this counter: clear it, never replace it
             positions = {str(r.stream): dict(r.position) for r in readers}
-            yield _collate(items, skipped, positions, self.tokenizer, self.stack)
+            yield _collate(items, skipped, positions, self.tokenizer, self.stack, self.pairs.negatives_per_sample)
 
     def decode(self, raw: dict, shard: Shard, pass_index: int, skipped: SkipCounter) -> dict | None:
         image, caption, problem = decode_pair(raw, self.draft_side)
@@ -529,7 +543,19 @@ class WdsTrainStream(IterableDataset):
             log.warning("%s: %s; skipped", key, exc)
             skipped[PatchBudgetError.reason] += 1
             return None
-        return {"pixels": pixels, "caption": caption, "key": key}
+        item = {"pixels": pixels, "caption": caption, "key": key}
+        if self.pairs.enabled:
+            negatives: tuple[str, ...] = ()
+            if NEGATIVES_KEY in raw:
+                negatives, problem = parse_negatives(raw[NEGATIVES_KEY])
+                if problem:
+                    skipped[problem] += 1
+            image_bytes = next(raw[k] for k in IMAGE_KEYS if k in raw)
+            item["captions"] = (caption,)
+            item["image_id"] = bytes_id(image_bytes) if self.pairs.hash_images else text_id(key)
+            item["negatives"] = draw_negatives(negatives, self.pairs.negatives_per_sample,
+                                               sample_seed(seed, "negatives"))  # fmt: skip
+        return item
 
 
 def regroup_steps(chunks: Iterator[dict], plan: StreamPlan, pin: bool = False) -> Iterator[dict]:
@@ -578,6 +604,7 @@ def _join(chunks: list[dict], pin: bool = False) -> dict:
     else:
         joined = cat(pixels)
     return {
+        **join_pair_fields(chunks),
         "pixels": joined,
         "input_ids": cat([c["input_ids"] for c in chunks]),
         "keys": [k for c in chunks for k in c["keys"]],
@@ -589,6 +616,7 @@ def _join(chunks: list[dict], pin: bool = False) -> dict:
 
 def _slice(batch: dict, start: int, stop: int, last: bool) -> dict:
     return {
+        **slice_pair_fields(batch, start, stop),
         "pixels": batch["pixels"][start:stop],
         "input_ids": batch["input_ids"][start:stop],
         "keys": batch["keys"][start:stop],
@@ -599,14 +627,23 @@ def _slice(batch: dict, start: int, stop: int, last: bool) -> dict:
 
 
 def _collate(
-    items: list[dict], skipped: SkipCounter, positions: dict, tokenizer: Callable, stack: Callable = torch.stack
+    items: list[dict],
+    skipped: SkipCounter,
+    positions: dict,
+    tokenizer: Callable,
+    stack: Callable = torch.stack,
+    negatives_per_sample: int = 0,
 ) -> dict:
+    pairs = pair_fields(items, tokenizer, negatives_per_sample) if "negatives" in items[0] else {}
     return {
+        **pairs,
         "pixels": stack([i["pixels"] for i in items]),
         "input_ids": tokenizer([i["caption"] for i in items]),  # a batch at once: cheaper than one by one
         "keys": [i["key"] for i in items],
         "indices": torch.arange(len(items)),
-        "skipped": dict(skipped),  # a plain dict: default_convert would double a Counter (see data/parts.py)
+        # A plain dict: the DataLoader's default_convert (and pin_memory) copy a mapping and update() the
+        # copy, which for a Counter adds the counts a second time.
+        "skipped": dict(skipped),
         "position": positions,
     }
 

@@ -56,14 +56,14 @@ class RegularizedLoss(nn.Module):
     def set_batch(self, pairs: list[tuple[torch.Tensor, torch.Tensor]], device: torch.device) -> None:
         images, texts = [], []
         with self.precision.autocast(device):
-            for pixels, input_ids in pairs:
+            for pixels, input_ids, *_ in pairs:  # hard negatives, if any, are no pairs
                 images.append(self.teacher.encode_image(pixels.to(device)).float())
                 texts.append(self.teacher.encode_text(input_ids.to(device)).float())
         self._targets = torch.cat(images), torch.cat(texts)
         self._count += 1
 
-    def forward(self, image, text, logit_scale, logit_bias) -> torch.Tensor:
-        contrastive = self.base(image, text, logit_scale, logit_bias)
+    def forward(self, image, text, logit_scale, logit_bias, **pairs) -> torch.Tensor:
+        contrastive = self.base(image, text, logit_scale, logit_bias, **pairs)
         teacher_image, teacher_text = self._targets
         terms = preservation_terms(image, text, teacher_image, teacher_text)
         total = contrastive + sum(self.weights[k] * terms[k] for k in TERMS)

@@ -117,7 +117,9 @@ class Trainer:
         self._resume_from: dict[str, Any] | None = None
         self.last_saved: str | None = None  # named when training diverges: the last checkpoint with good weights
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.precision.use_grad_scaler)
-        self.loss_fn = ContrastiveLoss(self.tcfg.loss_type, self.dist.rank, self.dist.world_size)
+        self.loss_fn = ContrastiveLoss(
+            self.tcfg.loss_type, self.dist.rank, self.dist.world_size, duplicate_pairs=self.tcfg.duplicate_pairs
+        )
         self.validation_every = self._validation_every()
         self.tensorboard = self._open_tensorboard() if self.dist.is_main else None
         self.wandb = None
@@ -402,12 +404,12 @@ class Trainer:
     def _step(self, micro: list[dict]) -> tuple[torch.Tensor | None, int]:
         """One optimiser step over the micro-batches; ``(loss, samples)``, loss (a tensor on the device, not
         waited for) ``None`` when skipped."""
-        pairs = [(b["pixels"], b["input_ids"]) for b in micro if "pixels" in b and len(b["indices"]) > 0]
+        pairs = [_micro_batch(b) for b in micro if "pixels" in b and len(b["indices"]) > 0]
         keys = [k for b in micro if "pixels" in b for k in b["keys"]]
         if self.dist.distributed:
             # Bad files make batches uneven across ranks; the collectives need equal sizes: trim to the smallest.
-            pairs, keys = _trim(pairs, keys, D.all_reduce_min(self.dist, sum(len(p) for p, _ in pairs)))
-        count = sum(len(p) for p, _ in pairs)
+            pairs, keys = _trim(pairs, keys, D.all_reduce_min(self.dist, sum(len(p[0]) for p in pairs)))
+        count = sum(len(p[0]) for p in pairs)
         if count < 2:
             self.scheduler.step()  # keep the schedule in step with global_step
             return None, 0
@@ -554,12 +556,27 @@ class Trainer:
         return float(self.model.logit_scale.detach().exp())
 
 
+def _micro_batch(batch: dict) -> tuple:
+    """``(pixels, input_ids)``, with ``(negative_ids, pair_info)`` added when the batch carries them."""
+    if "pair_info" not in batch:
+        return batch["pixels"], batch["input_ids"]
+    return batch["pixels"], batch["input_ids"], batch.get("negative_ids"), batch["pair_info"]
+
+
 def _trim(pairs: list, keys: list, size: int) -> tuple[list, list]:
-    """The first ``size`` samples of the micro-batches."""
+    """The first ``size`` samples of the micro-batches (with their hard negatives)."""
     out, left = [], size
-    for pixels, ids in pairs:
+    for pair in pairs:
         if left <= 0:
             break
-        out.append((pixels[:left], ids[:left]))
-        left -= len(pixels[:left])
+        pixels, ids = pair[0][:left], pair[1][:left]
+        if len(pair) > 2 and len(pair[0]) > left:
+            negative_ids, info = pair[2], pair[3]
+            if negative_ids is not None:  # the filled slots of the kept samples come first
+                negative_ids = negative_ids[: int(info.negative_valid[:left].sum())]
+                negative_ids = negative_ids if len(negative_ids) else None
+            out.append((pixels, ids, negative_ids, info.first(left)))
+        else:
+            out.append((pixels, ids, *pair[2:]))
+        left -= len(pixels)
     return out, keys[:size]

@@ -4,6 +4,8 @@ Retrieval (TAO's): ``evaluate.datasets`` or the shards of ``evaluate.wds`` (fall
 one or many captions per image. Under torchrun every process embeds its share of the parts
 (:mod:`clip_tao.data.parts`); rank 0 gathers them and computes the exact figures.
 Classification (``evaluate.mode: classification``): a folder per class, prompts from templates.
+Pairs (``evaluate.mode: pairs``): compositional accuracy on ``evaluate.pairs_file`` (see
+:mod:`clip_tao.compositional`).
 """
 
 from __future__ import annotations
@@ -17,9 +19,10 @@ import numpy as np
 import torch
 
 from clip_tao.classification import DEFAULT_TEMPLATES, class_embeddings, classification_metrics
+from clip_tao.compositional import pairs_accuracy, read_pairs_file
 from clip_tao.config.schema import ExperimentConfig
-from clip_tao.data.classes import scan_labelled_images
-from clip_tao.data.custom import SkipCounter
+from clip_tao.data.classes import build_image_loader, scan_labelled_images
+from clip_tao.data.custom import Sample, SkipCounter
 from clip_tao.data.parts import (
     Collection,
     build_collection,
@@ -30,7 +33,7 @@ from clip_tao.data.parts import (
 )
 from clip_tao.engine.device import resolve_precision
 from clip_tao.engine.distributed import DistContext, gather_to_main
-from clip_tao.engine.embedding import embed_parts, embed_texts, share_equal_inputs
+from clip_tao.engine.embedding import embed_loader, embed_parts, embed_texts, share_equal_inputs
 from clip_tao.engine.finite import check_embeddings
 from clip_tao.engine.model_setup import backend_name, build_encoder
 from clip_tao.engine.task_ranks import task_on_ranks
@@ -53,6 +56,8 @@ def run(cfg: ExperimentConfig) -> dict | None:
         try:
             if cfg.evaluate.mode == "classification":
                 results = _classification(cfg, out_dir, ctx)
+            elif cfg.evaluate.mode == "pairs":  # a few thousand lines: one process scores them
+                results = _pairs(cfg, out_dir) if ctx.is_main else None
             else:
                 results = _retrieval(cfg, out_dir, ctx)
         except (Exception, KeyboardInterrupt) as exc:
@@ -251,6 +256,55 @@ def _classification(cfg: ExperimentConfig, out_dir: str, ctx: DistContext) -> di
         rows = [[name, row["support"], row["recall"], row["precision"]] for name, row in zip(classnames, per_class)]
         print(format_table(["class", "images", "recall %", "precision %"], rows))
     return results
+
+
+def _pairs(cfg: ExperimentConfig, out_dir: str) -> dict:
+    e = cfg.evaluate
+    lines = read_pairs_file(e.pairs_file)
+    model, device = build_encoder(cfg, "evaluate")
+    if hasattr(model, "require"):  # a deployed backend must hold both encoders
+        model.require("vision")
+        model.require("text")
+    precision = resolve_precision("fp32", device)
+    samples = [Sample(line.image, None, f"line {line.line}") for line in lines]
+    loader = build_image_loader(
+        samples, model.preprocess, e.batch_size, e.num_workers, "evaluate.num_workers", cfg.dataset.pin_memory
+    )
+    embeddings = embed_loader(model, loader, device, precision, desc="embed pair images", texts=False)
+    if embeddings.image is None:
+        raise DataError(f"evaluate.pairs_file {e.pairs_file!r}: no image could be decoded")
+    kept = [lines[k] for k in embeddings.indices.tolist()]
+    # Each distinct caption once: a foil equal to its true caption then ties exactly.
+    texts = sorted({t for line in kept for t in (line.positive, *line.negatives)})
+    vectors = embed_texts(model, texts, device, precision, e.batch_size)
+    figures, wins = pairs_accuracy(kept, embeddings.image, dict(zip(texts, vectors)))
+    results = {
+        **figures,
+        "model_type": model.model_type,
+        "backend": backend_name(e),
+        "checkpoint": e.checkpoint,
+        "pairs_file": e.pairs_file,
+        "skipped_files": dict(embeddings.skipped),
+    }
+    write_json(os.path.join(out_dir, "results.json"), results)
+    _write_pair_wins(os.path.join(out_dir, "pairs_results.csv"), kept, wins)
+    print(f"\nCompositional pairs: {len(kept)} images, {len(texts)} distinct captions ({model.model_type})")
+    rows = [["all", figures["num_pairs"], figures["pairs_accuracy"]]]
+    rows += [[k.split("/", 1)[1], figures[f"num_pairs/{k.split('/', 1)[1]}"], v]
+             for k, v in figures.items() if k.startswith("pairs_accuracy/")]  # fmt: skip
+    print(format_table(["tag", "pairs", "accuracy %"], rows))
+    print("a line counts when its true caption scores strictly above every foil (a tie is not a win)")
+    if embeddings.skipped:
+        print(f"skipped: {embeddings.skipped.summary()}")
+    return results
+
+
+def _write_pair_wins(path: str, lines, wins: list[bool]) -> None:
+    with atomic_path(path) as tmp, open(tmp, "w", newline="", encoding="utf-8") as f:
+        writer = csv.writer(f)
+        writer.writerow(["line", "image", "tag", "positive", "win"])
+        for line, win in zip(lines, wins):
+            writer.writerow([line.line, line.image, line.tag or "", line.positive, int(win)])
 
 
 def _read_lines(path: str, key: str) -> list[str]:

@@ -7,6 +7,8 @@ the finished parts, and the parts are joined in order into ``image_embeddings.h5
 ``inference.mode: search`` ranks an image collection (``inference.image_embeddings_file`` or the embedded
 ``inference.datasets``) against every prompt of ``text_file`` and every image of ``query_images``, and writes
 the top ``top_k`` of each as ``search_results.json`` and an offline HTML contact sheet.
+``inference.mode: mine`` writes, for every image of ``inference.datasets``, the captions of other images it
+scores highest, as negative files ready for ``negative_caption_dir`` (see :mod:`clip_tao.mining`).
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import numpy as np
 from clip_tao.config.schema import ExperimentConfig, InferenceConfig
 from clip_tao.data.classes import build_image_loader
 from clip_tao.data.custom import IMAGE_EXTENSIONS, Sample, SkipCounter
+from clip_tao.data.loaders import build_eval_loader
 from clip_tao.data.parts import build_collection, build_part_loader, check_not_empty, rank_parts, wds_given
 from clip_tao.engine.device import resolve_precision
 from clip_tao.engine.distributed import DistContext, barrier, broadcast_object
@@ -28,12 +31,14 @@ from clip_tao.engine.embedding import embed_loader, embed_parts, embed_texts
 from clip_tao.engine.model_setup import build_encoder
 from clip_tao.engine.task_ranks import task_on_ranks
 from clip_tao.errors import ConfigError, DataError, OutputError
-from clip_tao.io.atomic import write_json
+from clip_tao.io.atomic import atomic_path, write_json
 from clip_tao.io.contact_sheet import write_contact_sheet
 from clip_tao.io.embedding_parts import PartStore
 from clip_tao.io.embeddings import read_embeddings, write_embeddings
 from clip_tao.io.tables import format_table
 from clip_tao.io.task_dir import failure_message
+from clip_tao.mining import mine_negatives
+from clip_tao.models.tokenizer import canonicalize_text
 from clip_tao.search import ImageIndex
 
 log = logging.getLogger(__name__)
@@ -48,7 +53,9 @@ def run(cfg: ExperimentConfig) -> dict | None:
     with task_on_ranks(cfg, "inference") as (ctx, out_dir, status):
         status.write("STARTED", f"Starting inference ({i.mode}).")
         try:
-            if i.mode == "search":
+            if i.mode == "mine":  # one process: the candidates of every image are the whole collection's
+                summary = _mine(cfg, out_dir) if ctx.is_main else None
+            elif i.mode == "search":
                 summary = _search(cfg, out_dir, prompts, ctx)
             else:
                 summary = _embed(cfg, out_dir, prompts, ctx)
@@ -84,6 +91,11 @@ def _check(i: InferenceConfig) -> None:
             )
         if i.top_k < 1:
             raise ConfigError(f"inference.top_k={i.top_k} must be >= 1")
+    if i.mode == "mine":
+        if not i.datasets:
+            raise ConfigError("inference.mode=mine needs inference.datasets: image folders with their captions")
+        if i.mine.negatives_per_image < 1:
+            raise ConfigError(f"inference.mine.negatives_per_image={i.mine.negatives_per_image} must be >= 1")
 
 
 def read_prompts(path: str) -> list[str]:
@@ -263,6 +275,73 @@ def _search(cfg: ExperimentConfig, out_dir: str, prompts: list[str], ctx: DistCo
     print(format_table(["query", "text / image", "best match", "score"], rows))
     print(f"all results: {sheet}")
     return {"model_type": model.model_type, "num_images": len(paths), "num_queries": len(results), "faiss": use_faiss}
+
+
+def _mine(cfg: ExperimentConfig, out_dir: str) -> dict:
+    i, m = cfg.inference, cfg.inference.mine
+    model, device = build_encoder(cfg, "inference")
+    if hasattr(model, "require"):  # a deployed backend must hold both encoders
+        model.require("vision")
+        model.require("text")
+    precision = resolve_precision("fp32", device)
+    try:
+        data = build_eval_loader(i.datasets, "inference.datasets", model.preprocess, None, i.batch_size,
+                                 i.num_workers, cfg.dataset.pin_memory)  # fmt: skip
+    except DataError as exc:
+        if "no usable" not in str(exc):
+            raise
+        raise DataError(f"inference.mode=mine needs captions to mine from: {exc}; set caption_dir") from None
+    result = embed_loader(model, data.loader, device, precision, desc="embed images", texts=False)
+    if result.image is None:
+        raise DataError("inference.datasets: no decodable image found")
+    samples = [data.samples[k] for k in result.indices.tolist()]
+    candidates = sorted({c for s in data.samples for c in s.captions})
+    if len(candidates) < 2:
+        raise DataError("inference.datasets: fewer than two distinct captions; nothing to mine from")
+    candidate_emb = embed_texts(model, candidates, device, precision, i.batch_size).numpy()
+    negatives, guarded = mine_negatives(
+        result.image.numpy(), [s.captions for s in samples], candidates, candidate_emb, m.negatives_per_image,
+        m.max_similarity, canonicalize_text if cfg.model.canonicalize_text else (lambda t: t),
+        use_faiss=len(candidates) >= i.faiss_min_images,
+    )  # fmt: skip
+    root = m.output_dir or os.path.join(out_dir, "negatives")
+    folders = _write_negative_files(root, i.datasets, samples, negatives)
+    counts = [len(n) for n in negatives]
+    summary = {
+        "model_type": model.model_type,
+        "num_images": len(samples),
+        "num_candidates": len(candidates),
+        "negatives_written": sum(counts),
+        "images_with_fewer_negatives": sum(c < m.negatives_per_image for c in counts),
+        "guarded_own_caption": guarded["own_caption"],
+        "guarded_above_max_similarity": guarded["above_max_similarity"],
+        "skipped_files": dict(result.skipped + data.scan_skipped),
+        "negative_caption_dirs": folders,
+    }
+    write_json(os.path.join(out_dir, "mining_summary.json"), summary)
+    print(
+        f"\nMined {m.negatives_per_image} hard negatives an image over {len(candidates)} captions ({model.model_type})"
+    )
+    rows = [[k.replace("_", " "), v] for k, v in summary.items() if isinstance(v, int)]
+    print(format_table(["", "count"], rows))
+    for index, folder in enumerate(folders):
+        print(f"train on them: dataset.train.datasets[{index}].negative_caption_dir={folder}")
+    return summary
+
+
+def _write_negative_files(root: str, entries, samples: list[Sample], negatives) -> list[str]:
+    """One file an image at its caption's relative path; a folder per dataset entry when there are several."""
+    folders = [root if len(entries) == 1 else os.path.join(root, str(k)) for k in range(len(entries))]
+    for sample, mined in zip(samples, negatives):
+        if not mined:  # an empty file would be counted as a bad one by training
+            continue
+        index, rel = sample.key.split("/", 1)
+        entry = entries[int(index)]
+        path = os.path.join(folders[int(index)], os.path.splitext(rel)[0] + entry.caption_file_suffix)
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8") as f:
+            f.writelines(text.replace("\n", " ") + "\n" for text, _ in mined)
+    return folders
 
 
 def _query_image_paths(entries: list[str]) -> list[str]:

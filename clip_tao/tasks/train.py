@@ -9,6 +9,7 @@ import os
 from clip_tao.config.loader import config_to_dict
 from clip_tao.config.schema import ExperimentConfig
 from clip_tao.data.loaders import build_train_loader, build_val_loader
+from clip_tao.data.pairs import PairOptions
 from clip_tao.engine.checkpoint import check_model_type, load_checkpoint
 from clip_tao.engine.device import seed_everything
 from clip_tao.engine.distributed import DistContext, barrier, cleanup_distributed, setup_distributed
@@ -62,8 +63,9 @@ def _train(cfg: ExperimentConfig, out_dir: str, status, dist: DistContext) -> di
     # Same seed on every rank: identical initial weights (DDP also broadcasts rank 0's).
     seed_everything(t.seed, t.cudnn.benchmark, t.cudnn.deterministic)
     model = build_model(cfg)
+    pairs = PairOptions(t.hard_negatives_per_sample, hash_images=t.duplicate_pairs != "negative")
     train_data = build_train_loader(cfg.dataset, model.preprocess, model.tokenizer, dist.rank, dist.world_size,
-                                    t.accumulate_grad_batches)  # fmt: skip
+                                    t.accumulate_grad_batches, pairs)  # fmt: skip
     val_data = build_val_loader(cfg.dataset, model.preprocess, model.tokenizer, cfg.dataset.pin_memory)
     log.info(
         "%s: %d training samples an epoch, %d validation samples, %d process(es), %s",

@@ -1,0 +1,109 @@
+"""``inference.mode: mine``: the negatives written against a direct computation, the false-negative guards,
+the folder training reads, and the one-line error of a collection without captions."""
+
+import json
+
+import pytest
+import torch
+from PIL import Image
+
+from clip_tao.cli import main
+from clip_tao.models import create_model
+from clip_tao.models.tokenizer import canonicalize_text
+from tests.conftest import make_dataset
+
+
+def _collection(tmp_path):
+    """24 squares (4 colours: many images share a caption) plus twins that differ only in case/punctuation."""
+    root = make_dataset(tmp_path / "mine" / "images", 24, seed=5)
+    (root / "img_000.txt").write_text("A Red square, on BLUE!\n")
+    (root / "img_001.txt").write_text("a red square on blue\n")
+    return root
+
+
+def _direct(root, captions_by_stem, k, max_similarity, canonicalize):
+    """The top-k by loops over every (image, distinct caption) pair, from the model's own encoders."""
+    from clip_tao.data.transforms import build_eval_transform
+
+    canonical = canonicalize_text if canonicalize else (lambda t: t)
+    model = create_model("tiny-clip", canonicalize_text=canonicalize)
+    transform = build_eval_transform(model.preprocess)
+    candidates = sorted({c for cs in captions_by_stem.values() for c in cs})
+    with torch.no_grad():
+        text = model.encode_text(model.tokenizer(candidates))
+    want = {}
+    for stem, own in captions_by_stem.items():
+        with torch.no_grad():
+            image = model.encode_image(transform(Image.open(root / f"{stem}.jpg").convert("RGB"))[None])[0]
+        scored = sorted(((float(image @ t), c) for c, t in zip(candidates, text)), reverse=True)
+        owned = {canonical(c) for c in own}
+        picked, seen = [], set()
+        for score, caption in scored:
+            if canonical(caption) in owned or (max_similarity is not None and score > max_similarity):
+                continue
+            if canonical(caption) not in seen:
+                seen.add(canonical(caption))
+                picked.append((caption, score))
+        want[stem] = picked[:k]
+    return want
+
+
+@pytest.mark.parametrize("canonicalize", [False, True])
+def test_mined_negatives_follow_the_definition_and_guards(tiny_spec, tmp_path, canonicalize):
+    root = _collection(tmp_path)
+    captions = {p.stem: [p.read_text().strip()] for p in sorted(root.glob("*.txt"))}
+    spec = tiny_spec()
+    out = tmp_path / "mined"
+    args = ["inference.mode=mine", f"inference.datasets=[{{image_dir: {root}}}]", "inference.mine.negatives_per_image=3",
+            f"inference.mine.output_dir={out}", f"model.canonicalize_text={str(canonicalize).lower()}"]  # fmt: skip
+    # a threshold that bites: the median similarity of the first image to the candidates
+    canonical = canonicalize_text if canonicalize else (lambda t: t)
+    loose = _direct(root, captions, 100, None, canonicalize)
+    scores = sorted(s for _, s in loose["img_002"])
+    threshold = scores[len(scores) // 2]
+    assert main(["inference", "-e", str(spec), *args, f"inference.mine.max_similarity={threshold}"]) == 0
+    want = _direct(root, captions, 3, threshold, canonicalize)
+    for stem, own in captions.items():
+        path = out / f"{stem}.txt"
+        got = path.read_text(encoding="utf-8").splitlines() if path.exists() else []
+        assert got == [c for c, _ in want[stem]], stem
+        assert not {canonical(c) for c in got} & {canonical(c) for c in own}  # never one of its own captions
+    summary = json.loads((tmp_path / "results" / "inference" / "mining_summary.json").read_text())
+    assert summary["num_images"] == 24 and summary["guarded_own_caption"] > 0
+    assert summary["guarded_above_max_similarity"] > 0
+    if canonicalize:  # the case/punctuation twin is the other image's own caption
+        assert "A Red square, on BLUE!" not in (out / "img_001.txt").read_text()
+
+
+def test_mined_folder_trains(tiny_spec, tmp_path):
+    """The output is in the negative_caption_dir layout: training reads a negative for every image."""
+    from clip_tao.config.schema import DatasetEntry
+    from clip_tao.data.custom import scan_custom_datasets
+
+    spec = tiny_spec()
+    train = tmp_path / "data" / "train"
+    args = [
+        "inference.mode=mine",
+        f"inference.datasets=[{{image_dir: {train}}}]",
+        "inference.mine.negatives_per_image=2",
+    ]
+    assert main(["inference", "-e", str(spec), *args]) == 0
+    mined = tmp_path / "results" / "inference" / "negatives"
+    samples, skipped = scan_custom_datasets([DatasetEntry(str(train), negative_caption_dir=str(mined))], "train")
+    assert not skipped and all(len(s.negative_captions) == 2 for s in samples)
+    assert all(s.caption not in s.negative_captions for s in samples)
+    overrides = [f"dataset.train.datasets=[{{image_dir: {train}, negative_caption_dir: {mined}}}]", "train.num_epochs=1",
+                 "train.loss_type=clip"]  # fmt: skip
+    assert main(["train", "-e", str(spec), *overrides]) == 0
+
+
+def test_mining_a_collection_without_captions_is_one_line(tiny_spec, tmp_path, capsys):
+    root = make_dataset(tmp_path / "bare", 4)
+    for caption in root.glob("*.txt"):
+        caption.unlink()
+    spec = tiny_spec()
+    assert (
+        main(["inference", "-e", str(spec), "inference.mode=mine", f"inference.datasets=[{{image_dir: {root}}}]"]) != 0
+    )
+    err = capsys.readouterr().err.strip().splitlines()
+    assert any("inference.mode=mine needs captions to mine from" in line and "missing caption" in line for line in err)
