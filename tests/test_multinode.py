@@ -63,7 +63,10 @@ def _host_command(spec, results, log, host: int, host_name: str) -> tuple[list[s
     at = command.index("--standalone")
     command[at : at + 2] = ["--nnodes=2", "--nproc_per_node=1", "--rdzv-backend=c10d",
                             f"--rdzv-endpoint={SUBNET}.1:{RDZV_PORT}", "--rdzv-id=two-hosts",
-                            f"--rdzv-conf=is_host={1 if host == 0 else 0}"]  # fmt: skip
+                            f"--rdzv-conf=is_host={1 if host == 0 else 0}",
+                            # the namespaces share the machine's /etc/hosts, where its name is 127.0.0.1: each
+                            # agent gives its own link address instead of a host name
+                            f"--local-addr={SUBNET}.{host + 1}"]  # fmt: skip
     env = {**_env(), "GLOO_SOCKET_IFNAME": f"veth{host}"}
     return ["ip", "netns", "exec", host_name, *command], env
 
