@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -9,6 +10,7 @@ import torch
 from tqdm import tqdm
 
 from clip_tao.data.custom import SkipCounter
+from clip_tao.data.loaders import iterate_batches
 from clip_tao.engine.device import Precision
 from clip_tao.engine.finite import check_embeddings
 from clip_tao.models.base import ClipModel
@@ -37,15 +39,16 @@ def embed_loader(
     was_training = model.training
     model.eval()
     images, captions, indices, skipped = [], [], [], SkipCounter()
-    for batch in tqdm(loader, desc=desc, unit="batch", leave=False):
-        skipped.update(batch["skipped"])
-        if "pixels" not in batch:
-            continue
-        with precision.autocast(device):
-            images.append(model.encode_image(batch["pixels"].to(device, non_blocking=True)).float().cpu())
-            if texts and "input_ids" in batch:
-                captions.append(model.encode_text(batch["input_ids"].to(device, non_blocking=True)).float().cpu())
-        indices.append(batch["indices"])
+    with contextlib.closing(iterate_batches(loader)) as stream:  # workers shut down here, even on an error
+        for batch in tqdm(stream, desc=desc, unit="batch", leave=False, total=_length(loader)):
+            skipped.update(batch["skipped"])
+            if "pixels" not in batch:
+                continue
+            with precision.autocast(device):
+                images.append(model.encode_image(batch["pixels"].to(device, non_blocking=True)).float().cpu())
+                if texts and "input_ids" in batch:
+                    captions.append(model.encode_text(batch["input_ids"].to(device, non_blocking=True)).float().cpu())
+            indices.append(batch["indices"])
     model.train(was_training)
     result = Embeddings(
         image=torch.cat(images) if images else None,
@@ -56,6 +59,14 @@ def embed_loader(
     check_embeddings(result.image, "image")
     check_embeddings(result.text, "text")
     return result
+
+
+def _length(loader) -> int | None:
+    """Batches in ``loader`` for the progress bar (``None`` for a stream without a length)."""
+    try:
+        return len(loader)
+    except TypeError:
+        return None
 
 
 @torch.no_grad()

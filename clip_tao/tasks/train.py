@@ -6,6 +6,7 @@ import contextlib
 import logging
 import os
 
+from clip_tao import stopping
 from clip_tao.config.loader import config_to_dict
 from clip_tao.config.schema import ExperimentConfig
 from clip_tao.data.loaders import build_train_loader, build_val_loader
@@ -40,9 +41,13 @@ def run(cfg: ExperimentConfig) -> dict:
             barrier(dist)  # the folder exists before any rank opens files in it
             if not dist.is_main:
                 out_dir, status = cfg.task_dir("train"), StatusWriter(cfg.task_dir("train"), enabled=False)
+            # Should the process have to be ended from outside the main thread (see clip_tao.stopping).
+            claims.enter_context(stopping.last_words(lambda: status.write("FAILURE", _interrupted())))
             try:
                 summary = _train(cfg, out_dir, status, dist)
             except (Exception, KeyboardInterrupt) as exc:
+                if isinstance(exc, KeyboardInterrupt):
+                    stopping.acknowledge()
                 status.write("FAILURE", failure_message("Training", exc))
                 raise
             status.write("SUCCESS", "Training finished.", kpi=summary["final"])
@@ -50,6 +55,10 @@ def run(cfg: ExperimentConfig) -> dict:
             return summary
     finally:
         cleanup_distributed()
+
+
+def _interrupted() -> str:
+    return failure_message("Training", KeyboardInterrupt(stopping.requested() or "SIGINT"))
 
 
 def _train(cfg: ExperimentConfig, out_dir: str, status, dist: DistContext) -> dict:
