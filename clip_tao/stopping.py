@@ -28,6 +28,7 @@ import contextlib
 import logging
 import multiprocessing
 import os
+import select
 import signal
 import sys
 import threading
@@ -40,19 +41,22 @@ STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 RETRY_S = 2.0  # a stop not acted on by then was dropped somewhere: deliver it again
 FORCE_S = 15.0  # still running this long after the signal: the main thread is stuck in C; exit
 
-_requested: int | None = None  # the first stop signal
-_first_at = 0.0
+_requested: int | None = None  # the first stop signal the main thread has handled
+_arrived: int | None = None  # the first stop signal, as the watchdog learnt of it (even if the main thread did not)
+_arrived_at = 0.0
 _delivered_at = 0.0
 _acknowledged = False
 _deferring = False  # inside deferred()
 _installed = False
 _watchdog: threading.Thread | None = None
+_wakeup_write_fd = -1
 _last_words: list[Callable[[], None]] = []
 
 
 def requested() -> str | None:
     """The name of the signal that asked this process to stop (``"SIGINT"``), or ``None``."""
-    return None if _requested is None else signal.Signals(_requested).name
+    signum = _requested or _arrived
+    return None if signum is None else signal.Signals(signum).name
 
 
 def acknowledge() -> None:
@@ -66,11 +70,11 @@ def acknowledge() -> None:
 @contextlib.contextmanager
 def install() -> Iterator[None]:
     """Handle SIGTERM, and SIGINT unless it was ignored when the process started (a background job)."""
-    global _installed, _watchdog, _requested, _acknowledged
+    global _installed, _requested, _arrived, _acknowledged
     if threading.current_thread() is not threading.main_thread() or _installed:
         yield
         return
-    _requested, _acknowledged = None, False
+    _requested, _arrived, _acknowledged = None, None, False
     previous = {}
     for signum in STOP_SIGNALS:
         if signum == signal.SIGINT and signal.getsignal(signum) is signal.SIG_IGN:
@@ -79,16 +83,18 @@ def install() -> Iterator[None]:
                             os.getpid())  # fmt: skip
             continue
         previous[signum] = signal.signal(signum, _on_signal)
+    _start_watchdog()
+    # Python writes each signal's number to this pipe from the C handler, at once: the watchdog learns of a
+    # stop even while the main thread is inside a C call and has not run the Python handler.
+    previous_wakeup = signal.set_wakeup_fd(_wakeup_write_fd, warn_on_full_buffer=False)
     _installed = True
-    if _watchdog is None:  # one for the life of the process (tests call the command line many times)
-        _watchdog = threading.Thread(target=_watch, name="clip-tao-stop-watchdog", daemon=True)
-        _watchdog.start()
     try:
         yield
     finally:
+        _installed = False
+        signal.set_wakeup_fd(previous_wakeup)
         for signum, handler in previous.items():
             signal.signal(signum, handler)
-        _installed = False
 
 
 @contextlib.contextmanager
@@ -124,15 +130,18 @@ def in_loader_worker() -> None:
     """In a DataLoader worker: ignore SIGINT; the main process stops the workers (torch's own SIGTERM handler
     ends a worker that its parent terminates)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.set_wakeup_fd(-1)  # the pipe is the main process's watchdog's
 
 
 def _on_signal(signum: int, frame) -> None:
-    global _requested, _first_at, _delivered_at
+    global _requested, _arrived, _arrived_at, _delivered_at
     if _acknowledged:
         return
     now = time.monotonic()
+    if _arrived is None:
+        _arrived, _arrived_at = signum, now
     if _requested is None:
-        _requested, _first_at = signum, now
+        _requested = signum
         _quiet_worker_checks()
     _delivered_at = now
     if _deferring:
@@ -146,19 +155,34 @@ def _quiet_worker_checks() -> None:
         signal.signal(signal.SIGCHLD, signal.SIG_DFL)
 
 
-def _watch() -> None:
-    global _delivered_at
+def _start_watchdog() -> None:
+    """One watchdog thread and its pipe for the life of the process (tests run the command many times)."""
+    global _watchdog, _wakeup_write_fd
+    if _watchdog is not None:
+        return
+    read_fd, _wakeup_write_fd = os.pipe()
+    os.set_blocking(_wakeup_write_fd, False)  # as set_wakeup_fd requires
+    _watchdog = threading.Thread(target=_watch, args=(read_fd,), name="clip-tao-stop-watchdog", daemon=True)
+    _watchdog.start()
+
+
+def _watch(read_fd: int) -> None:
+    global _arrived, _arrived_at, _delivered_at
     main = threading.main_thread().ident
     while True:
-        time.sleep(0.2)
-        if _requested is None or not _installed:
+        ready, _, _ = select.select([read_fd], [], [], 0.2)
+        if ready:
+            for signum in os.read(read_fd, 512):
+                if signum in STOP_SIGNALS and _installed and _arrived is None:
+                    _arrived, _arrived_at = signum, time.monotonic()
+        if _arrived is None or not _installed:
             continue
         now = time.monotonic()
-        if now - _first_at > FORCE_S:
+        if now - _arrived_at > FORCE_S:
             _force_exit()
-        if not _acknowledged and now - _delivered_at > RETRY_S:
+        if not _acknowledged and now - max(_delivered_at, _arrived_at) > RETRY_S:
             _delivered_at = now
-            signal.pthread_kill(main, _requested)  # a real signal: it also ends a blocking system call
+            signal.pthread_kill(main, _arrived)  # a real signal: it also ends a blocking system call
 
 
 def _force_exit() -> None:
@@ -172,4 +196,4 @@ def _force_exit() -> None:
             print(f"clip-tao: while exiting: {exc!r}", file=sys.stderr, flush=True)
     for child in multiprocessing.active_children():
         child.terminate()
-    os._exit(128 + _requested)
+    os._exit(128 + (_requested or _arrived))
