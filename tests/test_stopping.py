@@ -163,6 +163,34 @@ def _assert_stopped(process: subprocess.Popen, tmp_path: Path, signum: int, work
     return err
 
 
+DROPPED_IN_DEL = """
+import os, signal, time
+from clip_tao import stopping
+
+class Slow:
+    def __del__(self):  # Python drops what is raised here: "Exception ignored in ..."
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(0.5)
+
+with stopping.install():
+    try:
+        Slow()  # gone at once: __del__ runs, the KeyboardInterrupt is dropped
+        print("went on", flush=True)
+        time.sleep(60)
+    except KeyboardInterrupt as exc:
+        print("stopped by", exc.args[0], flush=True)
+"""
+
+
+def test_an_interruption_dropped_in_a_del_is_raised_again():
+    """The mechanism on its own: the handler's exception is lost where Python drops exceptions, the stop is not."""
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    run = subprocess.run([sys.executable, "-c", DROPPED_IN_DEL], env=env, capture_output=True, text=True,
+                         timeout=STOP_BOUND_S)  # fmt: skip
+    assert run.stdout.split("\n")[:2] == ["went on", "stopped by SIGINT"], run.stderr
+    assert "Exception ignored in" in run.stderr
+
+
 @pytest.mark.parametrize(
     ("fifo_in", "how"),
     [("train", "ctrl-c"), ("val", "sigint")],
