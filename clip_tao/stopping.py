@@ -17,9 +17,10 @@ handled in logging's after-fork hook, right after it, and was lost there. So:
   group, but the main process decides and stops them. Once stopping, a worker that dies is no error: torch's
   SIGCHLD check is switched off, so its RuntimeError cannot replace the interruption or land in the final
   status write.
-- A main thread stuck in a C call that signals cannot interrupt (a collective whose peer never comes) is
-  ended ``FORCE_S`` seconds after the signal: the registered :func:`last_words` (the final status line,
-  the release of the results folder) run first, then the loader workers are stopped.
+- A main thread stuck in a C call that signals cannot interrupt (a collective whose peer never comes) never
+  runs the Python handler; the watchdog learns of the signal from Python's wakeup fd (the C handler writes
+  to it at once) and ends the process ``FORCE_S`` seconds later: the registered :func:`last_words` (the
+  final status line, the release of the results folder) run first, then the loader workers are stopped.
 """
 
 from __future__ import annotations

@@ -191,6 +191,41 @@ def test_an_interruption_dropped_in_a_del_is_raised_again():
     assert "Exception ignored in" in run.stderr
 
 
+TORCHRUN_STAND_IN = """
+import signal, sys, time
+def stop(signum, frame):
+    time.sleep(1.0)  # a moment to stop its own processes
+    print("child stopped by", signal.Signals(signum).name, flush=True)
+    sys.exit(1)
+signal.signal(signal.SIGINT, stop)
+print("child ready", flush=True)
+time.sleep(60)
+"""
+
+LAUNCHER = """
+import os, sys
+from clip_tao import cli, stopping
+
+with stopping.install():
+    try:
+        cli._run_torchrun([sys.executable, "-c", sys.argv[1]], dict(os.environ))
+    except KeyboardInterrupt:
+        print("launcher stopped", flush=True)
+"""
+
+
+def test_the_launcher_passes_a_stop_on_to_torchrun_and_waits():
+    """``train.num_gpus > 1`` runs torchrun as a child: a SIGINT to the launcher alone reaches it (killing it
+    would leave its processes training), and the launcher ends after it. A script stands in for torchrun."""
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    command = [sys.executable, "-c", LAUNCHER, TORCHRUN_STAND_IN]
+    run = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, text=True)
+    assert run.stdout.readline() == "child ready\n"
+    run.send_signal(signal.SIGINT)
+    out, _ = run.communicate(timeout=STOP_BOUND_S)
+    assert out.splitlines() == ["child stopped by SIGINT", "launcher stopped"]
+
+
 @pytest.mark.parametrize(
     ("fifo_in", "how"),
     [("train", "ctrl-c"), ("val", "sigint")],
