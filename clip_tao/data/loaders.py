@@ -231,7 +231,7 @@ def iterate_batches(loader: DataLoader):
         raise
     finally:
         shutdown = getattr(batches, "_shutdown_workers", None)  # torch's own shutdown, also what __del__ calls
-        if shutdown is not None:
+        if shutdown is not None and not getattr(loader, "persistent_workers", False):
             shutdown()
 
 
