@@ -64,7 +64,7 @@ def acknowledge() -> None:
     """The interruption reached code that stops the task: no more deliveries; further signals are ignored
     so that the final status line and the release of the output are not interrupted in turn."""
     global _acknowledged
-    if _requested is not None:
+    if _requested is not None or _arrived is not None:
         _acknowledged = True
 
 

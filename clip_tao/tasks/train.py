@@ -46,9 +46,10 @@ def run(cfg: ExperimentConfig) -> dict:
             try:
                 summary = _train(cfg, out_dir, status, dist)
             except (Exception, KeyboardInterrupt) as exc:
-                if isinstance(exc, KeyboardInterrupt):
-                    stopping.acknowledge()
-                status.write("FAILURE", failure_message("Training", exc))
+                stop = _as_interruption(exc)
+                status.write("FAILURE", failure_message("Training", stop or exc))
+                if stop is not None and stop is not exc:
+                    raise stop from exc
                 raise
             status.write("SUCCESS", "Training finished.", kpi=summary["final"])
             barrier(dist)  # on success only: a failed rank is torn down by torchrun instead
@@ -59,6 +60,16 @@ def run(cfg: ExperimentConfig) -> dict:
 
 def _interrupted() -> str:
     return failure_message("Training", KeyboardInterrupt(stopping.requested() or "SIGINT"))
+
+
+def _as_interruption(exc: BaseException) -> KeyboardInterrupt | None:
+    """The interruption ``exc`` stands for: itself, or, once a stop signal has come, whatever failed after it
+    (under torchrun a peer that stopped first breaks the collective this rank was waiting in)."""
+    name = stopping.requested()
+    if not isinstance(exc, KeyboardInterrupt) and name is None:
+        return None
+    stopping.acknowledge()
+    return exc if isinstance(exc, KeyboardInterrupt) else KeyboardInterrupt(name)
 
 
 def _train(cfg: ExperimentConfig, out_dir: str, status, dist: DistContext) -> dict:
