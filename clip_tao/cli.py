@@ -7,15 +7,17 @@ printed as one line; ``--debug`` shows the traceback.
 from __future__ import annotations
 
 import argparse
+import atexit
+import contextlib
+import gc
 import importlib
 import logging
 import os
 import signal
 import sys
-import threading
 from collections.abc import Sequence
 
-from clip_tao import __version__
+from clip_tao import __version__, stopping
 from clip_tao.engine.launcher import adopt_slurm_environment
 from clip_tao.errors import ClipTaoError
 
@@ -66,24 +68,28 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     adopt_slurm_environment()  # srun without torchrun: one run of several processes, not several runs
+    if argv is None:  # the program itself, not a caller in Python
+        # The interpreter's last garbage collection walks every object that torch, transformers and open_clip
+        # made: seconds on a busy machine between the final status line and the end of the process.
+        atexit.register(gc.freeze)
     _setup_logging()
-    previous = _interrupt_on_sigterm()
+    # serve: uvicorn stops on SIGINT/SIGTERM itself, after the requests in flight.
+    own_stop = args.command not in ("serve", "list-models")
     try:
-        if args.command == "list-models":
-            return _list_models(args.pattern)
-        return _run_task(args.command, args.spec, args.overrides)
+        with stopping.install() if own_stop else contextlib.nullcontext():
+            if args.command == "list-models":
+                return _list_models(args.pattern)
+            return _run_task(args.command, args.spec, args.overrides)
     except ClipTaoError as exc:
         if args.debug:
             raise
         print(f"clip-tao {args.command}: error: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt as exc:
+        stopping.acknowledge()
         name = exc.args[0] if exc.args else "SIGINT"
         print(f"clip-tao {args.command}: interrupted ({name})", file=sys.stderr)
         return 128 + getattr(signal, name, signal.SIGINT)
-    finally:
-        if previous is not None:
-            signal.signal(signal.SIGTERM, previous)
 
 
 def _run_task(task: str, spec: str, overrides: Sequence[str]) -> int:
@@ -105,17 +111,31 @@ def _run_task(task: str, spec: str, overrides: Sequence[str]) -> int:
         section = getattr(cfg, task)
         relaunch = relaunch_command(section, [task, "-e", spec, *overrides], task)
         if relaunch is not None:  # <task>.num_gpus > 1 on this node: one process a GPU, under torchrun
-            import subprocess
-
             command, env = relaunch
             log.info("starting %d processes: %s", section.num_gpus, " ".join(command))
-            return subprocess.run(command, env=env).returncode
+            return _run_torchrun(command, env)
     from clip_tao.threads import set_main_process_threads
 
     set_main_process_threads(cfg.train.num_threads, _loader_workers(cfg, task))
     module = importlib.import_module(f"clip_tao.tasks.{task}")
     module.run(cfg)
     return 0
+
+
+def _run_torchrun(command: list[str], env: dict[str, str]) -> int:
+    """Run torchrun until it ends. On a stop it gets the signal too and stops its processes (each writes its
+    final status); killing it, as ``subprocess.run`` does, would leave them training."""
+    import subprocess
+
+    process = subprocess.Popen(command, env=env)
+    try:
+        return process.wait()
+    except KeyboardInterrupt:
+        stopping.acknowledge()
+        with contextlib.suppress(ProcessLookupError):
+            process.send_signal(getattr(signal, stopping.requested() or "SIGINT"))
+        process.wait()
+        raise
 
 
 def _loader_workers(cfg, task: str) -> int:
@@ -138,19 +158,6 @@ def _list_models(pattern: str) -> int:
     rows = [[i.name, i.family, i.image_size, i.embed_dim, i.context_length, i.weights] for i in infos]
     print(format_table(["type", "family", "image size", "embed dim", "context", "weights"], rows))
     return 0
-
-
-def _interrupt_on_sigterm():
-    """SIGTERM (a scheduler's stop, ``kill``) unwinds like Ctrl-C, so tasks write a final status line.
-
-    Returns the previous handler (``None`` off the main thread, where handlers cannot be set)."""
-
-    def interrupt(signum, frame):
-        raise KeyboardInterrupt(signal.Signals(signum).name)
-
-    if threading.current_thread() is not threading.main_thread():
-        return None
-    return signal.signal(signal.SIGTERM, interrupt)
 
 
 def _setup_logging() -> None:

@@ -11,12 +11,11 @@ from torch.utils.data import DataLoader
 
 from clip_tao.config.schema import DatasetEntry
 from clip_tao.data.custom import IMAGE_EXTENSIONS, Sample
-from clip_tao.data.loaders import ImageTextDataset, collate_skipping_bad, effective_workers
+from clip_tao.data.loaders import ImageTextDataset, collate_skipping_bad, effective_workers, init_worker
 from clip_tao.data.naflex import batch_stacker
 from clip_tao.data.transforms import build_eval_transform
 from clip_tao.errors import DataError
 from clip_tao.models.base import Preprocess
-from clip_tao.threads import one_thread_per_worker
 
 
 def scan_labelled_images(entries: Sequence[DatasetEntry], section: str) -> tuple[list[Sample], list[int], list[str]]:
@@ -110,5 +109,5 @@ def build_image_loader(
         num_workers=effective_workers(num_workers, key),
         collate_fn=functools.partial(collate_skipping_bad, stack=batch_stacker(preprocess)),
         pin_memory=pin_memory and torch.cuda.is_available(),
-        worker_init_fn=one_thread_per_worker,
+        worker_init_fn=init_worker,
     )

@@ -25,6 +25,7 @@ import torch
 from PIL import Image, UnidentifiedImageError
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from clip_tao import stopping
 from clip_tao.config.schema import DatasetConfig, DatasetEntry
 from clip_tao.data import wds
 from clip_tao.data.custom import Sample, SkipCounter, scan_custom_datasets
@@ -242,14 +243,38 @@ class LoaderBundle:
 
 def iterate_batches(loader: DataLoader):
     """``iter(loader)``, with a :class:`DataError` raised in a worker process turned back into its one line
-    (the DataLoader re-raises it with the worker's whole traceback as the message)."""
+    (the DataLoader re-raises it with the worker's whole traceback as the message).
+
+    The workers start with a stop deferred (see :mod:`clip_tao.stopping`) and are shut down here, in ordinary
+    code, not in the iterator's ``__del__`` where a signal would be dropped. Close the generator (or exhaust it)
+    rather than abandon it. On a stop the workers are terminated at once: their batches are no use any more.
+    """
+    batches = None
     try:
-        yield from loader
+        with stopping.deferred():
+            batches = iter(loader)
+        yield from batches
     except DataError as exc:
         message = str(exc).strip().splitlines()
         if len(message) > 1 and message[0].startswith("Caught DataError"):
             raise DataError(message[-1].split("DataError: ", 1)[-1]) from exc
         raise
+    except KeyboardInterrupt:
+        stopping.acknowledge()
+        for worker in getattr(batches, "_workers", ()):
+            if worker.is_alive():
+                worker.terminate()  # torch's worker handler exits at once on its parent's SIGTERM
+        raise
+    finally:
+        shutdown = getattr(batches, "_shutdown_workers", None)  # torch's own shutdown, also what __del__ calls
+        if shutdown is not None and not getattr(loader, "persistent_workers", False):
+            shutdown()
+
+
+def init_worker(worker_id: int) -> None:
+    """``worker_init_fn`` of every DataLoader: one compute thread, and signals left to the main process."""
+    stopping.in_loader_worker()
+    one_thread_per_worker(worker_id)
 
 
 def effective_workers(requested: int, key: str) -> int:
@@ -304,7 +329,7 @@ def build_train_loader(
         # Several workers' chunks are joined into a step's batch: pinned by that join, not chunk by chunk.
         pin_chunks = pin and plan.readers_per_rank == 1
         loader = DataLoader(stream, batch_size=None, num_workers=plan.workers, pin_memory=pin_chunks,
-                            worker_init_fn=one_thread_per_worker)  # fmt: skip
+                            worker_init_fn=init_worker)  # fmt: skip
         log.info("dataset.train.wds: %d shards in %d sample streams, %d samples an epoch, %d steps of %d",
                  len(shards), plan.streams, total, plan.steps_per_epoch, plan.global_batch)  # fmt: skip
         return LoaderBundle(loader, [], SkipCounter(), kind="wds", num_samples=total, global_batch=plan.global_batch,
@@ -325,7 +350,7 @@ def build_train_loader(
             collate_skipping_bad, tokenizer=tokenizer, stack=stack, negatives_per_sample=pairs.negatives_per_sample
         ),  # fmt: skip
         pin_memory=pin,
-        worker_init_fn=one_thread_per_worker,
+        worker_init_fn=init_worker,
         # Contrastive batches lose their point when tiny; keep every sample only if there is one batch.
         drop_last=sampler.per_rank > train.batch_size,
         generator=torch.Generator().manual_seed(data_cfg.seed),
@@ -369,7 +394,7 @@ def build_wds_eval_loader(
         num_workers=workers,
         collate_fn=functools.partial(collate_skipping_bad, stack=batch_stacker(preprocess)),
         pin_memory=pin_memory and torch.cuda.is_available(),
-        worker_init_fn=one_thread_per_worker,
+        worker_init_fn=init_worker,
     )
     return LoaderBundle(loader, [], SkipCounter(), kind="wds",
                         num_samples=wds.epoch_samples(shards, wds_cfg.samples_per_shard))  # fmt: skip
@@ -397,6 +422,6 @@ def build_eval_loader(
         num_workers=effective_workers(num_workers, f"{section.rsplit('.', 1)[0]}.num_workers"),
         collate_fn=functools.partial(collate_skipping_bad, stack=batch_stacker(preprocess)),
         pin_memory=pin_memory and torch.cuda.is_available(),
-        worker_init_fn=one_thread_per_worker,
+        worker_init_fn=init_worker,
     )
     return LoaderBundle(loader, samples, skipped)

@@ -564,6 +564,15 @@ def regroup_steps(chunks: Iterator[dict], plan: StreamPlan, pin: bool = False) -
     of a step carries ``position``: every stream of this rank after the step. With ``pin``, the join writes
     straight into pinned memory (the one copy the DataLoader's pinning would otherwise make of each chunk)."""
     chunks = iter(chunks)
+    try:
+        yield from _regroup(chunks, plan, pin)
+    finally:  # closing the batches closes the loader's iteration too: its workers stop in ordinary code
+        close = getattr(chunks, "close", None)
+        if close is not None:
+            close()
+
+
+def _regroup(chunks: Iterator[dict], plan: StreamPlan, pin: bool) -> Iterator[dict]:
     while True:
         step = []
         for _ in range(plan.readers_per_rank):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
@@ -41,16 +42,17 @@ def embed_loader(
     was_training = model.training
     model.eval()
     images, captions, ids, indices, skipped = [], [], [], [], SkipCounter()
-    for batch in tqdm(loader, desc=desc, unit="batch", leave=False):
-        skipped.update(batch["skipped"])
-        if "pixels" not in batch:
-            continue
-        with precision.autocast(device):
-            images.append(model.encode_image(batch["pixels"].to(device, non_blocking=True)).float().cpu())
-            if texts and "input_ids" in batch:
-                captions.append(model.encode_text(batch["input_ids"].to(device, non_blocking=True)).float().cpu())
-                ids.append(batch["input_ids"].cpu())
-        indices.append(batch["indices"])
+    with contextlib.closing(iterate_batches(loader)) as stream:  # workers shut down here, even on an error
+        for batch in tqdm(stream, desc=desc, unit="batch", leave=False, total=_length(loader)):
+            skipped.update(batch["skipped"])
+            if "pixels" not in batch:
+                continue
+            with precision.autocast(device):
+                images.append(model.encode_image(batch["pixels"].to(device, non_blocking=True)).float().cpu())
+                if texts and "input_ids" in batch:
+                    captions.append(model.encode_text(batch["input_ids"].to(device, non_blocking=True)).float().cpu())
+                    ids.append(batch["input_ids"].cpu())
+            indices.append(batch["indices"])
     model.train(was_training)
     result = Embeddings(
         image=torch.cat(images) if images else None,
@@ -62,6 +64,14 @@ def embed_loader(
     check_embeddings(result.image, "image")
     check_embeddings(result.text, "text")
     return result
+
+
+def _length(loader) -> int | None:
+    """Batches in ``loader`` for the progress bar (``None`` for a stream without a length)."""
+    try:
+        return len(loader)
+    except TypeError:
+        return None
 
 
 @torch.no_grad()
@@ -153,18 +163,24 @@ def embed_parts(
 
 
 def _embed_batches(model, loader, device, precision, on_part, texts, check_finite, buffers, bar) -> None:
-    for batch in iterate_batches(loader):
-        buffer = buffers.setdefault(batch["part"], _PartBuffer())
-        buffer.skipped.update(batch["skipped"])
-        if "pixels" in batch:
-            with precision.autocast(device):
-                buffer.images.append(model.encode_image(batch["pixels"].to(device, non_blocking=True)).float().cpu())
-                if texts and "input_ids" in batch:
-                    ids = batch["input_ids"].to(device, non_blocking=True)
-                    buffer.texts.append(model.encode_text(ids).float().cpu())
-                    buffer.text_ids.append(batch["input_ids"].cpu())
-            buffer.indices.append(batch["indices"])
-            buffer.labels += batch["labels"]
-            bar.update(len(batch["labels"]))
-        if batch["last"]:
-            on_part(buffers.pop(batch["part"]).finish(batch["part"], model.embed_dim, check_finite))
+    with contextlib.closing(iterate_batches(loader)) as stream:  # workers shut down here, even on an error
+        for batch in stream:
+            _add_batch(model, batch, device, precision, on_part, texts, check_finite, buffers, bar)
+
+
+def _add_batch(model, batch, device, precision, on_part, texts, check_finite, buffers, bar) -> None:
+    """One batch of a part into its buffer; a finished part goes to ``on_part``."""
+    buffer = buffers.setdefault(batch["part"], _PartBuffer())
+    buffer.skipped.update(batch["skipped"])
+    if "pixels" in batch:
+        with precision.autocast(device):
+            buffer.images.append(model.encode_image(batch["pixels"].to(device, non_blocking=True)).float().cpu())
+            if texts and "input_ids" in batch:
+                ids = batch["input_ids"].to(device, non_blocking=True)
+                buffer.texts.append(model.encode_text(ids).float().cpu())
+                buffer.text_ids.append(batch["input_ids"].cpu())
+        buffer.indices.append(batch["indices"])
+        buffer.labels += batch["labels"]
+        bar.update(len(batch["labels"]))
+    if batch["last"]:
+        on_part(buffers.pop(batch["part"]).finish(batch["part"], model.embed_dim, check_finite))

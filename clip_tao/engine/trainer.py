@@ -353,8 +353,10 @@ class Trainer:
         loss_sum, loss_count, seen, window_start, shown = 0.0, 0, 0, time.time(), math.nan
         end = self.steps_per_epoch * self.accumulate  # leftover batches (< accumulate) are not trained on
         micro: list[dict] = []
+        # Closed here, not abandoned: the loader's workers then shut down in ordinary code (see iterate_batches).
+        batches = self.train_data.batches()
         try:
-            for batch_index, batch in enumerate(self.train_data.batches(), start=skip_batches):
+            for batch_index, batch in enumerate(batches, start=skip_batches):
                 if batch_index >= end:
                     break
                 self.skipped.update(batch["skipped"])
@@ -387,6 +389,7 @@ class Trainer:
                     shown = self._checked_mean(loss_sum, loss_count)  # never save weights after a non-finite loss
                     self.save(epoch)
         finally:
+            batches.close()
             self.train_data.resume_at(0, None)
             bar.close()
         return D.all_reduce_mean(self.dist, self._checked_mean(loss_sum, loss_count))

@@ -16,6 +16,7 @@ import os
 import socket
 from collections.abc import Iterator
 
+from clip_tao import stopping
 from clip_tao.errors import OutputError
 
 
@@ -50,7 +51,8 @@ def exclusive_claim(lock_path: str, what: str) -> Iterator[None]:
     try:
         os.ftruncate(fd, 0)
         os.write(fd, f"{os.getpid()} {socket.gethostname()}\n".encode())
-        yield
+        with stopping.last_words(lambda: os.remove(lock_path)):  # a process ended from outside the main thread
+            yield
     finally:
         with contextlib.suppress(OSError):
             os.remove(lock_path)  # while still locked: a waiter then retries on a fresh file

@@ -6,6 +6,7 @@ import contextlib
 import logging
 import os
 
+from clip_tao import stopping
 from clip_tao.config.loader import config_to_dict
 from clip_tao.config.schema import ExperimentConfig
 from clip_tao.data.loaders import build_train_loader, build_val_loader
@@ -41,16 +42,35 @@ def run(cfg: ExperimentConfig) -> dict:
             barrier(dist)  # the folder exists before any rank opens files in it
             if not dist.is_main:
                 out_dir, status = cfg.task_dir("train"), StatusWriter(cfg.task_dir("train"), enabled=False)
+            # Should the process have to be ended from outside the main thread (see clip_tao.stopping).
+            claims.enter_context(stopping.last_words(lambda: status.write("FAILURE", _interrupted())))
             try:
                 summary = _train(cfg, out_dir, status, dist)
             except (Exception, KeyboardInterrupt) as exc:
-                status.write("FAILURE", failure_message("Training", exc))
+                stop = _as_interruption(exc)
+                status.write("FAILURE", failure_message("Training", stop or exc))
+                if stop is not None and stop is not exc:
+                    raise stop from exc
                 raise
             status.write("SUCCESS", "Training finished.", kpi=summary["final"])
             barrier(dist)  # on success only: a failed rank is torn down by torchrun instead
             return summary
     finally:
         cleanup_distributed()
+
+
+def _interrupted() -> str:
+    return failure_message("Training", KeyboardInterrupt(stopping.requested() or "SIGINT"))
+
+
+def _as_interruption(exc: BaseException) -> KeyboardInterrupt | None:
+    """The interruption ``exc`` stands for: itself, or, once a stop signal has come, whatever failed after it
+    (under torchrun a peer that stopped first breaks the collective this rank was waiting in)."""
+    name = stopping.requested()
+    if not isinstance(exc, KeyboardInterrupt) and name is None:
+        return None
+    stopping.acknowledge()
+    return exc if isinstance(exc, KeyboardInterrupt) else KeyboardInterrupt(name)
 
 
 def _train(cfg: ExperimentConfig, out_dir: str, status, dist: DistContext) -> dict:
