@@ -321,6 +321,8 @@ class ServeConfig:
     faiss_min_images: int = 50000
     max_top_k: int = 100
     graceful_shutdown_s: float = 30.0  # SIGTERM: finish in-flight requests for at most this long
+    # OpenAI /v1/embeddings: the model id clients name (null: model.type), e.g. nvidia/nvclip for NV-CLIP clients.
+    served_model_name: str | None = None
 
 
 @dataclass
