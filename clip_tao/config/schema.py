@@ -227,11 +227,14 @@ class InferenceConfig:
     gpu_ids: list[int] = field(default_factory=lambda: [0])
     results_dir: str | None = None
     # clip-tao: "embed" (TAO's .h5 files) or "search": rank the images against each prompt / query image.
-    mode: Literal["embed", "search"] = "embed"
+    mode: Literal["embed", "search", "dedup"] = "embed"
     top_k: int = 5
     image_embeddings_file: str | None = None  # search an existing image_embeddings.h5 instead of embedding
     query_images: list[str] = field(default_factory=list)  # image files or folders for image-to-image search
     faiss_min_images: int = 50000  # collections at least this large are searched through a FAISS index
+    # An index built by clip-tao index (its index.faiss): search and dedup go through it instead.
+    index_file: str | None = None
+    dedup_threshold: float = 0.95  # mode=dedup: images at least this cosine-similar to a group's first join it
 
 
 @dataclass
@@ -319,10 +322,27 @@ class ServeConfig:
     # /search: the collection (TAO's image_embeddings.h5) loaded at start; FAISS from faiss_min_images on.
     image_embeddings_file: str | None = None
     faiss_min_images: int = 50000
+    index_file: str | None = None  # an index built by clip-tao index over image_embeddings_file
     max_top_k: int = 100
     graceful_shutdown_s: float = 30.0  # SIGTERM: finish in-flight requests for at most this long
     # OpenAI /v1/embeddings: the model id clients name (null: model.type), e.g. nvidia/nvclip for NV-CLIP clients.
     served_model_name: str | None = None
+
+
+@dataclass
+class IndexConfig:
+    """clip-tao: ``clip-tao index``, an approximate FAISS index of an embeddings file of any size."""
+
+    embeddings_file: str | None = None  # image_embeddings.h5, or a folder of .npy parts (clip-retrieval's img_emb/)
+    max_memory: str = "4G"  # the index's memory budget: bytes, or a size such as 512M, 4G, 64G
+    exact_max_vectors: int = 100000  # up to this many vectors: exact (flat) search, if it fits max_memory
+    index_key: str | None = None  # a faiss index_factory string instead of the automatic choice
+    target_recall: float = 0.95  # the search setting (nprobe, efSearch) is the cheapest reaching this recall@10
+    rerank_factor: int = 0  # re-score k x this many candidates exactly from the file; 0: 8 for IVF-PQ, else 1
+    num_queries: int = 1000  # held-out queries that measure recall against exact search
+    chunk_size: int = 65536  # vectors read and added at a time
+    seed: int = 0
+    results_dir: str | None = None
 
 
 @dataclass
@@ -343,6 +363,7 @@ class ExperimentConfig:
     gen_trt_engine: GenTrtEngineConfig = field(default_factory=GenTrtEngineConfig)
     deploy: DeployInfo = field(default_factory=DeployInfo)
     serve: ServeConfig = field(default_factory=ServeConfig)
+    index: IndexConfig = field(default_factory=IndexConfig)
 
     def task_dir(self, task: str) -> str:
         """``results_dir/<task>``, or the task section's own ``results_dir`` when set (TAO's rule)."""

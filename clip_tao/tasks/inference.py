@@ -4,6 +4,8 @@
 ``inference.mode: search`` ranks an image collection (``inference.image_embeddings_file`` or the embedded
 ``inference.datasets``) against every prompt of ``text_file`` and every image of ``query_images``, and writes
 the top ``top_k`` of each as ``search_results.json`` and an offline HTML contact sheet.
+``inference.mode: dedup`` groups near-duplicate images of the collection (``duplicates.csv`` and
+``duplicates.html``). Both search through ``inference.index_file`` (built by ``clip-tao index``) when given.
 """
 
 from __future__ import annotations
@@ -21,6 +23,9 @@ from clip_tao.engine.device import resolve_precision
 from clip_tao.engine.embedding import embed_loader, embed_texts
 from clip_tao.engine.model_setup import build_encoder
 from clip_tao.errors import ConfigError, DataError
+from clip_tao.index.dedup import SCORE_MARGIN, find_duplicate_groups, write_duplicates
+from clip_tao.index.searcher import exact_searcher, load_index
+from clip_tao.index.source import EmbeddingSource
 from clip_tao.io.atomic import write_json
 from clip_tao.io.contact_sheet import write_contact_sheet
 from clip_tao.io.embeddings import read_embeddings, write_embeddings
@@ -38,7 +43,8 @@ def run(cfg: ExperimentConfig) -> dict:
     out_dir, status = prepare_task_dir(cfg, "inference")
     status.write("STARTED", f"Starting inference ({i.mode}).")
     try:
-        summary = _search(cfg, out_dir, prompts) if i.mode == "search" else _embed(cfg, out_dir, prompts)
+        modes = {"search": _search, "dedup": _dedup, "embed": _embed}
+        summary = modes[i.mode](cfg, out_dir, prompts)
     except (Exception, KeyboardInterrupt) as exc:
         status.write("FAILURE", failure_message("Inference", exc))
         raise
@@ -51,11 +57,14 @@ def run(cfg: ExperimentConfig) -> dict:
 def _check(i: InferenceConfig) -> None:
     if i.mode == "embed" and not i.datasets and not i.text_file:
         raise ConfigError("inference needs inference.datasets (image folders), inference.text_file (prompts), or both")
+    if i.mode in ("search", "dedup") and not (i.datasets or i.image_embeddings_file or i.index_file):
+        raise ConfigError(
+            f"inference.mode={i.mode} needs a collection: inference.image_embeddings_file, inference.index_file "
+            "or inference.datasets"
+        )
+    if i.mode == "dedup" and not 0 < i.dedup_threshold <= 1:
+        raise ConfigError(f"inference.dedup_threshold={i.dedup_threshold} must be a cosine in (0, 1]")
     if i.mode == "search":
-        if not i.datasets and not i.image_embeddings_file:
-            raise ConfigError(
-                "inference.mode=search needs a collection: inference.image_embeddings_file or inference.datasets"
-            )
         if not i.text_file and not i.query_images:
             raise ConfigError(
                 "inference.mode=search needs queries: inference.text_file (prompts) and/or inference.query_images"
@@ -123,7 +132,11 @@ def _search(cfg: ExperimentConfig, out_dir: str, prompts: list[str]) -> dict:
     i = cfg.inference
     model, device = build_encoder(cfg, "inference")
     precision = resolve_precision("fp32", device)
-    if i.image_embeddings_file:
+    if i.index_file:
+        index, _, source = load_index(i.index_file, i.image_embeddings_file)
+        _check_dim(source.dim, model, "inference.index_file")
+        paths, source = source.labels(), i.index_file
+    elif i.image_embeddings_file:
         collection, paths, kind = read_embeddings(i.image_embeddings_file)
         if kind != "image":
             raise DataError(
@@ -137,8 +150,9 @@ def _search(cfg: ExperimentConfig, out_dir: str, prompts: list[str]) -> dict:
         source = i.image_embeddings_file
     else:
         collection, paths, source, _ = _embed_collection(cfg, model, device, precision, out_dir)
-    use_faiss = len(paths) >= i.faiss_min_images
-    index = ImageIndex(collection, use_faiss=use_faiss, index_file=os.path.splitext(source)[0] + ".faiss")
+    use_faiss = bool(i.index_file) or len(paths) >= i.faiss_min_images
+    if not i.index_file:
+        index = ImageIndex(collection, use_faiss=use_faiss, index_file=os.path.splitext(source)[0] + ".faiss")
 
     queries: list[tuple[str, str]] = []  # (kind, query)
     vectors = []
@@ -164,6 +178,7 @@ def _search(cfg: ExperimentConfig, out_dir: str, prompts: list[str]) -> dict:
             "results": [
                 {"rank": r + 1, "image_path": paths[j], "score": float(s)}
                 for r, (j, s) in enumerate(zip(row_idx, row_scores))
+                if j >= 0  # an approximate index may find fewer than top_k
             ],
         }
         for (kind, query), row_idx, row_scores in zip(queries, indices, scores)
@@ -181,6 +196,37 @@ def _search(cfg: ExperimentConfig, out_dir: str, prompts: list[str]) -> dict:
     print(format_table(["query", "text / image", "best match", "score"], rows))
     print(f"all results: {sheet}")
     return {"model_type": model.model_type, "num_images": len(paths), "num_queries": len(results), "faiss": use_faiss}
+
+
+def _check_dim(dim: int, model, key: str) -> None:
+    if dim != model.embed_dim:
+        raise DataError(
+            f"{key} has {dim}-d embeddings but {model.model_type} makes {model.embed_dim}-d ones: "
+            "embed the collection with the same model"
+        )
+
+
+def _dedup(cfg: ExperimentConfig, out_dir: str, prompts: list[str]) -> dict:
+    """Near-duplicate groups of the collection, through its index (or an exact one built here)."""
+    i = cfg.inference
+    if i.index_file:
+        searcher, report, source = load_index(i.index_file, i.image_embeddings_file)
+        kind = report.get("kind", "flat")
+    else:
+        if not i.image_embeddings_file:
+            model, device = build_encoder(cfg, "inference")
+            _, _, path, _ = _embed_collection(cfg, model, device, resolve_precision("fp32", device), out_dir)
+        source = EmbeddingSource(i.image_embeddings_file or path, "inference.image_embeddings_file")
+        searcher, kind = exact_searcher(source), "flat"
+    paths = source.labels()
+    groups = find_duplicate_groups(searcher, source, i.dedup_threshold, SCORE_MARGIN.get(kind, 0.1))
+    table, sheet = write_duplicates(out_dir, groups, paths, f"Near-duplicates (cosine >= {i.dedup_threshold})")
+    duplicates = sum(len(g.rows) - 1 for g in groups)
+    print(f"\nNear-duplicates among {len(paths):,} images (cosine >= {i.dedup_threshold}, {kind} index)")
+    rows = [[g, len(grp.rows), paths[grp.rows[0]][-50:], min(grp.similarity)] for g, grp in enumerate(groups[:20])]
+    print(format_table(["group", "images", "first", "lowest similarity"], rows))
+    print(f"{len(groups)} groups, {duplicates} duplicates: {table}, {sheet}")
+    return {"num_images": len(paths), "num_groups": len(groups), "num_duplicates": duplicates}
 
 
 def _query_image_paths(entries: list[str]) -> list[str]:

@@ -69,8 +69,10 @@ def run(cfg: ExperimentConfig) -> dict:
         )
     embedder = Embedder(model, device)
     collection = None
-    if s.image_embeddings_file:
-        collection = Collection.load(s.image_embeddings_file, embedder.embed_dim, s.faiss_min_images)
+    if s.image_embeddings_file or s.index_file:
+        collection = Collection.load(
+            s.image_embeddings_file, embedder.embed_dim, s.faiss_min_images, index_file=s.index_file
+        )
     limits = ServeLimits(
         max_batch_size=s.max_batch_size,
         max_queue_delay_ms=s.max_queue_delay_ms,
