@@ -10,6 +10,7 @@ from __future__ import annotations
 import base64
 import io
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import httpx
 import numpy as np
@@ -19,9 +20,11 @@ import pytest
 import torch
 from PIL import Image
 
+from clip_tao.cli import main
 from clip_tao.data.transforms import build_eval_transform
+from clip_tao.io.embeddings import write_embeddings
 from clip_tao.models import create_model
-from tests.conftest import write_spec
+from tests.conftest import make_dataset, write_spec
 from tests.serve_helpers import ServerProcess
 
 MAX_BATCH = 8
@@ -35,8 +38,27 @@ def reference():
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory):
+def server(tmp_path_factory, reference):
+    """A PyTorch server whose /search goes through an HNSW index built by clip-tao index."""
     root = tmp_path_factory.mktemp("serve_openai")
+    images = make_dataset(root / "images", 12, seed=5)
+    paths = sorted(str(p) for p in images.glob("*.jpg"))
+    write_embeddings(
+        root / "image_embeddings.h5", "image", _images(reference, [Path(p).read_bytes() for p in paths]), paths
+    )
+    index_spec = write_spec(root / "index.yaml", {"results_dir": str(root / "results")})
+    assert (
+        main(
+            [
+                "index",
+                "-e",
+                str(index_spec),
+                f"index.embeddings_file={root / 'image_embeddings.h5'}",
+                "index.index_key=HNSW8",
+            ]
+        )
+        == 0
+    )
     spec = write_spec(
         root / "spec.yaml",
         {
@@ -47,6 +69,8 @@ def server(tmp_path_factory):
                 "max_batch_size": MAX_BATCH,
                 "max_queue_delay_ms": 20,
                 "max_request_mb": 1,
+                "image_embeddings_file": str(root / "image_embeddings.h5"),
+                "index_file": str(root / "results" / "index" / "index.faiss"),
             },
         },
     )
@@ -185,3 +209,16 @@ def test_concurrent_clients_share_model_calls(server, reference):
     items_after, calls_after = stats()
     assert items_after - items_before >= 96
     assert calls_after - calls_before < 96  # concurrent requests were batched together
+
+
+def test_search_goes_through_the_index(server, reference):
+    import h5py
+
+    with h5py.File(Path(server.log_file).parent / "image_embeddings.h5") as f:
+        collection, paths = f["embeddings"][()], [p.decode() for p in f["image_paths"][()]]
+    query = _texts(reference, ["a blue square on red"])[0]
+    want = np.argsort(-(collection @ query), kind="stable")[:3]
+    results = httpx.post(f"{server.url}/search", json={"text": "a blue square on red", "k": 3}, timeout=60).json()
+    assert [r["image_path"] for r in results["results"]] == [paths[i] for i in want]
+    np.testing.assert_allclose([r["score"] for r in results["results"]], (collection @ query)[want], atol=ATOL)
+    assert "through" in server.log() and "HNSW8" in server.log()
