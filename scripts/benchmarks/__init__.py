@@ -4,4 +4,4 @@ Each module has ``NAME`` (the sub-command), ``HELP``, ``add_arguments(parser)`` 
 ``scripts/benchmark.py`` is the command line over them. A new benchmark is a new module listed in ``MODULES``.
 """
 
-MODULES = ("train", "embed", "evaluation", "data", "serve", "quickstart", "vs_open_clip")
+MODULES = ("train", "embed", "evaluation", "data", "serve", "quickstart", "vs_open_clip", "index")
