@@ -97,21 +97,21 @@ def test_two_process_cli_training(tiny_spec, tmp_path, strategy, loss_type, extr
     spec = tiny_spec(train=train)
     data = yaml.safe_load(spec.read_text())
     data["model"]["freeze_vision_encoder"] = strategy == "ddp"
-    write_shardwriter(tmp_path / "shards", 48, per_shard=6)  # 8 shards: 2 ranks x 2 workers x 2
+    write_shardwriter(tmp_path / "shards", 48, per_shard=6)  # 8 shards: 8 streams, 2 for each rank's worker
     data["dataset"]["train"] = {"type": "wds", "batch_size": 4, "num_workers": 2,
                                 "wds": {"root_dir": str(tmp_path / "shards"), "samples_per_shard": 6}}  # fmt: skip
     spec.write_text(yaml.safe_dump(data))
     torchrun("-m", "clip_tao", "train", "-e", str(spec))
     train = tmp_path / "results" / "train"
     latest = torch.load(train / "clip_latest.pth", weights_only=True)
-    # 48 samples / (2 ranks x 2 workers) / batch 4 = 3 batches a worker, 6 steps a rank an epoch
+    # 48 samples / global batch 8 = 6 steps an epoch
     assert latest["world_size"] == 2 and latest["epoch"] == 2 and latest["global_step"] == 12
     assert isinstance(latest["rng"], list) and len(latest["rng"]) == 2
     lines = [json.loads(line) for line in (train / "status.json").read_text().splitlines()]
     assert [line["status"] for line in lines].count("STARTED") == 1  # only rank 0 writes
     assert lines[-1]["status"] == "SUCCESS" and "t2i_mAP" in lines[-2]["kpi"]
     mid = torch.load(train / "model_epoch_000_step_00002.pth", weights_only=True)
-    assert len(mid["data_position"]["ranks"]) == 2  # every rank's worker positions
+    assert sorted(mid["data_position"]["streams"], key=int) == [str(c) for c in range(8)]  # both ranks' streams
     ranks = [(tmp_path / "keys").read_text().split(), (tmp_path / "keys.rank1").read_text().split()]
     epoch0 = [{k for s, k in zip(r[::2], r[1::2]) if int(s) < 6} for r in ranks]
     assert len(epoch0[0]) == len(epoch0[1]) == 24 and not epoch0[0] & epoch0[1]  # disjoint halves

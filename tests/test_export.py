@@ -224,3 +224,78 @@ def test_missing_encoder_file_is_one_line(tiny_spec, tmp_path, capsys):
     assert err.endswith("this task needs the text encoder, but only m_vision.onnx exists; add m_text.onnx")
     assert main(["evaluate", "-e", str(spec), f"evaluate.onnx_file={tmp_path / 'none.onnx'}"]) == 1
     assert "no such file" in capsys.readouterr().err
+
+
+def _value_types(path) -> dict[str, int]:
+    """The element type of every tensor in an ONNX graph, by ONNX's own type inference."""
+    model = onnx.shape_inference.infer_shapes(onnx.load(path), strict_mode=True)
+    graph = model.graph
+    types = {t.name: t.data_type for t in graph.initializer}
+    types.update({v.name: v.type.tensor_type.elem_type for v in [*graph.input, *graph.output, *graph.value_info]})
+    return types
+
+
+@pytest.mark.parametrize(("model_type", "encoder_type"), [("tiny-clip", "combined"), ("tiny-siglip2", "separate")])
+def test_fp16_export_is_mixed_precision_and_matches_pytorch_fp32(tiny_spec, tmp_path, model_type, encoder_type):
+    from onnx.reference import ReferenceEvaluator
+
+    from clip_tao.deploy.mixed_precision import FP32_OPS, file_data_type, final_normalisation_nodes
+
+    spec = tiny_spec(model_type)
+    onnx_file = tmp_path / "export" / "clip.onnx"
+    args = [f"export.onnx_file={onnx_file}", f"export.encoder_type={encoder_type}", "export.data_type=fp16"]
+    assert main(["export", "-e", str(spec), *args]) == 0
+    model = create_model(model_type).eval()
+    files = (
+        [onnx_file]
+        if encoder_type == "combined"
+        else [tmp_path / "export" / f"clip_{e}.onnx" for e in ("vision", "text")]
+    )
+    fp16, fp32 = onnx.TensorProto.FLOAT16, onnx.TensorProto.FLOAT
+    for path in files:
+        assert file_data_type(str(path)) == "fp16"
+        graph = onnx.load(path).graph
+        types = _value_types(path)
+        # Inputs and outputs keep TAO's types; matrix products compute in fp16 on fp16 weights.
+        for value in graph.input:
+            assert types[value.name] == (fp32 if value.name == "image" else onnx.TensorProto.INT64)
+        assert all(types[v.name] == fp32 for v in graph.output)
+        matmuls = [n for n in graph.node if n.op_type in ("MatMul", "Gemm")]
+        assert matmuls and all(types[n.input[1]] == fp16 for n in matmuls)
+        # LayerNorm, Softmax, reductions and everything after the last projection compute in fp32.
+        kept = [n for n in graph.node if n.op_type in FP32_OPS or n.name in final_normalisation_nodes(graph)]
+        assert any(n.op_type == "LayerNormalization" for n in kept) and any(n.op_type == "ReduceL2" for n in kept)
+        for node in kept:
+            names = node.output if node.op_type == "Cast" else [*node.input, *node.output]  # a Cast is the border
+            floats = [types[name] for name in names if name and types.get(name) in (fp16, fp32)]
+            assert all(t == fp32 for t in floats), (node.op_type, node.name)
+    saved = load_experiment(tmp_path / "export" / "clip_config.yaml")
+    assert saved.deploy.data_type == "fp16" and saved.export.data_type == "fp16"
+    kpi = json.loads((tmp_path / "results" / "export" / "status.json").read_text().splitlines()[-1])["kpi"]
+    assert kpi["data_type"] == "fp16" and kpi["min_cosine"] >= 0.9999
+
+    # Other inputs than export verified, through the ONNX Runtime backend and ONNX's reference evaluator
+    # (which computes each fp16 node in fp16), each against PyTorch in fp32.
+    pixels = torch.randn(4, 3, 64, 64, generator=torch.Generator().manual_seed(5))
+    ids = model.tokenizer(["a red square", "two blue circles on grass", "x", "a red square"])
+    with torch.no_grad():
+        want_image, want_text = model.encode_image(pixels), model.encode_text(ids)
+    encoder = OnnxRuntimeEncoder(str(files[0]))
+    got_image, got_text = encoder.encode_image(pixels), encoder.encode_text(ids)
+    assert torch.nn.functional.cosine_similarity(got_image, want_image).min() >= 0.9999
+    assert torch.nn.functional.cosine_similarity(got_text, want_text).min() >= 0.9999
+    assert torch.equal(got_text[0], got_text[3])  # twin captions stay twins
+    image_file = files[0]
+    feed = {"image": pixels.numpy()}
+    if encoder_type == "combined":
+        feed.update(input_ids=ids.numpy(), attention_mask=np.ones_like(ids.numpy()))
+    reference = ReferenceEvaluator(str(image_file)).run(["image_embedding"], feed)[0]
+    assert torch.nn.functional.cosine_similarity(torch.from_numpy(reference), want_image).min() >= 0.9999
+
+
+def test_fp16_export_refuses_opsets_before_17(tiny_spec, tmp_path, capsys):
+    spec = tiny_spec()
+    args = [f"export.onnx_file={tmp_path / 'x.onnx'}", "export.data_type=fp16", "export.opset_version=16"]
+    assert main(["export", "-e", str(spec), *args]) == 1
+    assert "export.data_type=fp16 needs export.opset_version >= 17 (got 16)" in capsys.readouterr().err
+    assert not (tmp_path / "x.onnx").exists() and not (tmp_path / "results" / "export").exists()

@@ -68,6 +68,30 @@ def test_patch_sequence_graph_matches_siglip2_on_the_processor_output(tmp_path, 
             torch.testing.assert_close(encoder.encode_text(ids), model.encode_text(ids), atol=1e-5, rtol=0)
 
 
+def test_fp16_patch_sequence_graph_matches_siglip2_fp32(tmp_path, model_folder):
+    """export.data_type=fp16 of a NaFlex model (its position-table Resize kept fp32), on the processor's output."""
+    from transformers import Siglip2ImageProcessor, Siglip2Model
+
+    from clip_tao.deploy.mixed_precision import file_data_type
+
+    model = create_model(TYPE, pretrained_path=str(model_folder), max_num_patches=24)
+    report = export_onnx(model, str(tmp_path / "clip.onnx"), encoder_type="separate", data_type="fp16")
+    assert min(report.min_cosine.values()) >= 0.9999
+    assert file_data_type(str(tmp_path / "clip_vision.onnx")) == "fp16"
+    encoder = OnnxRuntimeEncoder(str(tmp_path / "clip_vision.onnx"))
+    reference = Siglip2Model.from_pretrained(str(model_folder)).eval()
+    images = [blob(i)[0] for i in range(5)]
+    for budget in (24, 60):
+        inputs = Siglip2ImageProcessor(patch_size=8, max_num_patches=budget)(images, return_tensors="pt")
+        with torch.no_grad():
+            want = reference.get_image_features(**inputs)
+            want = torch.nn.functional.normalize(getattr(want, "pooler_output", want), dim=-1)
+        got = encoder.encode_image(
+            PatchBatch(inputs["pixel_values"], inputs["pixel_attention_mask"], inputs["spatial_shapes"])
+        )
+        assert torch.nn.functional.cosine_similarity(got, want).min() >= 0.9999, budget
+
+
 def test_the_naflex_spec_trains_exports_and_embeds_the_same_with_onnx_runtime(tmp_path, model_folder, monkeypatch):
     """specs/siglip2_naflex.yaml as written, given tiny weights and data (paths and sizes overridden)."""
     from tests.conftest import REPO

@@ -49,7 +49,7 @@ def _assert_same_weights(a, b):
 
 @pytest.mark.parametrize("kind", ["custom", "wds"])
 def test_resumed_run_trains_on_exactly_the_same_samples(tiny_spec, tmp_path, kind):
-    # wds: 6 batches an epoch from 2 workers; a checkpoint after 3 makes the resumed round robin start at worker 1
+    # wds: 6 steps an epoch from 2 workers; a checkpoint after 3 (an odd step) resumes in the middle
     spec = _spec(tiny_spec, tmp_path, kind, checkpoint_interval=3 if kind == "wds" else 2)
     straight_log = tmp_path / "straight.keys"
     assert main(["train", "-e", str(spec), f"train.sample_log={straight_log}"]) == 0
@@ -60,9 +60,9 @@ def test_resumed_run_trains_on_exactly_the_same_samples(tiny_spec, tmp_path, kin
     saved = torch.load(middle, weights_only=True)
     step = saved["global_step"]
     assert 0 < saved["batches_in_epoch"] < (6 if kind == "wds" else 3) and saved["epoch"] == 0
-    if kind == "wds":
-        assert saved["batches_in_epoch"] == 3 and saved["data_position"]["layout"]["workers"] == 2
-        assert len(saved["data_position"]["ranks"][0]) == 2  # a position per loader worker
+    if kind == "wds":  # 6 shards, global batch 8: 4 sample streams, 2 for each loader worker
+        assert saved["batches_in_epoch"] == 3 and saved["data_position"]["layout"]["streams"] == 4
+        assert sorted(saved["data_position"]["streams"]) == ["0", "1", "2", "3"]  # a position per stream
     # The log of the interrupted run: everything up to the kill (a few steps past the checkpoint).
     lines = straight_log.read_text().splitlines()
     assert lines and len({line.split()[1] for line in lines}) > 8

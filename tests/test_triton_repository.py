@@ -17,7 +17,24 @@ from clip_tao.deploy.files import DeployFiles
 from clip_tao.deploy.triton_repository import Sizes, write_triton_repository
 from clip_tao.errors import ConfigError
 
-ONNX_TO_TRITON = {onnx.TensorProto.FLOAT: "TYPE_FP32", onnx.TensorProto.INT64: "TYPE_INT64"}
+ONNX_TO_TRITON = {
+    onnx.TensorProto.FLOAT: "TYPE_FP32",
+    onnx.TensorProto.FLOAT16: "TYPE_FP16",
+    onnx.TensorProto.INT64: "TYPE_INT64",
+}
+NUMPY_TYPES = {
+    model_config_pb2.TYPE_FP32: np.float32,
+    model_config_pb2.TYPE_FP16: np.float16,
+    model_config_pb2.TYPE_INT64: np.int64,
+}
+# Triton's onnxruntime backend maps optimization.graph.level (its README): unset -> all, -1 -> basic,
+# 1 -> basic and extended, 2 -> none.
+ORT_LEVELS = {
+    0: ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
+    -1: ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+    1: ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
+    2: ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
+}
 
 
 def _parse(path) -> model_config_pb2.ModelConfig:
@@ -48,15 +65,15 @@ def _check_against_graph(config, model_file, batched: bool) -> None:
 
 
 def _run(config, model_file, batch: int) -> dict[str, np.ndarray]:
-    """ONNX Runtime fed exactly as Triton would feed the configured inputs."""
+    """ONNX Runtime fed and set up exactly as Triton would from the configured inputs and graph level."""
     feed = {}
     for t in config.input:
         dims = [batch if d == -1 else d for d in t.dims]
         shape = [batch, *dims] if config.max_batch_size > 0 else dims
-        feed[t.name] = (
-            np.ones(shape, np.int64) if t.data_type == model_config_pb2.TYPE_INT64 else np.zeros(shape, np.float32)
-        )
-    session = ort.InferenceSession(str(model_file), providers=["CPUExecutionProvider"])
+        feed[t.name] = np.ones(shape, NUMPY_TYPES[t.data_type])
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ORT_LEVELS[config.optimization.graph.level]
+    session = ort.InferenceSession(str(model_file), options, providers=["CPUExecutionProvider"])
     names = [t.name for t in config.output]
     return dict(zip(names, session.run(names, feed)))
 
@@ -141,3 +158,47 @@ def test_naflex_models_are_refused_before_any_file_is_written(tiny_spec, tmp_pat
     # serve refuses them the same way, before it listens
     assert main(["serve", "-e", str(spec), "serve.port=0"]) == 1
     assert "NaFlex models are not served yet" in capsys.readouterr().err
+
+
+def test_fp16_export_keeps_fp32_io_and_gets_the_extended_graph_level(tiny_spec, tmp_path):
+    spec = tiny_spec("tiny-clip")
+    repo = tmp_path / "triton"
+    args = [f"export.onnx_file={tmp_path / 'x' / 'clip.onnx'}", "export.encoder_type=separate"]
+    assert main(["export", "-e", str(spec), *args, "export.data_type=fp16", f"export.triton_repository={repo}"]) == 0
+    for name in ("clip_image", "clip_text"):
+        config = _parse(repo / name / "config.pbtxt")
+        model_file = repo / name / "1" / "model.onnx"
+        _check_against_graph(config, model_file, batched=True)
+        assert {model_config_pb2.DataType.Name(t.data_type) for t in config.output} == {"TYPE_FP32"}
+        # Triton's ONNX Runtime without its CPU layout optimiser, which crashes on this graph.
+        assert config.optimization.graph.level == 1
+        for output, array in _run(config, model_file, batch=3).items():
+            assert array.shape == (3, *config.output[0].dims) and np.isfinite(array).all(), output
+    assert (
+        model_config_pb2.DataType.Name(_parse(repo / "clip_image" / "config.pbtxt").input[0].data_type) == "TYPE_FP32"
+    )
+
+
+def test_fp16_inputs_and_outputs_are_configured_as_fp16(tmp_path):
+    """A graph whose I/O is fp16, as ONNX Runtime's own float16 converter writes it without keep_io_types."""
+    from onnxruntime.transformers.float16 import convert_float_to_float16
+    from onnxruntime.transformers.onnx_model import OnnxModel
+
+    from clip_tao.deploy.onnx_export import export_onnx
+    from clip_tao.models import create_model
+
+    export_onnx(create_model("tiny-siglip2", pretrained=False), str(tmp_path / "m.onnx"), encoder_type="separate")
+    for encoder in ("vision", "text"):
+        converted = convert_float_to_float16(str(tmp_path / f"m_{encoder}.onnx"), keep_io_types=False)
+        OnnxModel(converted).topological_sort()
+        onnx.save(converted, tmp_path / f"h_{encoder}.onnx")
+    files = DeployFiles(str(tmp_path / "h"), ".onnx", {e: str(tmp_path / f"h_{e}.onnx") for e in ("vision", "text")})
+    written = write_triton_repository(files, str(tmp_path / "repo"), Sizes(64, 32, 64))
+    image = _parse(tmp_path / "repo" / "clip_image" / "config.pbtxt")
+    assert [model_config_pb2.DataType.Name(t.data_type) for t in [*image.input, *image.output]] == ["TYPE_FP16"] * 2
+    for name in written:
+        config = _parse(tmp_path / "repo" / name / "config.pbtxt")
+        model_file = tmp_path / "repo" / name / "1" / "model.onnx"
+        _check_against_graph(config, model_file, batched=True)
+        outputs = _run(config, model_file, batch=2)
+        assert all(array.dtype == np.float16 and array.shape[0] == 2 for array in outputs.values())

@@ -105,36 +105,73 @@ def test_bad_samples_truncated_and_unreadable_shards_are_skipped_and_counted(tmp
     assert all(b["pixels"].shape[0] == 2 for b in batches)  # batches stay full: bad samples are replaced
 
 
-def test_epoch_is_split_evenly_over_ranks_and_workers(tmp_path, model):
-    # 5 shards of uneven size (4,4,4,4,1 = 17 samples; samples_per_shard=4 -> epoch of 20)
-    write_shardwriter(tmp_path / "u", 17, per_shard=4)
+def _steps(tmp_path, model, root, layout, epoch=3, resume=None, **wds_keys):
+    """Per global step, the keys every rank trained on (``layout``: processes, workers, batch_size,
+    accumulate); with ``resume`` = ``(steps_done, positions)`` the rest of the epoch from there."""
+    ranks, workers, batch_size, accumulate = layout
     per_rank = []
-    for rank in range(2):
-        cfg = _train_cfg(tmp_path / "u", batch_size=2, workers=2, samples_per_shard=4)
-        bundle = build_train_loader(cfg, model.preprocess, model.tokenizer, rank=rank, world_size=2)
-        assert bundle.loader.num_workers == 2  # 5 shards >= 2 ranks x 2 workers
-        bundle.set_epoch(3)
-        batches = list(bundle.loader)
-        assert len(batches) == len(bundle.loader) == 4  # 20 // (2 ranks x 2 workers) // 2 = 2 batches a worker
-        per_rank.append([k for b in batches for k in b["keys"]])
-    assert len(per_rank[0]) == len(per_rank[1]) == 8
-    # each (rank, worker) slot has shards of its own; only a slot that wraps around repeats its own samples
-    assert not set(per_rank[0]) & set(per_rank[1])
-    cfg = _train_cfg(tmp_path / "u", batch_size=2, workers=0, samples_per_shard=4)
-    bundle = build_train_loader(cfg, model.preprocess, model.tokenizer)
-    orders = []
-    for epoch in (0, 1, 0):
+    for rank in range(ranks):
+        cfg = _train_cfg(tmp_path / root, batch_size=batch_size, workers=workers, samples_per_shard=4, **wds_keys)
+        bundle = build_train_loader(cfg, model.preprocess, model.tokenizer, rank, ranks, accumulate)
         bundle.set_epoch(epoch)
-        orders.append([k for b in bundle.loader for k in b["keys"]])
-    assert orders[0] == orders[2] and orders[0] != orders[1]  # reshuffled per epoch, deterministic
-    assert len(orders[0]) == 20 and len(set(orders[0])) == 17  # quota 20 > 17 samples: a second pass
+        if resume:
+            bundle.resume_at(resume[0] * accumulate, resume[1])
+        batches = list(bundle.batches())
+        assert len(batches) == bundle.batches_per_epoch - (resume[0] * accumulate if resume else 0)
+        assert all(len(b["keys"]) == batch_size for b in batches)
+        per_rank.append([batches[k : k + accumulate] for k in range(0, len(batches), accumulate)])
+    assert len({len(steps) for steps in per_rank}) == 1  # every rank runs the same number of steps
+    steps = []
+    for parts in zip(*per_rank):
+        steps.append(sorted(k for part in parts for b in part for k in b["keys"]))
+    positions = {}
+    for steps_of_rank in per_rank:  # what the trainer checkpoints: every stream, after the first step
+        positions.update(steps_of_rank[0][-1]["position"])
+    return steps, positions
 
 
-def test_too_few_shards_for_the_ranks_is_one_clear_error(tmp_path, model):
+# (processes, workers, batch_size, accumulate): a global batch of 4 in every layout
+LAYOUTS = [(1, 0, 4, 1), (1, 2, 4, 1), (2, 0, 2, 1), (2, 2, 2, 1), (1, 2, 2, 2), (2, 1, 1, 2), (4, 0, 1, 1)]
+
+
+def test_a_global_steps_samples_do_not_depend_on_processes_or_workers(tmp_path, model):
+    # 5 shards of uneven size (4,4,4,4,1 = 17 samples; samples_per_shard=4 -> epoch of 20 = 5 steps of 4)
+    write_shardwriter(tmp_path / "u", 17, per_shard=4)
+    reference, _ = _steps(tmp_path, model, "u", LAYOUTS[0])
+    assert len(reference) == 5 and all(len(step) == 4 for step in reference)
+    for layout in LAYOUTS[1:]:
+        assert _steps(tmp_path, model, "u", layout)[0] == reference, layout
+    keys = [k for step in reference for k in step]
+    assert len(keys) == 20 and len(set(keys)) == 17  # 4 streams of 5: the short one reads its shard again
+    other_epoch, _ = _steps(tmp_path, model, "u", LAYOUTS[0], epoch=4)
+    assert other_epoch != reference  # reshuffled per epoch, deterministic
+
+
+def test_resuming_on_another_layout_continues_exactly(tmp_path, model):
+    write_shardwriter(tmp_path / "r", 26, per_shard=5)  # 6 shards (the last has 1 sample): 4 streams
+    (tmp_path / "r" / "sizes.json").write_text(json.dumps({f"shard-{i:06d}.tar": 5 for i in range(5)} |
+                                                          {"shard-000005.tar": 1}))  # fmt: skip
+    straight, _ = _steps(tmp_path, model, "r", LAYOUTS[0])
+    for before, after in [(LAYOUTS[3], LAYOUTS[0]), (LAYOUTS[0], LAYOUTS[3]), (LAYOUTS[2], LAYOUTS[4])]:
+        _, positions = _steps(tmp_path, model, "r", before)  # positions after the first step
+        rest, _ = _steps(tmp_path, model, "r", after, resume=(1, positions))
+        assert rest == straight[1:], (before, after)
+
+
+def test_layouts_that_cannot_work_are_one_line_with_the_counts_that_do(tmp_path, model):
     write_shardwriter(tmp_path / "one", 4, per_shard=4)
     cfg = _train_cfg(tmp_path / "one", batch_size=2, samples_per_shard=4)
-    with pytest.raises(DataError, match="1 shard\\(s\\) cannot be split over 2 ranks"):
+    with pytest.raises(DataError, match=r"1 sample streams cannot be split over 2 processes.*counts that work are 1 "
+                                        r".*2 processes need at least 2 shards"):  # fmt: skip
         build_train_loader(cfg, model.preprocess, model.tokenizer, rank=0, world_size=2)
+    write_shardwriter(tmp_path / "six", 24, per_shard=4)
+    cfg = _train_cfg(tmp_path / "six", batch_size=4, samples_per_shard=4, streams=3)
+    with pytest.raises(DataError, match=r"global batch 4 .* not a multiple of dataset.train.wds.streams=3; "
+                                        r"streams that work: 1, 2, 4"):  # fmt: skip
+        build_train_loader(cfg, model.preprocess, model.tokenizer)
+    cfg = _train_cfg(tmp_path / "six", batch_size=8, samples_per_shard=4, streams=8)
+    with pytest.raises(DataError, match="6 shard\\(s\\) for dataset.train.wds.streams=8.* at least 8 shards"):
+        build_train_loader(cfg, model.preprocess, model.tokenizer)
 
 
 @pytest.mark.parametrize("workers", [0, 2])
@@ -147,17 +184,15 @@ def test_resuming_from_recorded_positions_continues_exactly(tmp_path, model, wor
         bundle.set_epoch(2)
         return bundle
 
-    straight = list(fresh().loader)
-    assert len(straight) == len(fresh().loader) >= 6
+    straight = list(fresh().batches())
+    assert len(straight) == fresh().batches_per_epoch >= 6
     for stop in (1, 3):
-        positions: list[dict] = []
-        for batch in straight[:stop]:  # what the trainer records per worker
-            worker = batch["position"]["worker"]
-            positions += [{}] * (worker + 1 - len(positions))
-            positions[worker] = {k: v for k, v in batch["position"].items() if k != "worker"}
+        positions: dict = {}
+        for batch in straight[:stop]:  # what the trainer records
+            positions.update(batch["position"])
         bundle = fresh()
         bundle.resume_at(stop, positions)
-        rest = list(bundle.loader)
+        rest = list(bundle.batches())
         assert [b["keys"] for b in rest] == [b["keys"] for b in straight[stop:]]
         for a, b in zip(rest, straight[stop:]):
             assert torch.equal(a["pixels"], b["pixels"])  # the same augmentation, whichever worker

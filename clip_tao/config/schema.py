@@ -102,6 +102,9 @@ class WdsConfig:
     shard_list_file: str | None = None
     # Used for the epoch length unless sizes.json / _info.json / img2dataset *_stats.json give real counts.
     samples_per_shard: int = 10000
+    # Training: the sample streams the shards are dealt to (null: the largest divisor of the global batch up to
+    # the shard count and 128). The sample order depends on it, never on the processes or loader workers.
+    streams: int | None = None
 
 
 @dataclass
@@ -256,6 +259,9 @@ class ExportConfig:
     overwrite: bool = False
     # clip-tao: also write a Triton model repository (config.pbtxt + 1/model.onnx) into this folder.
     triton_repository: str | None = None
+    # clip-tao: fp16 writes a mixed-precision graph (fp16 weights/activations; LayerNorm, Softmax, reductions
+    # and the final L2 normalisation in fp32), the input of TensorRT 11's strongly typed fp16 builds.
+    data_type: Literal["fp32", "fp16"] = "fp32"
 
 
 @dataclass
@@ -296,6 +302,7 @@ class DeployInfo:
     logit_scale: float | None = None  # already exponentiated, as the ONNX output
     logit_bias: float | None = None
     opset_version: int | None = None
+    data_type: str = "fp32"  # export.data_type of the files
     # NaFlex exports: the patch size and budget the runtime pre-processes with.
     patch_size: int | None = None
     max_num_patches: int | None = None

@@ -4,12 +4,13 @@ A batch is a dict: ``pixels [B,3,H,W]`` (a :class:`~clip_tao.models.patches.Patc
 models, whose images keep their aspect ratio), ``input_ids [B,L]`` (when captions are loaded), ``indices [B]``
 (positions in the dataset), ``keys`` (sample names) and ``skipped`` (a :class:`SkipCounter` of files dropped
 from this batch). An image that cannot be decoded is dropped from its batch and counted, never fatal.
-Training batches of WebDataset shards also carry ``position`` (where their loader worker stands).
+The last training batch of a step of WebDataset shards also carries ``position`` (where each of the
+process's sample streams stands).
 
 Training randomness is a function of the data, not of the process: the sample order comes from
 ``dataset.seed + epoch`` and each sample's augmentation from ``(dataset.seed, epoch, sample)``, so any
-number of loader workers gives the same batches, and a resumed run continues exactly (see
-:meth:`LoaderBundle.resume_at`).
+number of processes and loader workers gives the same global steps at the same global batch, and a resumed
+run continues exactly, also on another number of processes or workers (see :meth:`LoaderBundle.resume_at`).
 """
 
 from __future__ import annotations
@@ -155,17 +156,41 @@ class EpochShuffleSampler(Sampler[int]):
 
 @dataclass
 class LoaderBundle:
-    """A DataLoader with the samples behind it (custom data; empty for shards) and what scanning skipped."""
+    """A DataLoader with the samples behind it (custom data; empty for shards) and what scanning skipped.
+
+    Training iterates :meth:`batches` (shards come from the loader as per-step chunks of each worker, which
+    it joins and cuts into loader batches); ``global_batch`` is the samples of one optimiser step over all
+    processes and accumulated batches, what the epoch's order is cut into.
+    """
 
     loader: DataLoader
     samples: list[Sample]
     scan_skipped: SkipCounter
     kind: str = "custom"  # or "wds"
     num_samples: int | None = None  # samples an epoch (all ranks); None: len(samples)
+    global_batch: int | None = None
+    pin_joined: bool = False  # shards: the join of a step's chunks writes into pinned memory
 
     def __post_init__(self):
         if self.num_samples is None:
             self.num_samples = len(self.samples)
+
+    @property
+    def stream_plan(self) -> wds.StreamPlan | None:
+        dataset = self.loader.dataset
+        return dataset.plan if isinstance(dataset, wds.WdsTrainStream) else None
+
+    @property
+    def batches_per_epoch(self) -> int:
+        """Loader batches this process trains on in an epoch."""
+        plan = self.stream_plan
+        return plan.steps_per_epoch * plan.accumulate if plan else len(self.loader)
+
+    def batches(self):
+        """The loader's batches in training order (see :func:`iterate_batches`)."""
+        plan = self.stream_plan
+        batches = iterate_batches(self.loader)
+        return wds.regroup_steps(batches, plan, self.pin_joined) if plan else batches
 
     def set_epoch(self, epoch: int) -> None:
         """Re-seed shuffling, augmentation and worker seeds for ``epoch`` (deterministic across restarts)."""
@@ -179,27 +204,25 @@ class LoaderBundle:
             self.loader.generator.manual_seed(getattr(dataset, "seed", 0) + epoch)
 
     def layout(self) -> dict:
-        """What a checkpointed position depends on: resuming needs the same layout."""
-        dataset = self.loader.dataset
-        if isinstance(dataset, wds.WdsTrainStream):
-            plan = dataset.plan
-            return {"kind": "wds", "world_size": plan.world_size, "workers": plan.slots_per_rank,
-                    "batch_size": plan.batch_size, "shards": len(dataset.shards)}  # fmt: skip
-        sampler = self.loader.sampler
-        return {"kind": self.kind, "world_size": getattr(sampler, "world_size", 1),
-                "batch_size": self.loader.batch_size, "samples": len(self.samples)}  # fmt: skip
+        """What a checkpointed position depends on. Never the processes or loader workers: a run resumes
+        exactly on any layout that gives the same global batch."""
+        plan = self.stream_plan
+        if plan is not None:
+            return {"kind": "wds", "streams": plan.streams, "global_batch": plan.global_batch,
+                    "shards": len(self.loader.dataset.shards), "samples": self.num_samples}  # fmt: skip
+        return {"kind": self.kind, "global_batch": self.global_batch, "samples": len(self.samples)}
 
-    def resume_at(self, batches_done: int, worker_positions: list[dict] | None) -> None:
-        """Make the next iteration start after the first ``batches_done`` batches of this rank's epoch.
+    def resume_at(self, batches_done: int, stream_positions: dict | None) -> None:
+        """Make the next iteration start after the first ``batches_done`` loader batches of this process's epoch.
 
-        Custom data skips that many batches of the epoch's permutation. Shards reopen where each worker
-        stood (``worker_positions``, as recorded in the batches' ``position``) and rotate the round robin
-        so batches come in the uninterrupted order. ``resume_at(0, None)`` starts the epoch afresh.
+        Custom data skips that many batches of the epoch's permutation. Shards reopen each stream where it
+        stood (``stream_positions``, as recorded in the batches' ``position``). ``resume_at(0, None)`` starts
+        the epoch afresh.
         """
         dataset = self.loader.dataset
         if isinstance(dataset, wds.WdsTrainStream):
-            dataset.resume = worker_positions if batches_done else None
-            dataset.rotation = batches_done % dataset.plan.slots_per_rank
+            dataset.resume = stream_positions if batches_done else None
+            dataset.start_step = batches_done // dataset.plan.accumulate
         elif isinstance(self.loader.sampler, EpochShuffleSampler):
             self.loader.sampler.start_index = batches_done * self.loader.batch_size
 
@@ -228,9 +251,20 @@ def effective_workers(requested: int, key: str) -> int:
 
 
 def build_train_loader(
-    data_cfg: DatasetConfig, preprocess: Preprocess, tokenizer: Callable, rank: int = 0, world_size: int = 1
+    data_cfg: DatasetConfig,
+    preprocess: Preprocess,
+    tokenizer: Callable,
+    rank: int = 0,
+    world_size: int = 1,
+    accumulate: int = 1,
 ) -> LoaderBundle:
-    """Shuffled, augmented image-text batches from ``dataset.train`` for ``rank`` of ``world_size``."""
+    """Shuffled, augmented image-text batches from ``dataset.train`` for ``rank`` of ``world_size``, whose
+    optimiser steps take ``accumulate`` batches each.
+
+    The samples of a global step (``batch_size x world_size x accumulate`` of them) depend only on the data,
+    ``dataset.seed``, the epoch and that global batch: custom data takes consecutive runs of the epoch's
+    permutation, shards take the same share of every canonical stream (:class:`~clip_tao.data.wds.StreamPlan`).
+    """
     train = data_cfg.train
     if train.batch_size < 1:
         raise ConfigError(f"dataset.train.batch_size={train.batch_size} must be >= 1")
@@ -243,13 +277,17 @@ def build_train_loader(
     if train.type == "wds":
         shards = wds.list_shards(train.wds, "dataset.train.wds")
         total = wds.epoch_samples(shards, train.wds.samples_per_shard)
-        plan = wds.plan_slots(shards, total, train.batch_size, world_size, workers, "dataset.train.wds")
+        plan = wds.plan_streams(shards, total, train.batch_size, world_size, workers, "dataset.train.wds",
+                                accumulate, train.wds.streams)  # fmt: skip
         stream = wds.WdsTrainStream(shards, plan, rank, transform, tokenizer, data_cfg.seed, draft, stack)
-        loader = DataLoader(stream, batch_size=None, num_workers=plan.workers, pin_memory=pin,
+        # Several workers' chunks are joined into a step's batch: pinned by that join, not chunk by chunk.
+        pin_chunks = pin and plan.readers_per_rank == 1
+        loader = DataLoader(stream, batch_size=None, num_workers=plan.workers, pin_memory=pin_chunks,
                             worker_init_fn=one_thread_per_worker)  # fmt: skip
-        log.info("dataset.train.wds: %d shards, %d samples an epoch, %d steps a rank", len(shards), total,
-                 plan.batches_per_rank)  # fmt: skip
-        return LoaderBundle(loader, [], SkipCounter(), kind="wds", num_samples=total)
+        log.info("dataset.train.wds: %d shards in %d sample streams, %d samples an epoch, %d steps of %d",
+                 len(shards), plan.streams, total, plan.steps_per_epoch, plan.global_batch)  # fmt: skip
+        return LoaderBundle(loader, [], SkipCounter(), kind="wds", num_samples=total, global_batch=plan.global_batch,
+                            pin_joined=pin and not pin_chunks)  # fmt: skip
     samples, skipped = scan_custom_datasets(train.datasets, "dataset.train.datasets")
     dataset = ImageTextDataset(samples, transform, tokenizer, data_cfg.seed, draft, tokenize_in_collate=True)
     dataset.seed = data_cfg.seed
@@ -269,7 +307,7 @@ def build_train_loader(
         generator=torch.Generator().manual_seed(data_cfg.seed),
         persistent_workers=False,
     )
-    return LoaderBundle(loader, samples, skipped)
+    return LoaderBundle(loader, samples, skipped, global_batch=train.batch_size * world_size * accumulate)
 
 
 def build_val_loader(

@@ -5,13 +5,16 @@ Reading is webdataset's own (``tar_file_iterator`` + ``group_by_keys``), so shar
 (``jpg jpeg png webp``) with a caption (``txt text``); anything else in a shard is ignored.
 
 Training epochs are explicit: ``epoch_samples`` (real counts from ``sizes.json`` / ``_info.json`` /
-img2dataset's ``*_stats.json`` when present, else ``samples_per_shard x shards``) are split into equal
-quotas over every (rank, worker) *slot*, so all ranks run the same number of steps. Each slot reads its
-own shards, in an order reshuffled every epoch from ``seed + epoch``; a slot that runs out of samples
-before its quota starts another pass over its shards, one that has more stops at the quota.
+img2dataset's ``*_stats.json`` when present, else ``samples_per_shard x shards``) divided by the global batch.
+The epoch's shards, in an order reshuffled every epoch from ``seed + epoch``, are dealt to a fixed number of
+canonical sample streams (:class:`StreamPlan`; ``wds.streams``, by default a function of the shard count and
+the global batch), and every global step takes the same number of samples from every stream. Processes and
+loader workers only choose who reads which streams, so the samples of a step do not depend on them. A
+stream that runs out of samples before the epoch ends starts another pass over its shards.
 
-Each batch carries the position its slot reached (pass, shard, sample offset, samples yielded), which the
-trainer checkpoints; a resumed worker reopens that shard and continues with the next sample.
+The last batch of each step carries where the process's streams stand (pass, shard, sample offset, samples
+yielded), which the trainer checkpoints; a resumed run, on any number of processes and workers, reopens
+each stream's shard and continues with the next sample.
 """
 
 from __future__ import annotations
@@ -304,61 +307,164 @@ def seeded_transform(transform: Callable, image: Image.Image, seed: int | None) 
         generator.set_state(saved)
 
 
-# -- training: equal quotas over (rank, worker) slots -----------------------------------------------
-@dataclass
-class SlotPlan:
-    """How an epoch is split: ``num_slots = world_size x workers``, each slot yields ``batches_per_slot``."""
+# -- training: canonical streams, independent of the processes and workers -----------------------
+MAX_DEFAULT_STREAMS = 128
 
+
+def default_streams(num_shards: int, global_batch: int) -> int:
+    """The number of sample streams when ``wds.streams`` is not set: the largest divisor of the global batch
+    that is at most the shard count (and 128). A function of the data and the global batch only, so a run
+    resumed on another number of processes or workers computes the same streams."""
+    limit = max(1, min(num_shards, global_batch, MAX_DEFAULT_STREAMS))
+    return max(c for c in range(1, limit + 1) if global_batch % c == 0)
+
+
+@dataclass
+class StreamPlan:
+    """How an epoch of shards is read, whatever the layout of the run.
+
+    The epoch's shards (shuffled from ``seed + epoch``) are dealt to ``streams`` canonical streams; stream ``c``
+    reads shards ``c, c + streams, ...`` in that order, sample after sample. Global step ``s`` trains on samples
+    ``[s * per_step, (s + 1) * per_step)`` of every stream, ``per_step = global_batch / streams``. Processes and
+    loader workers only decide who reads which streams: rank ``r`` reads the streams ``c`` with
+    ``c % world_size == r``, and its workers share those out in turn.
+    """
+
+    streams: int
+    global_batch: int
+    steps_per_epoch: int
     world_size: int
-    workers: int  # DataLoader workers per rank (0 counts as one in-process slot)
-    batch_size: int
-    batches_per_slot: int
+    workers: int  # DataLoader workers per rank (0: read in the training process)
+    batch_size: int  # samples a loader batch (a micro-batch under gradient accumulation)
 
     @property
-    def slots_per_rank(self) -> int:
+    def per_step(self) -> int:
+        """Samples a stream gives each global step."""
+        return self.global_batch // self.streams
+
+    @property
+    def readers_per_rank(self) -> int:
         return max(1, self.workers)
 
     @property
-    def batches_per_rank(self) -> int:
-        return self.batches_per_slot * self.slots_per_rank
+    def accumulate(self) -> int:
+        return self.global_batch // (self.batch_size * self.world_size)
+
+    def rank_streams(self, rank: int) -> list[int]:
+        return list(range(rank, self.streams, self.world_size))
+
+    def reader_streams(self, rank: int, reader: int) -> list[int]:
+        return self.rank_streams(rank)[reader :: self.readers_per_rank]
 
 
-def plan_slots(
-    shards: Sequence[Shard], total: int, batch_size: int, world_size: int, workers: int, section: str
-) -> SlotPlan:
-    """Every slot needs a shard of its own; workers are reduced to fit the shards, never ranks."""
-    if len(shards) < world_size:
+def plan_streams(
+    shards: Sequence[Shard],
+    total: int,
+    batch_size: int,
+    world_size: int,
+    workers: int,
+    section: str,
+    accumulate: int = 1,
+    streams: int | None = None,
+) -> StreamPlan:
+    """The plan for this run, or one line on what cannot work and the counts that do."""
+    global_batch = batch_size * world_size * accumulate
+    if streams is None:
+        streams = default_streams(len(shards), global_batch)
+    elif streams < 1:
+        raise DataError(f"{section}.streams={streams} must be >= 1 (or null: chosen from the shards and batch)")
+    if len(shards) < streams:
         raise DataError(
-            f"{section}: {len(shards)} shard(s) cannot be split over {world_size} ranks; "
-            "write at least one shard per rank (more shards than ranks x workers is best)"
+            f"{section}: {len(shards)} shard(s) for {section}.streams={streams}: every stream needs a shard of its "
+            f"own; write at least {streams} shards or lower {section}.streams"
         )
-    if workers > 0 and len(shards) < world_size * workers:
-        fitted = len(shards) // world_size
-        log.info("%s: %d shards for %d ranks: %d loader workers per rank instead of %d", section,
-                 len(shards), world_size, fitted, workers)  # fmt: skip
-        workers = fitted
-    slots = world_size * max(1, workers)
-    per_slot = total // slots // batch_size
-    if per_slot < 1:
+    if global_batch % streams:
+        fitting = [c for c in range(1, min(len(shards), global_batch) + 1) if global_batch % c == 0]
         raise DataError(
-            f"{section}: an epoch of {total} samples is too small for {world_size} rank(s) x {max(1, workers)} "
-            f"worker(s) x batch_size {batch_size}; lower the batch size or workers, or add data"
+            f"{section}: the global batch {global_batch} (batch_size {batch_size} x {world_size} process(es) x "
+            f"{accumulate} accumulated) is not a multiple of {section}.streams={streams}; streams that work: "
+            f"{', '.join(map(str, fitting[-6:]))}"
         )
-    return SlotPlan(world_size, workers, batch_size, per_slot)
+    if streams % world_size:
+        counts = [n for n in range(1, streams + 1) if streams % n == 0 and global_batch % n == 0]
+        raise DataError(
+            f"{section}: {streams} sample streams cannot be split over {world_size} processes; at the global batch "
+            f"{global_batch}, process counts that work are {', '.join(map(str, counts))} (or set {section}.streams, "
+            f"with at least that many shards: {world_size} processes need at least {world_size} shards)"
+        )
+    per_rank = streams // world_size
+    if workers > per_rank:
+        log.info("%s: %d sample streams for %d process(es): %d loader workers a process instead of %d", section,
+                 streams, world_size, per_rank, workers)  # fmt: skip
+        workers = per_rank
+    steps = total // global_batch
+    if steps < 1:
+        raise DataError(
+            f"{section}: an epoch of {total} samples is smaller than the global batch {global_batch} (batch_size "
+            f"{batch_size} x {world_size} process(es) x {accumulate} accumulated); lower the batch size or add data"
+        )
+    return StreamPlan(streams, global_batch, steps, world_size, workers, batch_size)
+
+
+class _StreamReader:
+    """One canonical stream: its shards in order, decoded sample after sample, with its position."""
+
+    def __init__(self, owner: WdsTrainStream, stream: int, start: dict | None):
+        self.owner = owner
+        self.stream = stream
+        self.position = dict(start) if start else {"pass": 0, "shard": 0, "offset": 0, "yielded": 0}
+        self.shards = owner.stream_shards(stream, borrowed=self.position.get("borrowed", False))
+        self.skipped = SkipCounter()
+        self._items = self._read()
+
+    def take(self, count: int) -> list[dict]:
+        return [next(self._items) for _ in range(count)]
+
+    def _read(self) -> Iterator[dict]:
+        position, shards = self.position, self.shards
+        while True:
+            good_this_pass = position["yielded"] > 0 or position["shard"] > 0
+            for shard_index in range(position["shard"], len(shards)):
+                shard = shards[shard_index]
+                first = position["offset"] if shard_index == position["shard"] else 0
+                for offset, raw in enumerate(iter_raw_samples(shard, self.skipped)):
+                    if offset < first:
+                        continue  # consumed before the checkpoint
+                    item = self.owner.decode(raw, shard, position["pass"], self.skipped)
+                    position.update(shard=shard_index, offset=offset + 1)
+                    if item is None:
+                        continue
+                    good_this_pass = True
+                    position["yielded"] += 1
+                    yield item
+                position.update(shard=shard_index + 1, offset=0)
+            if not good_this_pass and position.get("borrowed"):
+                names = ", ".join(s.name for s in shards[:3])
+                raise DataError(f"no usable sample in shard(s) {names}{' ...' if len(shards) > 3 else ''}")
+            if not good_this_pass:
+                # Every shard of this stream is unusable: it reads all the epoch's shards instead, starting with
+                # the next stream's (a function of the data, so every layout does the same).
+                log.warning("sample stream %d has no usable sample in its shards (%s ...): it reads the other "
+                            "streams' shards", self.stream, shards[0].name)  # fmt: skip
+                position["borrowed"] = True
+                self.shards = shards = self.owner.stream_shards(self.stream, borrowed=True)
+            # An epoch asks a stream for as many samples as it needs: another pass over its shards.
+            position.update({"pass": position["pass"] + 1, "shard": 0, "offset": 0})
 
 
 class WdsTrainStream(IterableDataset):
-    """Yields whole, augmented batches for one rank; each worker serves its own slot (see module doc).
+    """Yields, for each global step, one chunk from each loader worker of this rank: ``per_step`` augmented
+    samples of each of the worker's streams (see :class:`StreamPlan`). :func:`regroup_steps` joins a step's
+    chunks and cuts them into the rank's loader batches.
 
-    Before iterating an epoch, set ``epoch``, and to resume mid-epoch ``resume`` (per-worker positions
-    from a checkpoint) and ``rotation`` (batches already consumed on this rank, modulo the workers: the
-    DataLoader always asks worker 0 first, so worker ids are rotated to continue the round robin).
+    Before iterating an epoch, set ``epoch``, ``start_step`` and, to resume mid-epoch, ``resume`` (stream
+    positions from a checkpoint, keyed by stream number).
     """
 
     def __init__(
         self,
         shards: Sequence[Shard],
-        plan: SlotPlan,
+        plan: StreamPlan,
         rank: int,
         transform: Callable,
         tokenizer: Callable,
@@ -375,61 +481,35 @@ class WdsTrainStream(IterableDataset):
         self.tokenizer = tokenizer
         self.seed = seed
         self.epoch = 0
-        self.resume: list[dict] | None = None
-        self.rotation = 0
+        self.start_step = 0
+        self.resume: dict[str, dict] | None = None
 
     def __len__(self) -> int:
-        return self.plan.batches_per_rank
+        return (self.plan.steps_per_epoch - self.start_step) * self.plan.readers_per_rank
 
-    def slot_shards(self, worker: int) -> list[Shard]:
+    def stream_shards(self, stream: int, borrowed: bool = False) -> list[Shard]:
+        """The shards of ``stream`` this epoch; ``borrowed``: every shard, from the next stream's first one."""
         order = list(self.shards)
         random.Random(self.seed + self.epoch).shuffle(order)
-        slots = self.plan.world_size * self.plan.slots_per_rank
-        return order[self.rank * self.plan.slots_per_rank + worker :: slots]
+        if borrowed:
+            return order[stream + 1 :] + order[: stream + 1]
+        return order[stream :: self.plan.streams]
 
     def __iter__(self) -> Iterator[dict]:
         info = get_worker_info()
-        physical = info.id if info is not None else 0
-        worker = (physical + self.rotation) % self.plan.slots_per_rank
-        # A worker with no recorded position had not delivered a batch yet: it starts at the beginning.
-        start = self.resume[worker] if self.resume and worker < len(self.resume) and self.resume[worker] else None
-        yield from self._slot_batches(worker, start)
+        reader = info.id if info is not None else 0
+        resume = self.resume or {}
+        readers = [_StreamReader(self, c, resume.get(str(c))) for c in self.plan.reader_streams(self.rank, reader)]
+        for _ in range(self.start_step, self.plan.steps_per_epoch):
+            items = [item for r in readers for item in r.take(self.plan.per_step)]
+            skipped = SkipCounter()
+            for r in readers:
+                skipped.update(r.skipped)
+                r.skipped.clear()  # the shard reader holds this counter: clear it, never replace it
+            positions = {str(r.stream): dict(r.position) for r in readers}
+            yield _collate(items, skipped, positions, self.tokenizer, self.stack)
 
-    def _slot_batches(self, worker: int, start: dict | None) -> Iterator[dict]:
-        shards = self.slot_shards(worker)
-        quota = self.plan.batches_per_slot * self.plan.batch_size
-        position = dict(start) if start else {"pass": 0, "shard": 0, "offset": 0, "yielded": 0}
-        pending: list[dict] = []
-        skipped = SkipCounter()
-        while position["yielded"] < quota:
-            good_this_pass = position["yielded"] > 0 or position["shard"] > 0
-            for shard_index in range(position["shard"], len(shards)):
-                shard = shards[shard_index]
-                first = position["offset"] if shard_index == position["shard"] else 0
-                for offset, raw in enumerate(iter_raw_samples(shard, skipped)):
-                    if offset < first:
-                        continue  # consumed before the checkpoint
-                    item = self._decode(raw, shard, position["pass"], skipped)
-                    position.update(shard=shard_index, offset=offset + 1)
-                    if item is None:
-                        continue
-                    good_this_pass = True
-                    pending.append(item)
-                    position["yielded"] += 1
-                    if len(pending) == self.plan.batch_size:
-                        yield _collate(pending, skipped, {"worker": worker, **position}, self.tokenizer, self.stack)
-                        pending = []
-                        skipped.clear()  # the shard reader holds this counter: clear it, never replace it
-                    if position["yielded"] >= quota:
-                        return
-                position.update(shard=shard_index + 1, offset=0)
-            if not good_this_pass:
-                names = ", ".join(s.name for s in shards[:3])
-                raise DataError(f"no usable sample in shard(s) {names}{' ...' if len(shards) > 3 else ''}")
-            # Quota not reached: another pass over this slot's shards (uneven or estimated shard sizes).
-            position.update({"pass": position["pass"] + 1, "shard": 0, "offset": 0})
-
-    def _decode(self, raw: dict, shard: Shard, pass_index: int, skipped: SkipCounter) -> dict | None:
+    def decode(self, raw: dict, shard: Shard, pass_index: int, skipped: SkipCounter) -> dict | None:
         image, caption, problem = decode_pair(raw, self.draft_side)
         if problem:
             skipped[problem] += 1
@@ -445,16 +525,82 @@ class WdsTrainStream(IterableDataset):
         return {"pixels": pixels, "caption": caption, "key": key}
 
 
+def regroup_steps(chunks: Iterator[dict], plan: StreamPlan, pin: bool = False) -> Iterator[dict]:
+    """The rank's loader batches from the workers' chunks: a step's chunks (one from each worker, which the
+    DataLoader delivers in turn) joined, then cut into ``accumulate`` batches of ``batch_size``. The last batch
+    of a step carries ``position``: every stream of this rank after the step. With ``pin``, the join writes
+    straight into pinned memory (the one copy the DataLoader's pinning would otherwise make of each chunk)."""
+    chunks = iter(chunks)
+    while True:
+        step = []
+        for _ in range(plan.readers_per_rank):
+            try:
+                step.append(next(chunks))
+            except StopIteration:
+                if step:
+                    raise DataError("a loader worker ended in the middle of a step") from None
+                return
+        joined = step[0] if len(step) == 1 else _join(step, pin)
+        size = plan.batch_size
+        for k in range(plan.accumulate):
+            last = k == plan.accumulate - 1
+            part = joined if plan.accumulate == 1 else _slice(joined, k * size, (k + 1) * size, last)
+            if last:
+                part["position"] = {key: pos for chunk in step for key, pos in chunk["position"].items()}
+            elif "position" in part:
+                del part["position"]
+            yield part
+
+
+def _join(chunks: list[dict], pin: bool = False) -> dict:
+    from clip_tao.models.patches import PatchBatch, concat_patch_batches
+
+    def cat(tensors: list[torch.Tensor]) -> torch.Tensor:
+        if not pin:
+            return torch.cat(tensors)
+        shape = (sum(len(t) for t in tensors), *tensors[0].shape[1:])
+        return torch.cat(tensors, out=torch.empty(shape, dtype=tensors[0].dtype, pin_memory=True))
+
+    pixels = [c["pixels"] for c in chunks]
+    skipped = SkipCounter()
+    for c in chunks:
+        skipped.update(c["skipped"])
+    if isinstance(pixels[0], PatchBatch):
+        joined = concat_patch_batches(pixels)
+        joined = joined.pin_memory() if pin else joined
+    else:
+        joined = cat(pixels)
+    return {
+        "pixels": joined,
+        "input_ids": cat([c["input_ids"] for c in chunks]),
+        "keys": [k for c in chunks for k in c["keys"]],
+        "indices": torch.cat([c["indices"] for c in chunks]),
+        "skipped": skipped,
+        "position": {},
+    }
+
+
+def _slice(batch: dict, start: int, stop: int, last: bool) -> dict:
+    return {
+        "pixels": batch["pixels"][start:stop],
+        "input_ids": batch["input_ids"][start:stop],
+        "keys": batch["keys"][start:stop],
+        "indices": batch["indices"][start:stop],
+        # a step's skips are counted once, with its last batch
+        "skipped": batch["skipped"] if last else SkipCounter(),
+    }
+
+
 def _collate(
-    items: list[dict], skipped: SkipCounter, position: dict, tokenizer: Callable, stack: Callable = torch.stack
+    items: list[dict], skipped: SkipCounter, positions: dict, tokenizer: Callable, stack: Callable = torch.stack
 ) -> dict:
     return {
         "pixels": stack([i["pixels"] for i in items]),
         "input_ids": tokenizer([i["caption"] for i in items]),  # a batch at once: cheaper than one by one
         "keys": [i["key"] for i in items],
-        "indices": torch.arange(position["yielded"] - len(items), position["yielded"]),
+        "indices": torch.arange(len(items)),
         "skipped": SkipCounter(skipped),
-        "position": position,
+        "position": positions,
     }
 
 

@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from clip_tao.deploy.encoder_graphs import ENCODER_SPECS, IMAGE_BATCH, EncoderSpec, TextEncoder
 from clip_tao.models.base import ClipModel
 from clip_tao.models.patches import PatchBatch, naflex_image_size, patch_batch
 
@@ -76,8 +77,6 @@ class NaFlexCombinedEncoder(nn.Module):
         self.model = model
 
     def forward(self, pixel_values, pixel_attention_mask, spatial_shapes, input_ids, attention_mask):
-        from clip_tao.deploy.onnx_export import TextEncoder
-
         return (
             encode_patches(self.model, pixel_values, pixel_attention_mask, spatial_shapes),
             *TextEncoder(self.model)(input_ids, attention_mask),
@@ -85,21 +84,19 @@ class NaFlexCombinedEncoder(nn.Module):
 
 
 def naflex_encoder_specs() -> dict:
-    """``combined`` / ``vision`` / ``text`` as :data:`~clip_tao.deploy.onnx_export.ENCODER_SPECS`, with the
+    """``combined`` / ``vision`` / ``text`` as :data:`~clip_tao.deploy.encoder_graphs.ENCODER_SPECS`, with the
     patch inputs and their dynamic patch axis."""
-    from clip_tao.deploy.onnx_export import ENCODER_SPECS, IMAGE_BATCH, _EncoderSpec
-
     axes = {"pixel_values": {0: IMAGE_BATCH, 1: NUM_PATCHES}, "pixel_attention_mask": {0: IMAGE_BATCH, 1: NUM_PATCHES},
             "spatial_shapes": {0: IMAGE_BATCH}}  # fmt: skip
     text = ENCODER_SPECS["text"]
     return {
-        "combined": _EncoderSpec(
+        "combined": EncoderSpec(
             NaFlexCombinedEncoder,
             (*PATCH_INPUTS, *text.inputs),
             ("image_embedding", *text.outputs),
             axes,
         ),
-        "vision": _EncoderSpec(NaFlexVisionEncoder, PATCH_INPUTS, ("image_embedding",), axes),
+        "vision": EncoderSpec(NaFlexVisionEncoder, PATCH_INPUTS, ("image_embedding",), axes),
         "text": text,
     }
 

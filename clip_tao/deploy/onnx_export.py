@@ -25,9 +25,11 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
-from torch import nn
 
+from clip_tao.deploy.encoder_graphs import BATCH_AXES, ENCODER_SPECS, EncoderSpec
 from clip_tao.deploy.files import DeployFiles, check_overwritable, planned_files
+from clip_tao.deploy.mixed_precision import DATA_TYPES, FP16_MIN_OPSET, convert_to_mixed_fp16, ort_session_options
+from clip_tao.deploy.naflex_export import naflex_encoder_specs, naflex_example_inputs
 from clip_tao.errors import ConfigError, ModelError
 from clip_tao.io.atomic import write_yaml
 from clip_tao.models.base import ClipModel
@@ -36,100 +38,24 @@ from clip_tao.models.tokenizer import CONFIG_FILE as TOKENIZER_SETTINGS
 log = logging.getLogger(__name__)
 
 TWO_GB = 2**31
-MAX_ABS_DIFF = 1e-4
-# Dynamic axes get their own names: an image batch and a text batch need not be the same size.
-IMAGE_BATCH, TEXT_BATCH = "image_batch", "text_batch"
-
-
-def _anchor(tensor: torch.Tensor) -> torch.Tensor:
-    """A zero that depends on ``tensor``: keeps an otherwise unused input in the graph, and gives
-    parameter outputs (logit scale/bias) a node of their own so the exporter keeps their names."""
-    return (tensor.reshape(tensor.shape[0], -1)[:1, :1].sum() * 0).to(torch.float32)
-
-
-class CombinedEncoder(nn.Module):
-    def __init__(self, model: ClipModel):
-        super().__init__()
-        self.model = model
-
-    def forward(self, image: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor):
-        zero = _anchor(attention_mask)
-        return (
-            self.model.encode_image(image),
-            self.model.encode_text(input_ids),
-            self.model.logit_scale.exp().reshape(1) + zero,
-            self.model.logit_bias.reshape(1) + zero,
-        )
-
-
-class VisionEncoder(nn.Module):
-    def __init__(self, model: ClipModel):
-        super().__init__()
-        self.model = model
-
-    def forward(self, image: torch.Tensor):
-        # TAO's vision file carries the logit scale/bias too, so either file alone can score pairs.
-        zero = _anchor(image)
-        return (
-            self.model.encode_image(image),
-            self.model.logit_scale.exp().reshape(1) + zero,
-            self.model.logit_bias.reshape(1) + zero,
-        )
-
-
-class TextEncoder(nn.Module):
-    def __init__(self, model: ClipModel):
-        super().__init__()
-        self.model = model
-
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor):
-        zero = _anchor(attention_mask)
-        return (
-            self.model.encode_text(input_ids),
-            self.model.logit_scale.exp().reshape(1) + zero,
-            self.model.logit_bias.reshape(1) + zero,
-        )
-
-
-@dataclass(frozen=True)
-class _EncoderSpec:
-    module: type[nn.Module]
-    inputs: tuple[str, ...]
-    outputs: tuple[str, ...]
-    # Dynamic axes beyond the batch (NaFlex's patch count): input name -> {axis: name}.
-    axes: dict = field(default_factory=dict)
-
-
-ENCODER_SPECS = {
-    "combined": _EncoderSpec(
-        CombinedEncoder,
-        ("image", "input_ids", "attention_mask"),
-        ("image_embedding", "text_embedding", "logit_scale", "logit_bias"),
-    ),
-    "vision": _EncoderSpec(VisionEncoder, ("image",), ("image_embedding", "logit_scale", "logit_bias")),
-    "text": _EncoderSpec(TextEncoder, ("input_ids", "attention_mask"), ("text_embedding", "logit_scale", "logit_bias")),
-}
-_BATCH_AXIS = {
-    "image": IMAGE_BATCH,
-    "image_embedding": IMAGE_BATCH,
-    "input_ids": TEXT_BATCH,
-    "attention_mask": TEXT_BATCH,
-    "text_embedding": TEXT_BATCH,
-}
+MAX_ABS_DIFF = 1e-4  # fp32 files: every output
+MIN_COSINE = 0.9999  # fp16 files: every embedding, against PyTorch in fp32
+MAX_LOGIT_REL_DIFF = 1e-4  # fp16 files: logit scale/bias, computed in fp32 inside them
+EMBEDDINGS = ("image_embedding", "text_embedding")
 
 
 @dataclass
 class ExportReport:
     files: DeployFiles
+    data_type: str = "fp32"
     max_abs_diff: dict[str, float] = field(default_factory=dict)
+    min_cosine: dict[str, float] = field(default_factory=dict)
     external_data: list[str] = field(default_factory=list)
 
 
-def encoder_specs(model: ClipModel) -> dict[str, _EncoderSpec]:
+def encoder_specs(model: ClipModel) -> dict[str, EncoderSpec]:
     """The graphs a model exports to: :data:`ENCODER_SPECS`, or NaFlex's patch-sequence ones."""
     if model.preprocess.naflex:
-        from clip_tao.deploy.naflex_export import naflex_encoder_specs
-
         return naflex_encoder_specs()
     return ENCODER_SPECS
 
@@ -180,8 +106,12 @@ def export_onnx(
     verbose: bool = False,
     spec: dict | None = None,
     external_data_threshold: int = TWO_GB,
+    data_type: str = "fp32",
 ) -> ExportReport:
     """Write, verify and move into place the ONNX file(s) of ``model`` (see module docstring).
+
+    ``data_type="fp16"`` writes mixed-precision files (:mod:`clip_tao.deploy.mixed_precision`), verified by
+    the cosine of every embedding to PyTorch's fp32 one instead of the absolute difference.
 
     ``spec`` (the resolved experiment spec as plain data) goes to ``X_config.yaml`` with the learned
     logit scale/bias and a ``deploy`` section (pre-processing, sizes) that the runtime backends read.
@@ -189,6 +119,7 @@ def export_onnx(
     height = height or model.image_size
     width = width or model.image_size
     check_exportable(model, height, width, channels)
+    check_data_type(data_type, opset_version)
     if not onnx_file.endswith(".onnx"):
         raise ConfigError(f"export.onnx_file={onnx_file!r} must end in .onnx")
     files = planned_files(onnx_file, ".onnx", encoder_type)
@@ -207,12 +138,10 @@ def export_onnx(
     inputs = example_inputs(model, trace_batch, height, width, device)
     specs, extra_checks = encoder_specs(model), []
     if model.preprocess.naflex:
-        from clip_tao.deploy.naflex_export import naflex_example_inputs
-
         inputs, *extra_checks = naflex_example_inputs(model, trace_batch, batch_size <= 0, device, inputs)
     parent = os.path.dirname(os.path.abspath(onnx_file))
     os.makedirs(parent, exist_ok=True)
-    report = ExportReport(files)
+    report = ExportReport(files, data_type)
     staging = tempfile.mkdtemp(dir=parent, prefix=".export-")
     try:
         for encoder, final_path in files.encoders.items():
@@ -222,21 +151,24 @@ def export_onnx(
             staged = os.path.join(own, os.path.basename(final_path))
             encoder_spec = specs[encoder]
             _export_one(encoder_spec, model, inputs, staged, opset_version, batch_size, verbose)
-            if _finalise(staged, model.embed_dim, external_data_threshold):
+            if _finalise(staged, model.embed_dim, external_data_threshold, data_type):
                 report.external_data.append(final_path + ".data")
-            report.max_abs_diff[encoder] = max(
-                verify_onnx(staged, encoder_spec, model, checked) for checked in [inputs, *extra_checks]
-            )
+            checks = [
+                verify_onnx(staged, encoder_spec, model, checked, data_type) for checked in [inputs, *extra_checks]
+            ]
+            report.max_abs_diff[encoder] = max(c.max_abs_diff for c in checks)
+            report.min_cosine[encoder] = min(c.min_cosine for c in checks)
             log.info(
-                "%s: max |ONNX Runtime - PyTorch| = %.2e", os.path.basename(final_path), report.max_abs_diff[encoder]
-            )
+                "%s (%s): max |ONNX Runtime - PyTorch| = %.2e, min cosine %.7f",
+                os.path.basename(final_path), data_type, report.max_abs_diff[encoder], report.min_cosine[encoder],
+            )  # fmt: skip
             for name in os.listdir(own):
                 os.replace(os.path.join(own, name), os.path.join(staging, name))
             os.rmdir(own)
         model.tokenizer.save_pretrained(os.path.join(staging, os.path.basename(files.tokenizer)))
         write_yaml(
             os.path.join(staging, os.path.basename(files.config)),
-            deploy_config(model, spec or {}, encoder_type, opset_version),
+            deploy_config(model, spec or {}, encoder_type, opset_version, data_type),
         )
         _move_into_place(staging, parent, overwrite)
     finally:
@@ -244,7 +176,17 @@ def export_onnx(
     return report
 
 
-def deploy_config(model: ClipModel, spec: dict, encoder_type: str, opset_version: int) -> dict:
+def check_data_type(data_type: str, opset_version: int) -> None:
+    if data_type not in DATA_TYPES:
+        raise ConfigError(f"export.data_type={data_type!r}: use one of {', '.join(DATA_TYPES)}")
+    if data_type == "fp16" and opset_version < FP16_MIN_OPSET:
+        raise ConfigError(
+            f"export.data_type=fp16 needs export.opset_version >= {FP16_MIN_OPSET} (got {opset_version}): "
+            "LayerNormalization is one op (kept in fp32) only from that opset on"
+        )
+
+
+def deploy_config(model: ClipModel, spec: dict, encoder_type: str, opset_version: int, data_type: str = "fp32") -> dict:
     """The spec with the learned logit scale/bias, plus what a runtime needs to feed the files."""
     config = copy.deepcopy(spec)
     scale, bias = float(model.logit_scale.detach().reshape(-1)[0]), float(model.logit_bias.detach().reshape(-1)[0])
@@ -265,18 +207,19 @@ def deploy_config(model: ClipModel, spec: dict, encoder_type: str, opset_version
         "logit_scale": math.exp(scale),
         "logit_bias": bias,
         "opset_version": opset_version,
+        "data_type": data_type,
     }
     if p.naflex:
         config["deploy"].update({"patch_size": p.patch_size, "max_num_patches": p.max_num_patches})
     return config
 
 
-def _export_one(spec: _EncoderSpec, model, inputs, path: str, opset: int, batch_size: int, verbose: bool) -> None:
+def _export_one(spec: EncoderSpec, model, inputs, path: str, opset: int, batch_size: int, verbose: bool) -> None:
     wrapper = spec.module(model).eval()
     args = tuple(inputs[name] for name in spec.inputs)
     dynamic_axes = None
     if batch_size <= 0:
-        dynamic_axes = {name: {0: _BATCH_AXIS[name]} for name in (*spec.inputs, *spec.outputs) if name in _BATCH_AXIS}
+        dynamic_axes = {name: {0: BATCH_AXES[name]} for name in (*spec.inputs, *spec.outputs) if name in BATCH_AXES}
         dynamic_axes.update(spec.axes)
     elif spec.axes:  # a fixed batch: only the other dynamic axes
         dynamic_axes = {name: {k: v for k, v in axes.items() if k != 0} for name, axes in spec.axes.items()}
@@ -296,14 +239,14 @@ def _export_one(spec: _EncoderSpec, model, inputs, path: str, opset: int, batch_
         )
 
 
-def _finalise(path: str, embed_dim: int, threshold: int) -> bool:
-    """Give the embedding outputs their static width, and keep the weights of files over 2 GB as ONNX
-    external data (``X.onnx.data``). Returns whether external data was written."""
+def _finalise(path: str, embed_dim: int, threshold: int, data_type: str = "fp32") -> bool:
+    """Convert to mixed precision (fp16), give the embedding outputs their static width, and keep the weights
+    of files over 2 GB as ONNX external data (``X.onnx.data``). Returns whether external data was written."""
     import onnx
 
-    model = onnx.load(path, load_external_data=True)
+    model = convert_to_mixed_fp16(path) if data_type == "fp16" else onnx.load(path, load_external_data=True)
     for output in model.graph.output:
-        if output.name in ("image_embedding", "text_embedding"):
+        if output.name in EMBEDDINGS:
             dim = output.type.tensor_type.shape.dim[1]
             dim.ClearField("dim_param")
             dim.dim_value = embed_dim
@@ -321,31 +264,60 @@ def _finalise(path: str, embed_dim: int, threshold: int) -> bool:
     return external
 
 
-def verify_onnx(path: str, spec: _EncoderSpec, model: ClipModel, inputs: dict[str, torch.Tensor]) -> float:
-    """``onnx.checker`` then ONNX Runtime (CPU) against PyTorch on the same inputs; returns max |diff|."""
+@dataclass(frozen=True)
+class Check:
+    max_abs_diff: float
+    min_cosine: float  # over every embedding row
+
+
+def verify_onnx(
+    path: str, spec: EncoderSpec, model: ClipModel, inputs: dict[str, torch.Tensor], data_type: str = "fp32"
+) -> Check:
+    """``onnx.checker`` then ONNX Runtime (CPU) against PyTorch (fp32) on the same inputs.
+
+    fp32 files fail above :data:`MAX_ABS_DIFF` on any output; fp16 files fail when an embedding's cosine to
+    PyTorch's is below :data:`MIN_COSINE` or the logit scale/bias differ by more than :data:`MAX_LOGIT_REL_DIFF`.
+    ONNX Runtime's CPU runs an fp16 node without an fp16 kernel in fp32 between casts, so its activations are
+    still rounded to fp16 between nodes as written in the graph.
+    """
     import onnx
     import onnxruntime as ort
 
+    file_name = os.path.basename(path)
     try:
         onnx.checker.check_model(path, full_check=True)
     except onnx.checker.ValidationError as exc:
-        raise ModelError(
-            f"exported file {os.path.basename(path)} fails onnx.checker: {str(exc).splitlines()[0]}"
-        ) from exc
-    session = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
+        raise ModelError(f"exported file {file_name} fails onnx.checker: {str(exc).splitlines()[0]}") from exc
+    session = ort.InferenceSession(path, providers=["CPUExecutionProvider"], **ort_session_options(path))
     feed = {name: inputs[name].cpu().numpy() for name in spec.inputs}
-    got = session.run(list(spec.outputs), feed)
+    got = dict(zip(spec.outputs, session.run(list(spec.outputs), feed)))
     wrapper = spec.module(model).eval()
     with torch.no_grad(), _exact_float32():
         want = wrapper(*(inputs[name] for name in spec.inputs))
     want = want if isinstance(want, tuple) else (want,)
-    diff = max(float(np.abs(g - w.float().cpu().numpy()).max()) for g, w in zip(got, want))
-    if diff > MAX_ABS_DIFF:
+    want = {output: w.float().cpu().numpy() for output, w in zip(spec.outputs, want)}
+    diff = max(float(np.abs(got[k].astype(np.float32) - want[k]).max()) for k in spec.outputs)
+    cosine = min(_min_cosine(got[k], want[k]) for k in spec.outputs if k in EMBEDDINGS)
+    if data_type == "fp32" and diff > MAX_ABS_DIFF:
         raise ModelError(
-            f"exported file {os.path.basename(path)} differs from PyTorch by {diff:.2e} (> {MAX_ABS_DIFF:g}); "
-            "try another export.opset_version"
+            f"exported file {file_name} differs from PyTorch by {diff:.2e} (> {MAX_ABS_DIFF:g}); try another export.opset_version"
         )
-    return diff
+    if data_type == "fp16":
+        if cosine < MIN_COSINE:
+            raise ModelError(
+                f"exported fp16 file {file_name} has an embedding at cosine {cosine:.6f} to PyTorch's fp32 one "
+                f"(< {MIN_COSINE}); export with export.data_type=fp32"
+            )
+        for k in spec.outputs:
+            if k not in EMBEDDINGS and not np.allclose(got[k], want[k], rtol=MAX_LOGIT_REL_DIFF, atol=0):
+                raise ModelError(f"exported fp16 file {file_name}: {k} is {got[k]} where PyTorch gives {want[k]}")
+    return Check(diff, cosine)
+
+
+def _min_cosine(got: np.ndarray, want: np.ndarray) -> float:
+    got, want = got.astype(np.float64), want.astype(np.float64)
+    norms = np.linalg.norm(got, axis=-1) * np.linalg.norm(want, axis=-1)
+    return float(((got * want).sum(-1) / np.maximum(norms, 1e-300)).min())
 
 
 @contextlib.contextmanager

@@ -8,6 +8,7 @@ import numpy as np
 import torch
 
 from clip_tao.deploy.files import find_files
+from clip_tao.deploy.mixed_precision import ort_session_options
 from clip_tao.deploy.runtime import DeployedEncoder
 from clip_tao.models.patches import PatchBatch
 
@@ -35,7 +36,7 @@ class OnnxRuntimeEncoder(DeployedEncoder):
             options.intra_op_num_threads = threads
         providers = _providers(prefer_gpu)
         self.sessions = {
-            name: ort.InferenceSession(path, sess_options=options, providers=providers)
+            name: ort.InferenceSession(path, sess_options=options, providers=providers, **ort_session_options(path))
             for name, path in self.files.encoders.items()
         }
         log.info("ONNX Runtime (%s): %s", providers[0], ", ".join(self.files.encoders.values()))

@@ -8,7 +8,9 @@ its image and text batches are independent axes and Triton batches all inputs al
 with a fixed ``batch_size`` is not batched by Triton either. The logit scale/bias outputs are left out of the
 batched models: they have no batch axis, so Triton could not split them between requests.
 
-``config.pbtxt`` is protobuf text of Triton's ``ModelConfig`` (model_config.proto).
+``config.pbtxt`` is protobuf text of Triton's ``ModelConfig`` (model_config.proto). Tensor types are read
+from the ONNX graph; a mixed-precision (``export.data_type: fp16``) file keeps fp32 inputs/outputs and gets
+ONNX Runtime's extended graph optimisation level.
 """
 
 from __future__ import annotations
@@ -16,14 +18,29 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+
+import onnx
 
 from clip_tao.deploy.files import DeployFiles
+from clip_tao.deploy.mixed_precision import file_data_type
 from clip_tao.errors import ConfigError
 from clip_tao.io.atomic import link_or_copy
 
 IMAGE_MODEL, TEXT_MODEL, COMBINED_MODEL = "clip_image", "clip_text", "clip"
 _MODEL_NAMES = {"vision": IMAGE_MODEL, "text": TEXT_MODEL, "combined": COMBINED_MODEL}
+# Triton's onnxruntime backend graph level 1 is ONNX Runtime's ORT_ENABLE_EXTENDED: everything but the CPU
+# layout optimiser, which crashes on some mixed-precision graphs (see clip_tao.deploy.mixed_precision).
+FP16_GRAPH_LEVEL = 1
+# onnx.TensorProto element types -> Triton's (model_config.proto); an fp16 export may have TYPE_FP16 tensors.
+_TRITON_TYPES = {
+    onnx.TensorProto.FLOAT: "TYPE_FP32",
+    onnx.TensorProto.FLOAT16: "TYPE_FP16",
+    onnx.TensorProto.DOUBLE: "TYPE_FP64",
+    onnx.TensorProto.INT32: "TYPE_INT32",
+    onnx.TensorProto.INT64: "TYPE_INT64",
+    onnx.TensorProto.BOOL: "TYPE_BOOL",
+}
 
 
 @dataclass(frozen=True)
@@ -73,8 +90,8 @@ def write_triton_repository(
     check_repository_free(repository, "combined" if files.combined else "separate", overwrite)
     if max_batch_size < 1:
         raise ConfigError(f"serve.max_batch_size={max_batch_size} must be >= 1 for the Triton repository")
-    onnx = files.ext == ".onnx"
-    platform, filename = ("onnxruntime_onnx", "model.onnx") if onnx else ("tensorrt_plan", "model.plan")
+    is_onnx = files.ext == ".onnx"
+    platform, filename = ("onnxruntime_onnx", "model.onnx") if is_onnx else ("tensorrt_plan", "model.plan")
     os.makedirs(repository, exist_ok=True)
     staging = tempfile.mkdtemp(dir=repository, prefix=".triton-")
     written = {}
@@ -82,6 +99,14 @@ def write_triton_repository(
         for encoder, source in files.encoders.items():
             name = _MODEL_NAMES[encoder]
             inputs, outputs = _io(encoder, sizes)
+            graph_level = None
+            if is_onnx:  # the tensor types are the graph's: a mixed-precision export may have fp16 inputs/outputs
+                types = graph_io_types(source)
+                if file_data_type(source) == "fp16":
+                    graph_level = FP16_GRAPH_LEVEL
+                inputs, outputs = (
+                    [replace(t, data_type=types.get(t.name, t.data_type)) for t in ts] for ts in (inputs, outputs)
+                )
             batched = encoder != "combined" and static_batch is None
             if not batched:  # Triton then sees the batch axis as an ordinary dimension
                 batch = static_batch if static_batch is not None else -1
@@ -95,6 +120,7 @@ def write_triton_repository(
                 max_batch_size=max_batch_size if batched else 0,
                 max_queue_delay_ms=max_queue_delay_ms if batched else None,
                 filename=filename,
+                graph_level=graph_level,
             )  # fmt: skip
             folder = os.path.join(staging, name)
             os.makedirs(os.path.join(folder, "1"))
@@ -111,6 +137,21 @@ def write_triton_repository(
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return written
+
+
+def graph_io_types(onnx_file: str) -> dict[str, str]:
+    """Triton's ``TYPE_*`` name of every input and output of an ONNX file (its weights are not read)."""
+    graph = onnx.load(onnx_file, load_external_data=False).graph
+    types = {}
+    for value in [*graph.input, *graph.output]:
+        elem_type = value.type.tensor_type.elem_type
+        if elem_type not in _TRITON_TYPES:
+            raise ConfigError(
+                f"{onnx_file}: {value.name} is {onnx.TensorProto.DataType.Name(elem_type)}, which the Triton "
+                "repository writer does not map; export again with clip-tao export"
+            )
+        types[value.name] = _TRITON_TYPES[elem_type]
+    return types
 
 
 def _io(encoder: str, s: Sizes) -> tuple[list[Tensor], list[Tensor]]:
@@ -138,6 +179,7 @@ def model_config_text(
     max_batch_size: int,
     max_queue_delay_ms: float | None,
     filename: str,
+    graph_level: int | None = None,
 ) -> str:
     """``config.pbtxt`` in protobuf text format."""
 
@@ -163,5 +205,7 @@ def model_config_text(
     ]
     if max_queue_delay_ms is not None:
         lines += ["dynamic_batching {", f"  max_queue_delay_microseconds: {int(round(max_queue_delay_ms * 1000))}", "}"]
+    if graph_level is not None:
+        lines += ["optimization {", "  graph {", f"    level: {graph_level}", "  }", "}"]
     lines += ["instance_group [", "  {", "    count: 1", "    kind: KIND_AUTO", "  }", "]"]
     return "\n".join(lines) + "\n"

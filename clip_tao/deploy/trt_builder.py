@@ -1,4 +1,8 @@
-"""Build TensorRT engines from exported ONNX files with the TensorRT Python API."""
+"""Build TensorRT engines from exported ONNX files with the TensorRT Python API (TensorRT 10 and 11).
+
+How each engine is built (strongly or weakly typed, which flags) is :func:`build_plan`, a pure function of
+the TensorRT version, ``tensorrt.data_type`` and the precision of the ONNX graph, so it is tested without a GPU.
+"""
 
 from __future__ import annotations
 
@@ -10,6 +14,7 @@ from dataclasses import dataclass
 
 from clip_tao.config.schema import TensorRTConfig
 from clip_tao.deploy.files import DeployFiles
+from clip_tao.deploy.mixed_precision import file_data_type
 from clip_tao.deploy.tensorrt_support import import_tensorrt
 from clip_tao.errors import ConfigError, ModelError
 from clip_tao.io.atomic import atomic_path
@@ -22,6 +27,7 @@ class EngineBuild:
     onnx_file: str
     engine_file: str
     fp32_layers: int
+    strongly_typed: bool
 
 
 def build_engines(
@@ -38,8 +44,8 @@ def build_engines(
     builds = []
     for encoder, onnx_file in onnx.encoders.items():
         engine_file = engines.encoders[encoder]
-        fp32_layers = _build_one(trt, onnx_file, engine_file, trt_cfg, batch_size, timing_cache, verbose)
-        builds.append(EngineBuild(onnx_file, engine_file, fp32_layers))
+        fp32_layers, plan = _build_one(trt, onnx_file, engine_file, trt_cfg, batch_size, timing_cache, verbose)
+        builds.append(EngineBuild(onnx_file, engine_file, fp32_layers, plan.strongly_typed))
     # The runtime needs the same companions as the ONNX files: the spec with deploy info, and the tokenizer.
     shutil.copyfile(onnx.config, engines.config)
     if os.path.isdir(engines.tokenizer):
@@ -58,29 +64,80 @@ def _check_profile(cfg: TensorRTConfig, batch_size: int) -> None:
         raise ConfigError(f"gen_trt_engine.tensorrt.workspace_size={cfg.workspace_size} must be > 0 (MB)")
 
 
-def _build_one(trt, onnx_file, engine_file, cfg: TensorRTConfig, batch_size, timing_cache, verbose) -> int:
+@dataclass(frozen=True)
+class BuildPlan:
+    """How one engine is built: the network's creation flags, the builder flags and the per-layer steps."""
+
+    strongly_typed: bool  # precision as written in the ONNX graph
+    creation_flags: tuple[str, ...]  # NetworkDefinitionCreationFlag members
+    builder_flags: tuple[str, ...]  # BuilderFlag members
+    keep_sensitive_fp32: bool  # mark LayerNorm, Softmax, reductions and the final normalisation fp32
+
+
+def build_plan(trt_version: str, data_type: str, graph_type: str, onnx_file: str, layers_precision=()) -> BuildPlan:
+    """The build for TensorRT ``trt_version``, ``tensorrt.data_type`` and an ONNX graph computing in
+    ``graph_type`` (:func:`~clip_tao.deploy.mixed_precision.graph_data_type`).
+
+    - A mixed-precision (fp16) graph is built strongly typed, on TensorRT 10 and 11 alike: the precision of
+      every layer is the graph's. TensorRT 11 networks are always strongly typed (its STRONGLY_TYPED flag is
+      deprecated and ignored); TensorRT 10 needs the flag.
+    - An fp32 graph with data_type=fp16 is TensorRT 10's weakly typed build: the FP16 builder flag, with the
+      sensitive layers held in fp32 by OBEY_PRECISION_CONSTRAINTS. TensorRT 11 removed both flags, so there the
+      graph itself must be fp16 (export.data_type=fp16).
+    """
+    major = int(trt_version.split(".")[0])
+    if major < 10:
+        raise ConfigError(
+            f'gen_trt_engine needs TensorRT 10 or newer (found {trt_version}): pip install "clip-tao[trt]"'
+        )
+    if graph_type == "fp16" and data_type != "fp16":
+        raise ConfigError(
+            f"{onnx_file} is a mixed-precision fp16 export (export.data_type=fp16): build it with "
+            "gen_trt_engine.tensorrt.data_type=fp16, or export with export.data_type=fp32 for an fp32 engine"
+        )
+    if data_type == "fp16" and graph_type != "fp16" and major >= 11:
+        raise ConfigError(
+            f"TensorRT {trt_version} builds the precision written in the ONNX graph, and {onnx_file} is fp32: "
+            "export with export.data_type=fp16 and build from that file (or build with data_type=fp32)"
+        )
+    strongly_typed = graph_type == "fp16" or major >= 11
+    if strongly_typed and layers_precision:
+        raise ConfigError(
+            "gen_trt_engine.tensorrt.layers_precision needs a weakly typed build (TensorRT 10 from an fp32 export); "
+            f"TensorRT {trt_version} builds {onnx_file} strongly typed, with the precisions written in the graph: "
+            "leave layers_precision empty"
+        )
+    if strongly_typed:
+        return BuildPlan(True, ("STRONGLY_TYPED",) if major == 10 else (), (), False)
+    if data_type == "fp16":
+        return BuildPlan(False, (), ("FP16", "OBEY_PRECISION_CONSTRAINTS"), True)
+    return BuildPlan(False, (), (), False)
+
+
+def _build_one(
+    trt, onnx_file, engine_file, cfg: TensorRTConfig, batch_size, timing_cache, verbose
+) -> tuple[int, BuildPlan]:
+    plan = build_plan(trt.__version__, cfg.data_type, file_data_type(onnx_file), onnx_file, cfg.layers_precision)
     logger = trt.Logger(trt.Logger.VERBOSE if verbose else trt.Logger.WARNING)
     builder = trt.Builder(logger)
-    network = builder.create_network(_network_flags(trt))
+    flags = 0
+    for name in plan.creation_flags:
+        flags |= 1 << int(getattr(trt.NetworkDefinitionCreationFlag, name))
+    network = builder.create_network(flags)
     parser = trt.OnnxParser(network, logger)
     if not parser.parse_from_file(onnx_file):
         errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
         raise ModelError(f"TensorRT cannot parse {onnx_file}: {errors}")
     config = builder.create_builder_config()
     config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, cfg.workspace_size << 20)
-    fp32_layers = 0
-    if cfg.data_type == "fp16" and _major(trt) >= 11:
-        # TensorRT 11 removed per-layer precision on weakly typed networks, which the fp16 build relies on
-        # to keep LayerNorm, Softmax and the final normalisation in fp32.
-        raise ConfigError(
-            f"gen_trt_engine.tensorrt.data_type=fp16 needs TensorRT 10 (found {trt.__version__}): "
-            'pip install "tensorrt>=10,<11", or build with data_type=fp32'
-        )
-    if cfg.data_type == "fp16":
-        config.set_flag(trt.BuilderFlag.FP16)
-        config.set_flag(trt.BuilderFlag.OBEY_PRECISION_CONSTRAINTS)
+    for name in plan.builder_flags:
+        config.set_flag(getattr(trt.BuilderFlag, name))
+    if plan.keep_sensitive_fp32:
         fp32_layers = _keep_sensitive_layers_fp32(trt, network)
-    _apply_layer_precisions(trt, network, cfg.layers_precision)
+    else:
+        fp32_layers = _count_fp32_layers(trt, network) if plan.strongly_typed and cfg.data_type == "fp16" else 0
+    if not plan.strongly_typed:
+        _apply_layer_precisions(trt, network, cfg.layers_precision)
     config.add_optimization_profile(_batch_profile(builder, network, cfg, batch_size))
     cache = _load_timing_cache(config, timing_cache)
     serialized = builder.build_serialized_network(network, config)
@@ -93,18 +150,21 @@ def _build_one(trt, onnx_file, engine_file, cfg: TensorRTConfig, batch_size, tim
     if timing_cache and cache is not None:
         with atomic_path(timing_cache) as tmp, open(tmp, "wb") as f:
             f.write(config.get_timing_cache().serialize())
-    log.info("built %s (%s, %d layers kept in fp32)", engine_file, cfg.data_type, fp32_layers)
-    return fp32_layers
+    typing = "strongly typed" if plan.strongly_typed else "weakly typed"
+    log.info("built %s (%s, %s, %d layers in fp32)", engine_file, cfg.data_type, typing, fp32_layers)
+    return fp32_layers, plan
 
 
-def _major(trt) -> int:
-    return int(trt.__version__.split(".")[0])
-
-
-def _network_flags(trt) -> int:
-    # TensorRT 10 networks are always explicit-batch; older versions need the flag.
-    flag = getattr(trt.NetworkDefinitionCreationFlag, "EXPLICIT_BATCH", None)
-    return 1 << int(flag) if flag is not None and _major(trt) < 10 else 0
+def _count_fp32_layers(trt, network) -> int:
+    """Layers of a strongly typed network computing in fp32 (the graph's LayerNorm, Softmax, ...)."""
+    count = 0
+    for i in range(network.num_layers):
+        layer = network.get_layer(i)
+        if layer.type in (trt.LayerType.CONSTANT, trt.LayerType.SHAPE):
+            continue
+        if any(layer.get_output(j).dtype == trt.float32 for j in range(layer.num_outputs)):
+            count += 1
+    return count
 
 
 def _keep_sensitive_layers_fp32(trt, network) -> int:

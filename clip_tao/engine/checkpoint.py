@@ -1,8 +1,8 @@
 """Checkpoints: plain tensors and Python data only, so ``torch.load(weights_only=True)`` reads them.
 
 A training checkpoint holds ``model``, ``optimizer``, ``scheduler``, ``scaler`` state dicts, ``epoch``
-(epochs completed), ``global_step``, ``batches_in_epoch``, ``data_position`` (the data layout and, for
-shards, every rank's loader-worker positions: pass, shard, sample offset), ``world_size``, ``rng`` states
+(epochs completed), ``global_step``, ``batches_in_epoch`` and ``steps_in_epoch``, ``data_position`` (the data
+layout and, for shards, where every sample stream stands: pass, shard, sample offset), ``world_size``, ``rng`` states
 (one per rank when there are several), ``best``, ``model_type`` and ``config`` (the resolved spec as plain
 data). Files are written atomically, by rank 0 only.
 """

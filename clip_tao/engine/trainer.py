@@ -24,7 +24,7 @@ from tqdm import tqdm
 from clip_tao.config.loader import config_to_dict
 from clip_tao.config.schema import ExperimentConfig
 from clip_tao.data.custom import SkipCounter
-from clip_tao.data.loaders import LoaderBundle, iterate_batches
+from clip_tao.data.loaders import LoaderBundle
 from clip_tao.engine import distributed as D
 from clip_tao.engine.checkpoint import (
     capture_rng_state,
@@ -62,8 +62,8 @@ class TrainState:
     epoch: int = 0  # epochs completed
     global_step: int = 0
     batches_in_epoch: int = 0  # loader batches of the current (unfinished) epoch already trained on
-    # Per loader worker of this rank: where its shards stood after its last consumed batch (wds only).
-    worker_positions: list[dict] | None = None
+    # Shards: where each sample stream of this process stood after the last step (keyed by stream number).
+    stream_positions: dict[str, dict] | None = None
     best_value: float = -math.inf
     best_epoch: int | None = None
     history: list[dict[str, Any]] = field(default_factory=list)
@@ -102,7 +102,7 @@ class Trainer:
         if self.tcfg.grad_checkpointing:
             self.model.set_grad_checkpointing(True)
         self.accumulate = self.tcfg.accumulate_grad_batches
-        self.batches_per_epoch = len(train_data.loader)
+        self.batches_per_epoch = train_data.batches_per_epoch
         self.steps_per_epoch = self.batches_per_epoch // self.accumulate
         if self.steps_per_epoch < 1:
             raise ConfigError(
@@ -199,8 +199,10 @@ class Trainer:
             self.scaler.load_state_dict(checkpoint["scaler"])
         s = self.state
         s.epoch, s.global_step = checkpoint["epoch"], checkpoint["global_step"]
-        s.batches_in_epoch = checkpoint.get("batches_in_epoch", 0)
-        s.worker_positions = self._data_position_from(checkpoint.get("data_position"))
+        # Steps, not this process's batches: another process count or accumulation reads the same samples.
+        steps = checkpoint.get("steps_in_epoch")
+        s.batches_in_epoch = steps * self.accumulate if steps is not None else checkpoint.get("batches_in_epoch", 0)
+        s.stream_positions = self._data_position_from(checkpoint.get("data_position"))
         best = checkpoint.get("best", {})
         s.best_value = best.get("value", -math.inf)
         s.best_epoch = best.get("epoch")
@@ -216,18 +218,19 @@ class Trainer:
         self._truncate_sample_log(s.global_step)
         log.info("resumed from %s at epoch %d, step %d", path, s.epoch, s.global_step)
 
-    def _data_position_from(self, saved: dict | None) -> list[dict] | None:
-        """This rank's loader-worker positions for resuming mid-epoch (``None`` for custom data).
+    def _data_position_from(self, saved: dict | None) -> dict | None:
+        """The shards' stream positions for resuming mid-epoch (``None`` for custom data).
 
-        A position only carries over to the same data layout (ranks, workers, batch size, data); otherwise
-        the interrupted epoch is read again from its start for shards, or skips by batch count for folders.
+        A position carries over to the same data layout (data, global batch, streams), on any number of
+        processes and loader workers; otherwise the interrupted epoch is read again from its start for shards,
+        or skips by step count for folders.
         """
         s = self.state
         if not s.batches_in_epoch:
             return None
         layout = self.train_data.layout()
         if saved is not None and saved.get("layout") == layout:
-            return saved["ranks"][self.dist.rank]
+            return saved.get("streams")
         log.warning(
             "the checkpoint's data layout (%s) differs from this run's (%s): the rest of epoch %d is not the "
             "exact continuation", saved.get("layout") if saved else "not recorded", layout, s.epoch,
@@ -237,15 +240,23 @@ class Trainer:
         return None
 
     def _truncate_sample_log(self, step: int) -> None:
-        """Drop log lines of steps after the checkpoint (a killed run may have logged them)."""
+        """Drop log lines of steps after the checkpoint (a killed run may have logged them), also from the logs
+        of ranks this run no longer has (it resumed on fewer processes)."""
         if self.sample_log is None:
             return
         path = self.sample_log.name
         self.sample_log.close()
-        with open(path, encoding="utf-8") as f:
-            kept = [line for line in f if int(line.split(" ", 1)[0]) < step]
-        with open(path, "w", encoding="utf-8") as f:
-            f.writelines(kept)
+        others = []
+        if self.dist.is_main:
+            rank = self.dist.world_size
+            while os.path.exists(f"{path}.rank{rank}"):
+                others.append(f"{path}.rank{rank}")
+                rank += 1
+        for log_path in [path, *others]:
+            with open(log_path, encoding="utf-8") as f:
+                kept = [line for line in f if int(line.split(" ", 1)[0]) < step]
+            with open(log_path, "w", encoding="utf-8") as f:
+                f.writelines(kept)
         self.sample_log = open(path, "a", encoding="utf-8")  # noqa: SIM115
 
     def _prepare(self) -> None:
@@ -285,7 +296,7 @@ class Trainer:
             kpi: dict[str, Any] = {"train_loss": train_loss, "lr": self._lr(), "logit_scale": self._scale()}
             if hasattr(self.loss_fn, "epoch_figures"):  # the regularisation terms, each on its own
                 kpi.update({k: D.all_reduce_mean(self.dist, v) for k, v in self.loss_fn.epoch_figures().items()})
-            s.epoch, s.batches_in_epoch, s.worker_positions = epoch + 1, 0, None
+            s.epoch, s.batches_in_epoch, s.stream_positions = epoch + 1, 0, None
             last = s.epoch == t.num_epochs
             if self.val_data is not None and (s.epoch % self.validation_every == 0 or last):
                 kpi.update(self.validate())
@@ -326,8 +337,8 @@ class Trainer:
         self.train_data.set_epoch(epoch)
         # Resuming mid-epoch: the epoch's order is fixed, so the loader continues after what was consumed.
         skip_batches = s.batches_in_epoch
-        self.train_data.resume_at(skip_batches, s.worker_positions)
-        positions = list(s.worker_positions or [])
+        self.train_data.resume_at(skip_batches, s.stream_positions)
+        positions = dict(s.stream_positions or {})
         bar = tqdm(
             total=self.steps_per_epoch,
             initial=skip_batches // self.accumulate,
@@ -341,12 +352,11 @@ class Trainer:
         end = self.steps_per_epoch * self.accumulate  # leftover batches (< accumulate) are not trained on
         micro: list[dict] = []
         try:
-            for batch_index, batch in enumerate(iterate_batches(self.train_data.loader), start=skip_batches):
+            for batch_index, batch in enumerate(self.train_data.batches(), start=skip_batches):
                 if batch_index >= end:
                     break
                 self.skipped.update(batch["skipped"])
-                if "position" in batch:
-                    _record_position(positions, batch["position"])
+                positions.update(batch.get("position", {}))
                 micro.append(batch)
                 if len(micro) < self.accumulate:
                     continue
@@ -364,7 +374,7 @@ class Trainer:
                     seen += count
                 s.global_step += 1
                 s.batches_in_epoch = batch_index + 1
-                s.worker_positions = positions or None
+                s.stream_positions = positions or None
                 rate = seen * self.dist.world_size / max(time.time() - window_start, 1e-9)
                 bar.update(1)
                 if s.global_step % LOG_EVERY == 0 or loss_count == 1 or batch_index + 1 >= end:  # host waits for GPU
@@ -486,12 +496,13 @@ class Trainer:
         """Everything to continue exactly, as plain data; collective (every rank must call it)."""
         s = self.state
         model_state, optim_state = self._model_and_optimizer_state()
-        positions = D.gather_objects(self.dist, s.worker_positions)
+        positions = D.gather_objects(self.dist, s.stream_positions)
         rng = D.gather_objects(self.dist, capture_rng_state())
         data_position = None
         if s.batches_in_epoch:
-            data_position = {"layout": self.train_data.layout(), "batches_in_epoch": s.batches_in_epoch,
-                             "ranks": positions}  # fmt: skip
+            streams = {key: pos for rank in positions if rank for key, pos in rank.items()}
+            data_position = {"layout": self.train_data.layout(), "steps_in_epoch": s.batches_in_epoch // self.accumulate,
+                             "streams": streams or None}  # fmt: skip
         return {
             "model": model_state,
             "optimizer": optim_state,
@@ -500,6 +511,7 @@ class Trainer:
             "epoch": s.epoch,
             "global_step": s.global_step,
             "batches_in_epoch": s.batches_in_epoch,
+            "steps_in_epoch": s.batches_in_epoch // self.accumulate,
             "data_position": data_position,
             "world_size": self.dist.world_size,
             "best": {"metric": BEST_METRIC, "value": s.best_value, "epoch": s.best_epoch},
@@ -540,14 +552,6 @@ class Trainer:
 
     def _scale(self) -> float:
         return float(self.model.logit_scale.detach().exp())
-
-
-def _record_position(positions: list[dict], position: dict) -> None:
-    """Keep the latest position of each loader worker (``position["worker"]``)."""
-    worker = position["worker"]
-    while len(positions) <= worker:
-        positions.append({"pass": 0, "shard": 0, "offset": 0, "yielded": 0})
-    positions[worker] = {k: v for k, v in position.items() if k != "worker"}
 
 
 def _trim(pairs: list, keys: list, size: int) -> tuple[list, list]:

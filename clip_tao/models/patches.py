@@ -126,6 +126,16 @@ def _non_blocking(kwargs: dict) -> dict:
     return {"non_blocking": kwargs["non_blocking"]} if "non_blocking" in kwargs else {}
 
 
+def concat_patch_batches(batches: Sequence[PatchBatch]) -> PatchBatch:
+    """One :class:`PatchBatch` of several, each padded with zeros to the longest sequence among them."""
+    length = max(b.num_patches for b in batches)
+    return PatchBatch(
+        torch.cat([F.pad(b.pixel_values, (0, 0, 0, length - b.num_patches)) for b in batches]),
+        torch.cat([F.pad(b.pixel_attention_mask, (0, length - b.num_patches)) for b in batches]),
+        torch.cat([b.spatial_shapes for b in batches]),
+    )
+
+
 def patch_batch(images: Sequence[torch.Tensor], patch_size: int, pad_to: int | None = None) -> PatchBatch:
     """Normalised ``[3, h_i, w_i]`` images (multiples of ``patch_size``) -> a :class:`PatchBatch` padded
     with zeros to the longest sequence, or to ``pad_to`` patches (the processor pads to its budget)."""

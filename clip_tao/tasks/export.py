@@ -10,7 +10,7 @@ import torch
 from clip_tao.config.loader import config_to_dict
 from clip_tao.config.schema import ExperimentConfig
 from clip_tao.deploy.files import export_lock_path
-from clip_tao.deploy.onnx_export import encoder_specs, export_onnx
+from clip_tao.deploy.onnx_export import check_data_type, encoder_specs, export_onnx
 from clip_tao.deploy.triton_repository import Sizes, check_repository_free, write_triton_repository
 from clip_tao.engine.model_setup import build_model
 from clip_tao.errors import ConfigError
@@ -27,6 +27,7 @@ def run(cfg: ExperimentConfig) -> dict:
         raise ConfigError("export.onnx_file is required: the path of the .onnx file to write")
     if x.opset_version < 14:
         raise ConfigError(f"export.opset_version={x.opset_version}: use 14 or newer (17 is TAO's default)")
+    check_data_type(x.data_type, x.opset_version)
     if x.triton_repository:
         check_repository_free(x.triton_repository, x.encoder_type, x.overwrite)
     out_dir, status = prepare_task_dir(cfg, "export")
@@ -67,6 +68,7 @@ def _export(cfg: ExperimentConfig) -> dict:
         overwrite=x.overwrite,
         verbose=x.verbose,
         spec=config_to_dict(cfg),
+        data_type=x.data_type,
     )
     rows = []
     for encoder, path in report.files.encoders.items():
@@ -79,12 +81,13 @@ def _export(cfg: ExperimentConfig) -> dict:
                 ", ".join(spec.outputs),
                 f"{size_mb:.1f} MB",
                 f"{report.max_abs_diff[encoder]:.1e}",
+                f"{report.min_cosine[encoder]:.6f}",
             ]
         )
     print(
-        f"\nExported {model.model_type} ({'dynamic' if x.batch_size <= 0 else x.batch_size} batch, opset {x.opset_version})"
+        f"\nExported {model.model_type} ({'dynamic' if x.batch_size <= 0 else x.batch_size} batch, opset {x.opset_version}, {x.data_type})"
     )
-    print(format_table(["file", "inputs", "outputs", "size", "max |ORT - PyTorch|"], rows))
+    print(format_table(["file", "inputs", "outputs", "size", "max |ORT - PyTorch|", "min cosine"], rows))
     print(f"beside it: {os.path.basename(report.files.config)}, {os.path.basename(report.files.tokenizer)}/")
     if x.triton_repository:
         folders = write_triton_repository(
@@ -100,6 +103,8 @@ def _export(cfg: ExperimentConfig) -> dict:
     return {
         "model_type": model.model_type,
         "files": list(report.files.encoders.values()),
+        "data_type": x.data_type,
         "max_abs_diff": max(report.max_abs_diff.values()),
+        "min_cosine": min(report.min_cosine.values()),
         "external_data": report.external_data,
     }

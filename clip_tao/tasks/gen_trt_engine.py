@@ -29,8 +29,11 @@ def run(cfg: ExperimentConfig) -> dict:
     except Exception as exc:
         status.write("FAILURE", f"Engine build failed: {exc}")
         raise
-    rows = [[b.onnx_file, b.engine_file, g.tensorrt.data_type, b.fp32_layers] for b in builds]
-    print(format_table(["onnx", "engine", "precision", "layers kept fp32"], rows))
+    rows = [
+        [b.onnx_file, b.engine_file, g.tensorrt.data_type, "strong" if b.strongly_typed else "weak", b.fp32_layers]
+        for b in builds
+    ]
+    print(format_table(["onnx", "engine", "precision", "typing", "layers in fp32"], rows))
     summary = {"engines": [b.engine_file for b in builds], "data_type": g.tensorrt.data_type}
     status.write("SUCCESS", "Engine build finished.", kpi=summary)
     return summary

@@ -62,7 +62,8 @@ def _train(cfg: ExperimentConfig, out_dir: str, status, dist: DistContext) -> di
     # Same seed on every rank: identical initial weights (DDP also broadcasts rank 0's).
     seed_everything(t.seed, t.cudnn.benchmark, t.cudnn.deterministic)
     model = build_model(cfg)
-    train_data = build_train_loader(cfg.dataset, model.preprocess, model.tokenizer, dist.rank, dist.world_size)
+    train_data = build_train_loader(cfg.dataset, model.preprocess, model.tokenizer, dist.rank, dist.world_size,
+                                    t.accumulate_grad_batches)  # fmt: skip
     val_data = build_val_loader(cfg.dataset, model.preprocess, model.tokenizer, cfg.dataset.pin_memory)
     log.info(
         "%s: %d training samples an epoch, %d validation samples, %d process(es), %s",

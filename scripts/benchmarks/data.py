@@ -89,7 +89,8 @@ def _loader_rate(cfg, preprocess, tokenizer, n_batches: int) -> float:
 
     bundle = build_train_loader(cfg, preprocess, tokenizer)
     bundle.set_epoch(0)
-    return _rate(bundle.loader, min(n_batches, len(bundle.loader)), cfg.train.batch_size)
+    # what training iterates: for shards, the workers' per-step chunks joined into the step's batches
+    return _rate(bundle.batches(), min(n_batches, bundle.batches_per_epoch), cfg.train.batch_size)
 
 
 def bench_data(args) -> dict:
@@ -195,7 +196,7 @@ def _bench_naflex_data(args, root: str, tokenizer, n_batches: int, fixed: dict) 
     cfg = _train_data_config(args, root, "custom", max(args.workers))
     bundle = build_train_loader(cfg, preprocess, tokenizer)
     bundle.set_epoch(0)
-    for batch in bundle.loader:
+    for batch in bundle.batches():
         real = batch["pixels"].pixel_attention_mask.sum(1).tolist()
         counts += real
         padded += len(real) * batch["pixels"].num_patches
