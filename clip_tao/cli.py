@@ -27,7 +27,8 @@ TASKS = {
     "inference": "image and text embeddings as TAO's .h5 files",
     "export": "export to ONNX",
     "gen_trt_engine": "build a TensorRT engine from an ONNX file",
-    "serve": "serve embeddings and search over HTTP (Triton's protocol, /embed, /search)",
+    "serve": "serve embeddings and search over HTTP (Triton's protocol, OpenAI's /v1/embeddings, /embed, /search)",
+    "index": "an approximate FAISS index of an embeddings file for a memory budget, with its measured recall",
 }
 
 log = logging.getLogger("clip_tao")

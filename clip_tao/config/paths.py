@@ -65,13 +65,15 @@ def _paths(cfg: ExperimentConfig, task: str) -> Iterator[tuple[str, str, str]]:
         files = (
             ("classnames_file", "templates_file", "pairs_file")
             if task == "evaluate"
-            else ("text_file", "image_embeddings_file")
+            else ("text_file", "image_embeddings_file", "index_file")
         )
         for key in files:
             if getattr(s, key):
                 yield f"{task}.{key}", getattr(s, key), "file"
         for i, path in enumerate(getattr(s, "query_images", [])):
             yield f"{task}.query_images[{i}]", path, "file or folder"
+    elif task == "index" and cfg.index.embeddings_file:
+        yield "index.embeddings_file", cfg.index.embeddings_file, "file or folder"
     elif task == "export" and cfg.export.checkpoint:
         yield "export.checkpoint", cfg.export.checkpoint, "file"
 

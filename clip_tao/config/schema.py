@@ -249,9 +249,10 @@ class InferenceConfig:
     num_gpus: int = 1
     gpu_ids: list[int] = field(default_factory=lambda: [0])
     results_dir: str | None = None
-    # clip-tao: "embed" (TAO's .h5 files), "search": rank the images against each prompt / query image, or
-    # "mine": write hard negatives of every image of inference.datasets (see mine).
-    mode: Literal["embed", "search", "mine"] = "embed"
+    # clip-tao: "embed" (TAO's .h5 files), "search": rank the images against each prompt / query image,
+    # "mine": write hard negatives of every image of inference.datasets (see mine), or "dedup": groups of
+    # near-duplicate images (see dedup_threshold).
+    mode: Literal["embed", "search", "mine", "dedup"] = "embed"
     top_k: int = 5
     image_embeddings_file: str | None = None  # search an existing image_embeddings.h5 instead of embedding
     query_images: list[str] = field(default_factory=list)  # image files or folders for image-to-image search
@@ -266,6 +267,9 @@ class InferenceConfig:
     # image folders; null: a 64th of the collection, 10,000 at most. Shards: one part a shard.
     part_size: int | None = None
     mine: MineConfig = field(default_factory=MineConfig)
+    # An index built by clip-tao index (its index.faiss): search and dedup go through it instead.
+    index_file: str | None = None
+    dedup_threshold: float = 0.95  # mode=dedup: images at least this cosine-similar to a group's first join it
 
 
 @dataclass
@@ -357,8 +361,27 @@ class ServeConfig:
     # /search: the collection (TAO's image_embeddings.h5) loaded at start; FAISS from faiss_min_images on.
     image_embeddings_file: str | None = None
     faiss_min_images: int = 50000
+    index_file: str | None = None  # an index built by clip-tao index over image_embeddings_file
     max_top_k: int = 100
     graceful_shutdown_s: float = 30.0  # SIGTERM: finish in-flight requests for at most this long
+    # OpenAI /v1/embeddings: the model id clients name (null: model.type), e.g. nvidia/nvclip for NV-CLIP clients.
+    served_model_name: str | None = None
+
+
+@dataclass
+class IndexConfig:
+    """clip-tao: ``clip-tao index``, an approximate FAISS index of an embeddings file of any size."""
+
+    embeddings_file: str | None = None  # image_embeddings.h5, or a folder of .npy parts (clip-retrieval's img_emb/)
+    max_memory: str = "4G"  # the index's memory budget: bytes, or a size such as 512M, 4G, 64G
+    exact_max_vectors: int = 100000  # up to this many vectors: exact (flat) search, if it fits max_memory
+    index_key: str | None = None  # a faiss index_factory string instead of the automatic choice
+    target_recall: float = 0.95  # the search setting (nprobe, efSearch) is the cheapest reaching this recall@10
+    rerank_factor: int = 0  # re-score k x this many candidates exactly from the file; 0: 8 for IVF-PQ, else 1
+    num_queries: int = 1000  # held-out queries that measure recall against exact search
+    chunk_size: int = 65536  # vectors read and added at a time
+    seed: int = 0
+    results_dir: str | None = None
 
 
 @dataclass
@@ -379,6 +402,7 @@ class ExperimentConfig:
     gen_trt_engine: GenTrtEngineConfig = field(default_factory=GenTrtEngineConfig)
     deploy: DeployInfo = field(default_factory=DeployInfo)
     serve: ServeConfig = field(default_factory=ServeConfig)
+    index: IndexConfig = field(default_factory=IndexConfig)
 
     def task_dir(self, task: str) -> str:
         """``results_dir/<task>``, or the task section's own ``results_dir`` when set (TAO's rule)."""

@@ -29,7 +29,8 @@ def thumbnail_data_uri(path: str, size: int = THUMBNAIL) -> str | None:
 
 
 def write_contact_sheet(path: str | os.PathLike, title: str, queries: Sequence[dict]) -> None:
-    """``queries``: ``{"query": str, "kind": "text"|"image", "results": [{"rank", "image_path", "score"}]}``."""
+    """``queries``: ``{"query": str, "kind": "text"|"image", "results": [{"rank", "image_path", "score"}]}``;
+    an optional ``"label"`` replaces the "<kind> query" heading of a row."""
     cache: dict[str, str | None] = {}
 
     def picture(image_path: str) -> str:
@@ -49,7 +50,7 @@ def write_contact_sheet(path: str | os.PathLike, title: str, queries: Sequence[d
             for r in q["results"]
         )
         rows.append(
-            f'<section><div class="query">{q["kind"]} query{head}</div><div class="hits">{cells}</div></section>'
+            f'<section><div class="query">{html.escape(q.get("label", q["kind"] + " query"))}{head}</div><div class="hits">{cells}</div></section>'
         )
     page = f"""<!DOCTYPE html>
 <html lang="en">

@@ -2,15 +2,18 @@
 
 KServe v2 / Triton: ``GET /v2``, ``/v2/health/live``, ``/v2/health/ready``, ``/v2/models/{name}[/versions/1]``,
 ``.../ready``, ``.../config``, ``.../stats``, ``POST .../infer`` for ``clip_image`` and ``clip_text``.
+OpenAI / NV-CLIP NIM: ``POST /v1/embeddings``, ``GET /v1/models[/{id}]``, ``GET /v1/health/{live,ready}``.
 For people: ``POST /embed``, ``POST /search``, ``GET /collection/{index}/thumbnail`` and ``GET /``.
 
 Errors are ``{"error": "one line"}`` with a 4xx status (Triton's form, which ``tritonclient`` reports);
+under ``/v1/`` they take OpenAI's form ``{"error": {"message": ..., "type": ..., "param": ..., "code": ...}}``;
 the server keeps serving after any of them. Clients never name files: images arrive as bytes, and
 thumbnails are addressed by their row in the collection loaded at start.
 """
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
 import contextlib
@@ -28,6 +31,14 @@ from starlette.concurrency import run_in_threadpool
 from clip_tao import __version__
 from clip_tao.serve.batching import DynamicBatcher
 from clip_tao.serve.models import IMAGE_MODEL, IMAGE_OUTPUT, TEXT_MODEL, TEXT_OUTPUT, check_request, served_models
+from clip_tao.serve.openai_api import (
+    OpenAIRequestError,
+    count_tokens,
+    embeddings_response,
+    error_body,
+    model_card,
+    parse_embeddings_request,
+)
 from clip_tao.serve.protocol import ProtocolError, encode_infer_response, parse_infer_request
 from clip_tao.serve.service import Collection, Embedder, ImageDecodeError
 
@@ -51,8 +62,13 @@ class ServeLimits:
     max_top_k: int = 100
 
 
-def create_app(embedder: Embedder, limits: ServeLimits, collection: Collection | None = None) -> FastAPI:
+def create_app(
+    embedder: Embedder, limits: ServeLimits, collection: Collection | None = None, served_name: str | None = None
+) -> FastAPI:
+    """``served_name``: the model id of the OpenAI endpoints (default: the model type)."""
     models = served_models(embedder.image_size, embedder.embed_dim)
+    served_name = served_name or embedder.model_type
+    started = int(time.time())
     batchers = {
         IMAGE_MODEL: DynamicBatcher(
             embedder.embed_images, limits.max_batch_size, limits.max_queue_delay_ms, limits.dynamic_batching,
@@ -79,17 +95,26 @@ def create_app(embedder: Embedder, limits: ServeLimits, collection: Collection |
     app = FastAPI(title="clip-tao serve", version=__version__, lifespan=lifespan, docs_url=None, redoc_url=None)
     app.state.batchers = batchers
 
+    def error(request: Request, message: str, status: int, param: str | None = None) -> JSONResponse:
+        if request.url.path.startswith("/v1/"):
+            return JSONResponse(error_body(message, status, param), status_code=status)
+        return JSONResponse({"error": message}, status_code=status)
+
     @app.exception_handler(ClientError)
     async def client_error(request: Request, exc: ClientError):
-        return JSONResponse({"error": str(exc)}, status_code=exc.status)
+        return error(request, str(exc), exc.status)
+
+    @app.exception_handler(OpenAIRequestError)
+    async def openai_error(request: Request, exc: OpenAIRequestError):
+        return error(request, str(exc), exc.status, exc.param)
 
     @app.exception_handler(404)
     async def not_found(request: Request, exc):
-        return JSONResponse({"error": f"no such endpoint: {request.method} {request.url.path}"}, status_code=404)
+        return error(request, f"no such endpoint: {request.method} {request.url.path}", 404)
 
     @app.exception_handler(405)
     async def wrong_method(request: Request, exc):
-        return JSONResponse({"error": f"{request.method} is not allowed on {request.url.path}"}, status_code=405)
+        return error(request, f"{request.method} is not allowed on {request.url.path}", 405)
 
     async def read_body(request: Request) -> bytes:
         """The body, at most ``max_request_bytes``; 413 beyond (after draining a little, so the client hears it)."""
@@ -182,6 +207,47 @@ def create_app(embedder: Embedder, limits: ServeLimits, collection: Collection |
         state["last_inference_ms"][name] = int(time.time() * 1000)
         return result
 
+    # -- OpenAI / NV-CLIP NIM ---------------------------------------------------------------------
+    @app.get("/v1/models")
+    async def openai_models():
+        return {"object": "list", "data": [model_card(served_name, started)]}
+
+    @app.get("/v1/models/{model_id:path}")
+    async def openai_model(model_id: str):
+        if model_id != served_name:
+            raise OpenAIRequestError(f"the model {model_id!r} does not exist: this server serves {served_name!r}", 404)
+        return model_card(served_name, started)
+
+    @app.get("/v1/health/live")
+    async def openai_live():
+        return {"object": "health.response", "message": "live"}
+
+    @app.get("/v1/health/ready")
+    async def openai_ready():
+        if not state["ready"]:
+            raise OpenAIRequestError("the server is not ready", 503)
+        return {"object": "health.response", "message": "ready"}
+
+    @app.post("/v1/embeddings")
+    async def openai_embeddings(request: Request):
+        body = _json_object(await read_body(request))
+        parsed = parse_embeddings_request(body, served_name, embedder.embed_dim, limits.max_batch_size)
+        vectors = np.empty((len(parsed), embedder.embed_dim), dtype=np.float32)
+        tokens = 0
+        # Texts and images go to their own batchers at once, each batched with other clients' requests.
+        jobs = []
+        if parsed.texts:
+            texts = [t for _, t in parsed.texts]
+            tokens = count_tokens(embedder.tokenizer, texts)
+            jobs.append(([i for i, _ in parsed.texts], _run(TEXT_MODEL, texts)))
+        if parsed.images:
+            pixels = await run_in_threadpool(_input_pixels, embedder, parsed.images)
+            jobs.append(([i for i, _ in parsed.images], _run(IMAGE_MODEL, pixels)))
+        results = await asyncio.gather(*(job for _, job in jobs))
+        for (positions, _), result in zip(jobs, results):
+            vectors[positions] = result
+        return embeddings_response(vectors, served_name, parsed.encoding_format, tokens)
+
     # -- plain JSON ---------------------------------------------------------------------------------
     @app.post("/embed")
     async def embed(request: Request):
@@ -269,6 +335,17 @@ def _pixels_from_bytes(embedder: Embedder, data: list[bytes], what: str) -> np.n
             pixels.append(embedder.pixels_from_bytes(bytes(raw)))
         except ImageDecodeError as exc:
             raise ClientError(f"{what} element {i}: {exc}") from None
+    return np.stack(pixels)
+
+
+def _input_pixels(embedder: Embedder, images: list[tuple[int, bytes]]) -> np.ndarray:
+    """Pre-processed pixels of ``(position in input, encoded image)`` pairs; errors name ``input[position]``."""
+    pixels = []
+    for position, raw in images:
+        try:
+            pixels.append(embedder.pixels_from_bytes(raw))
+        except ImageDecodeError as exc:
+            raise OpenAIRequestError(f"input[{position}]: {exc}", param="input") from None
     return np.stack(pixels)
 
 

@@ -85,13 +85,28 @@ class Collection:
     """Image embeddings ``[N, D]`` loaded from TAO's ``image_embeddings.h5``, their image paths, and an index."""
 
     paths: list[str]
-    index: ImageIndex
+    index: ImageIndex  # or an IndexSearcher: the same search()
     source: str
 
     @classmethod
-    def load(cls, path: str, embed_dim: int, faiss_min_images: int, key: str = "serve.image_embeddings_file"):
+    def load(
+        cls, path: str | None, embed_dim: int, faiss_min_images: int, key: str = "serve.image_embeddings_file",
+        index_file: str | None = None,
+    ):  # fmt: skip
+        """The collection of ``path`` (TAO's .h5), searched exactly, or through ``index_file`` (clip-tao index)."""
         from clip_tao.io.embeddings import read_embeddings
 
+        if index_file:
+            from clip_tao.index.searcher import load_index
+
+            searcher, report, source = load_index(index_file, path, key="serve.index_file")
+            if source.dim != embed_dim:
+                raise DataError(
+                    f"serve.index_file={index_file!r} indexes {source.dim}-d embeddings but the served model makes "
+                    f"{embed_dim}-d ones: index a collection embedded with the same model"
+                )
+            log.info("collection: %d images through %s (%s)", len(source), index_file, report.get("index_key"))
+            return cls(source.labels(), searcher, source.path)
         if not os.path.isfile(path):
             raise DataError(f"{key}={path!r} does not exist: write it with clip-tao inference (inference.mode=embed)")
         embeddings, paths, kind = read_embeddings(path)
@@ -116,6 +131,7 @@ class Collection:
         return [
             {"rank": r + 1, "index": int(i), "image_path": self.paths[int(i)], "score": float(s)}
             for r, (i, s) in enumerate(zip(indices[0], scores[0]))
+            if i >= 0  # an approximate index may find fewer than k
         ]
 
     def thumbnail(self, index: int, size: int = 192) -> bytes:

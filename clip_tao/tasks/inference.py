@@ -9,6 +9,8 @@ the finished parts, and the parts are joined in order into ``image_embeddings.h5
 the top ``top_k`` of each as ``search_results.json`` and an offline HTML contact sheet.
 ``inference.mode: mine`` writes, for every image of ``inference.datasets``, the captions of other images it
 scores highest, as negative files ready for ``negative_caption_dir`` (see :mod:`clip_tao.mining`).
+``inference.mode: dedup`` groups near-duplicate images of the collection (``duplicates.csv`` and
+``duplicates.html``). Search and dedup go through ``inference.index_file`` (built by ``clip-tao index``) when given.
 """
 
 from __future__ import annotations
@@ -31,6 +33,9 @@ from clip_tao.engine.embedding import embed_loader, embed_parts, embed_texts
 from clip_tao.engine.model_setup import build_encoder
 from clip_tao.engine.task_ranks import task_on_ranks
 from clip_tao.errors import ConfigError, DataError, OutputError
+from clip_tao.index.dedup import SCORE_MARGIN, find_duplicate_groups, write_duplicates
+from clip_tao.index.searcher import exact_searcher, load_index
+from clip_tao.index.source import EmbeddingSource
 from clip_tao.io.atomic import atomic_path, write_json
 from clip_tao.io.contact_sheet import write_contact_sheet
 from clip_tao.io.embedding_parts import PartStore
@@ -57,6 +62,8 @@ def run(cfg: ExperimentConfig) -> dict | None:
                 summary = _mine(cfg, out_dir) if ctx.is_main else None
             elif i.mode == "search":
                 summary = _search(cfg, out_dir, prompts, ctx)
+            elif i.mode == "dedup":
+                summary = _dedup(cfg, out_dir, ctx)
             else:
                 summary = _embed(cfg, out_dir, prompts, ctx)
         except (Exception, KeyboardInterrupt) as exc:
@@ -79,12 +86,14 @@ def _check(i: InferenceConfig) -> None:
             "inference needs inference.datasets (image folders) or inference.wds (shards), "
             "inference.text_file (prompts), or both"
         )
+    if i.mode in ("search", "dedup") and not (_has_collection(i) or i.image_embeddings_file or i.index_file):
+        raise ConfigError(
+            f"inference.mode={i.mode} needs a collection: inference.image_embeddings_file, inference.index_file, "
+            "inference.datasets or inference.wds"
+        )
+    if i.mode == "dedup" and not 0 < i.dedup_threshold <= 1:
+        raise ConfigError(f"inference.dedup_threshold={i.dedup_threshold} must be a cosine in (0, 1]")
     if i.mode == "search":
-        if not _has_collection(i) and not i.image_embeddings_file:
-            raise ConfigError(
-                "inference.mode=search needs a collection: inference.image_embeddings_file, inference.datasets "
-                "or inference.wds"
-            )
         if not i.text_file and not i.query_images:
             raise ConfigError(
                 "inference.mode=search needs queries: inference.text_file (prompts) and/or inference.query_images"
@@ -213,15 +222,22 @@ def _search(cfg: ExperimentConfig, out_dir: str, prompts: list[str], ctx: DistCo
     i = cfg.inference
     model, device = build_encoder(cfg, "inference", ctx.device)
     precision = resolve_precision("fp32", device)
-    if not i.image_embeddings_file:  # every rank embeds its share of the collection first
-        images = _embed_collection(cfg, model, device, precision, out_dir, ctx)
-        if images is None:
+    if i.index_file:
+        if not ctx.is_main:  # the index holds the collection already: one process searches it
             return None
-    elif not ctx.is_main:
-        return None
-    source = i.image_embeddings_file or images["file"]
-    collection, paths, kind = read_embeddings(source)
-    if i.image_embeddings_file:
+        index, _, source = load_index(i.index_file, i.image_embeddings_file)
+        _check_dim(source.dim, model, "inference.index_file")
+        paths, source = source.labels(), i.index_file
+    else:
+        if not i.image_embeddings_file:  # every rank embeds its share of the collection first
+            images = _embed_collection(cfg, model, device, precision, out_dir, ctx)
+            if images is None:
+                return None
+        elif not ctx.is_main:
+            return None
+        source = i.image_embeddings_file or images["file"]
+        collection, paths, kind = read_embeddings(source)
+    if i.image_embeddings_file and not i.index_file:
         if kind != "image":
             raise DataError(
                 f"inference.image_embeddings_file {i.image_embeddings_file!r} holds {kind} embeddings, not images"
@@ -231,8 +247,9 @@ def _search(cfg: ExperimentConfig, out_dir: str, prompts: list[str], ctx: DistCo
                 f"inference.image_embeddings_file has {collection.shape[1]}-d embeddings but {model.model_type} makes "
                 f"{model.embed_dim}-d ones: embed the collection with the same model"
             )
-    use_faiss = len(paths) >= i.faiss_min_images
-    index = ImageIndex(collection, use_faiss=use_faiss, index_file=os.path.splitext(source)[0] + ".faiss")
+    use_faiss = bool(i.index_file) or len(paths) >= i.faiss_min_images
+    if not i.index_file:
+        index = ImageIndex(collection, use_faiss=use_faiss, index_file=os.path.splitext(source)[0] + ".faiss")
 
     queries: list[tuple[str, str]] = []  # (kind, query)
     vectors = []
@@ -258,6 +275,7 @@ def _search(cfg: ExperimentConfig, out_dir: str, prompts: list[str], ctx: DistCo
             "results": [
                 {"rank": r + 1, "image_path": paths[j], "score": float(s)}
                 for r, (j, s) in enumerate(zip(row_idx, row_scores))
+                if j >= 0  # an approximate index may find fewer than top_k
             ],
         }
         for (kind, query), row_idx, row_scores in zip(queries, indices, scores)
@@ -342,6 +360,44 @@ def _write_negative_files(root: str, entries, samples: list[Sample], negatives) 
         with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8") as f:
             f.writelines(text.replace("\n", " ") + "\n" for text, _ in mined)
     return folders
+
+
+def _check_dim(dim: int, model, key: str) -> None:
+    if dim != model.embed_dim:
+        raise DataError(
+            f"{key} has {dim}-d embeddings but {model.model_type} makes {model.embed_dim}-d ones: "
+            "embed the collection with the same model"
+        )
+
+
+def _dedup(cfg: ExperimentConfig, out_dir: str, ctx: DistContext) -> dict | None:
+    """Near-duplicate groups of the collection, through its index (or an exact one built here). Several
+    processes embed a collection together; one groups it."""
+    i = cfg.inference
+    path = i.image_embeddings_file
+    if not i.index_file and not path:
+        model, device = build_encoder(cfg, "inference", ctx.device)
+        images = _embed_collection(cfg, model, device, resolve_precision("fp32", device), out_dir, ctx)
+        if images is None:
+            return None
+        path = images["file"]
+    elif not ctx.is_main:
+        return None
+    if i.index_file:
+        searcher, report, source = load_index(i.index_file, i.image_embeddings_file)
+        kind = report.get("kind", "flat")
+    else:
+        source = EmbeddingSource(path, "inference.image_embeddings_file")
+        searcher, kind = exact_searcher(source), "flat"
+    paths = source.labels()
+    groups = find_duplicate_groups(searcher, source, i.dedup_threshold, SCORE_MARGIN.get(kind, 0.1))
+    table, sheet = write_duplicates(out_dir, groups, paths, f"Near-duplicates (cosine >= {i.dedup_threshold})")
+    duplicates = sum(len(g.rows) - 1 for g in groups)
+    print(f"\nNear-duplicates among {len(paths):,} images (cosine >= {i.dedup_threshold}, {kind} index)")
+    rows = [[g, len(grp.rows), paths[grp.rows[0]][-50:], min(grp.similarity)] for g, grp in enumerate(groups[:20])]
+    print(format_table(["group", "images", "first", "lowest similarity"], rows))
+    print(f"{len(groups)} groups, {duplicates} duplicates: {table}, {sheet}")
+    return {"num_images": len(paths), "num_groups": len(groups), "num_duplicates": duplicates}
 
 
 def _query_image_paths(entries: list[str]) -> list[str]:

@@ -1,4 +1,5 @@
-"""``clip-tao serve``: the spec's model behind Triton's HTTP protocol, ``/embed``, ``/search`` and a search page.
+"""``clip-tao serve``: the spec's model behind Triton's HTTP protocol, OpenAI's ``/v1/embeddings``, ``/embed``,
+``/search`` and a search page.
 
 The backend is chosen as in ``evaluate``/``inference``: ``serve.trt_engine`` (TensorRT), ``serve.onnx_file``
 (ONNX Runtime), else ``serve.checkpoint`` (PyTorch; null means the type's own weights). SIGTERM or Ctrl-C
@@ -68,8 +69,10 @@ def run(cfg: ExperimentConfig) -> dict:
         )
     embedder = Embedder(model, device)
     collection = None
-    if s.image_embeddings_file:
-        collection = Collection.load(s.image_embeddings_file, embedder.embed_dim, s.faiss_min_images)
+    if s.image_embeddings_file or s.index_file:
+        collection = Collection.load(
+            s.image_embeddings_file, embedder.embed_dim, s.faiss_min_images, index_file=s.index_file
+        )
     limits = ServeLimits(
         max_batch_size=s.max_batch_size,
         max_queue_delay_ms=s.max_queue_delay_ms,
@@ -77,7 +80,7 @@ def run(cfg: ExperimentConfig) -> dict:
         max_request_bytes=int(s.max_request_mb * 2**20),
         max_top_k=s.max_top_k,
     )
-    app = create_app(embedder, limits, collection)
+    app = create_app(embedder, limits, collection, s.served_model_name)
     sock = _listen(s.host, s.port)
     port = sock.getsockname()[1]  # the one the system chose for serve.port=0
     _, status = prepare_task_dir(cfg, "serve")
@@ -89,6 +92,7 @@ def run(cfg: ExperimentConfig) -> dict:
     rows = [
         ["Triton / KServe v2", f"{url}/v2/models/clip_image/infer, {url}/v2/models/clip_text/infer"],
         ["embeddings", f"POST {url}/embed"],
+        ["OpenAI embeddings", f"POST {url}/v1/embeddings (model {s.served_model_name or embedder.model_type!r})"],
         ["search", f"POST {url}/search ({len(collection)} images)" if collection else "no collection"],
         ["page", f"{url}/"],
         ["dynamic batching", batching],

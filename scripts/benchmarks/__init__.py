@@ -14,4 +14,5 @@ MODULES = (
     "vs_open_clip",
     "embed_scale",
     "compositional",
+    "index",
 )
