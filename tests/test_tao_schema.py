@@ -244,3 +244,37 @@ def test_tower_mode_from_either_form(tmp_path, tower, expected):
     path = tmp_path / "s.json"
     path.write_text(json.dumps({"results_dir": "/r", "peft": {"enabled": True, "vision": tower}}))
     assert load_experiment(path).peft.vision.resolved_mode() == expected
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (
+            ["train.siglip_loss_mask_mode=attribute_match_ignore"],
+            "train.siglip_loss_mask_mode=attribute_match_ignore needs the attribute metadata in the batches",
+        ),
+        (
+            [
+                "train.siglip_loss_mask_mode=attribute_match_ignore",
+                "dataset.train.include_attribute_metadata=true",
+                "train.siglip_loss_dist_impl=bidir",
+            ],
+            "works with train.siglip_loss_dist_impl local or gather, not bidir",
+        ),
+        (
+            [
+                "train.siglip_loss_mask_mode=attribute_match_positive",
+                "dataset.train.include_attribute_metadata=true",
+                "train.triplet_loss_weight=0.5",
+            ],
+            "train.triplet_loss_weight=0.5 with train.siglip_loss_mask_mode=attribute_match_positive",
+        ),
+    ],
+)
+def test_taos_loss_key_preconditions_are_one_line(tiny_spec, capsys, overrides, message):
+    from clip_tao.cli import main
+
+    spec = tiny_spec("tiny-siglip2")
+    assert main(["train", "-e", str(spec), "wandb.enable=false", *overrides]) == 1
+    err = capsys.readouterr().err.strip()
+    assert message in err and len(err.splitlines()) == 1

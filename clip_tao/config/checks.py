@@ -70,3 +70,29 @@ def check_loss_keys(cfg: ExperimentConfig) -> None:
                 f"train.triplet_loss_weight={t.triplet_loss_weight} with train.siglip_loss_mask_mode={mode}: the "
                 "triplet loss would mine the promoted positives as negatives; set one of them off"
             )
+
+
+def check_implemented(cfg: ExperimentConfig, task: str) -> None:
+    """TAO 7.3 keys that load but whose behaviour clip-tao does not have yet: one line, rather than a silent no-op."""
+    t, data = cfg.train, cfg.dataset
+    missing = []
+    if task == "train":
+        if t.loss_type == "siglip" and t.siglip_loss_mask_mode != "none":
+            missing.append(f"train.siglip_loss_mask_mode={t.siglip_loss_mask_mode}")
+        if t.triplet_loss_weight > 0:
+            missing.append(f"train.triplet_loss_weight={t.triplet_loss_weight}")
+        if data.train.balance_query_types:
+            missing.append("dataset.train.balance_query_types=true")
+    if (
+        task in ("train", "evaluate")
+        and data.val.metadata_match_eval
+        and (task == "train" or not cfg.evaluate.datasets)
+    ):
+        missing.append("dataset.val.metadata_match_eval=true")
+    if task == "evaluate" and cfg.evaluate.pas_ground_truth_mode != "paired_caption":
+        missing.append(f"evaluate.pas_ground_truth_mode={cfg.evaluate.pas_ground_truth_mode}")
+    if missing:
+        raise ConfigError(
+            f"{', '.join(missing)}: TAO 7.3 behaviour clip-tao does not have yet (README, Coming from TAO); "
+            "set it to its default to run"
+        )

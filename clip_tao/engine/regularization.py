@@ -8,6 +8,11 @@ A frozen copy of the starting model (the teacher) embeds every training batch to
 
 so the fine-tuned embeddings cannot drift far from the space they started in. Every process runs its
 own teacher without gradients on its own batch (no extra communication under DDP).
+
+TAO 7.3 logs the terms as ``train/contrastive_loss``, ``train/emb_mse_loss``, ``train/cosine_loss`` and
+``train/sim_loss``, and at validation the drift from the teacher, ``val/img_drift`` / ``val/txt_drift`` (1 − mean
+cosine of student and teacher embeddings of the validation images / captions) and ``val/embedding_drift`` (their
+mean): the same names are written here (TensorBoard and status.json), beside clip-tao's ``reg_*``.
 """
 
 from __future__ import annotations
@@ -22,6 +27,16 @@ from clip_tao.config.schema import RegularizationConfig
 from clip_tao.engine.device import Precision
 
 TERMS = ("embedding_mse", "cosine", "similarity")
+# Our figure -> TAO 7.3's log name.
+TAO_NAMES = {
+    "contrastive_loss": "train/contrastive_loss",
+    "embedding_mse": "train/emb_mse_loss",
+    "cosine": "train/cosine_loss",
+    "similarity": "train/sim_loss",
+    "img_drift": "val/img_drift",
+    "txt_drift": "val/txt_drift",
+    "embedding_drift": "val/embedding_drift",
+}
 
 
 def frozen_teacher(model: nn.Module) -> nn.Module:
@@ -100,3 +115,20 @@ def preservation_terms(
     ) / 2
     similarity = F.mse_loss(image @ text.T, teacher_image @ teacher_text.T)
     return {"embedding_mse": mse, "cosine": cosine, "similarity": similarity}
+
+
+def embedding_drift(student, teacher) -> dict[str, float]:
+    """TAO's validation drift from two :class:`~clip_tao.engine.embedding.Embeddings` of the same samples."""
+    image = 1 - F.cosine_similarity(student.image, teacher.image, dim=-1).mean()
+    text = 1 - F.cosine_similarity(student.text, teacher.text, dim=-1).mean()
+    return {"img_drift": float(image), "txt_drift": float(text), "embedding_drift": float(image + text) / 2}
+
+
+def tao_regularization_kpi(kpi: dict) -> dict[str, float]:
+    """TAO 7.3's names of the epoch's regularisation figures (``reg_cosine`` -> ``train/cosine_loss`` ...)."""
+    out = {}
+    for ours, theirs in TAO_NAMES.items():
+        value = kpi.get(ours if ours in ("contrastive_loss",) or ours.endswith("drift") else f"reg_{ours}")
+        if isinstance(value, (int, float)):
+            out[theirs] = value
+    return out

@@ -40,7 +40,9 @@ from clip_tao.engine.embedding import embed_loader
 from clip_tao.engine.finite import check_weights, overflow_error
 from clip_tao.engine.lora import has_lora_weights
 from clip_tao.engine.optim import build_optimizer, build_scheduler
+from clip_tao.engine.regularization import TAO_NAMES, embedding_drift, tao_regularization_kpi
 from clip_tao.engine.step import contrastive_backward
+from clip_tao.engine.topk import TopKCheckpoints
 from clip_tao.errors import ConfigError, ModelError
 from clip_tao.io.atomic import link_or_copy
 from clip_tao.io.status import StatusWriter
@@ -117,11 +119,18 @@ class Trainer:
         self._resume_from: dict[str, Any] | None = None
         self.last_saved: str | None = None  # named when training diverges: the last checkpoint with good weights
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.precision.use_grad_scaler)
-        self.loss_fn = ContrastiveLoss(self.tcfg.loss_type, self.dist.rank, self.dist.world_size)
+        self.loss_fn = ContrastiveLoss(
+            self.tcfg.loss_type, self.dist.rank, self.dist.world_size, self.tcfg.siglip_loss_dist_impl
+        )
         self.validation_every = self._validation_every()
         self.tensorboard = self._open_tensorboard() if self.dist.is_main else None
         self.wandb = None
         self.sample_log = self._open_sample_log()
+        self.topk = TopKCheckpoints(self.tcfg.checkpointer, out_dir) if self.tcfg.checkpointer.enable_topk else None
+        if self.topk is not None and val_data is None:
+            raise ConfigError(
+                "train.checkpointer.enable_topk=true ranks checkpoints by a validation figure: give dataset.val"
+            )
 
     # -- set-up ---------------------------------------------------------------------------------
     def _check_config(self) -> None:
@@ -143,12 +152,12 @@ class Trainer:
         return int(self.tcfg.val_check_interval)
 
     def _freeze_towers(self) -> None:
-        if self.cfg.model.freeze_vision_encoder:
-            for p in self.model.vision_parameters():
-                p.requires_grad_(False)
-        if self.cfg.model.freeze_text_encoder:
-            for p in self.model.text_parameters():
-                p.requires_grad_(False)
+        # With PEFT on, the tower modes (applied before) decide, overriding the freeze flags (TAO 7.3).
+        if not self.cfg.peft.enabled:
+            for tower, params in (("vision", self.model.vision_parameters), ("text", self.model.text_parameters)):
+                if getattr(self.cfg.model, f"freeze_{tower}_encoder"):
+                    for p in params():
+                        p.requires_grad_(False)
         if self.tcfg.loss_type == "clip":
             # The softmax loss has no bias: a trainable parameter without gradients trips DDP's checks.
             self.model.logit_bias.requires_grad_(False)
@@ -205,6 +214,8 @@ class Trainer:
         s.best_value = best.get("value", -math.inf)
         s.best_epoch = best.get("epoch")
         s.history = list(checkpoint.get("history", []))
+        if self.topk is not None:
+            self.topk.load_state_dict(checkpoint.get("topk"))
         self.skipped.update(checkpoint.get("skipped", {}))
         rng = checkpoint.get("rng")
         if isinstance(rng, list):  # one state per rank
@@ -287,22 +298,30 @@ class Trainer:
                 kpi.update({k: D.all_reduce_mean(self.dist, v) for k, v in self.loss_fn.epoch_figures().items()})
             s.epoch, s.batches_in_epoch, s.worker_positions = epoch + 1, 0, None
             last = s.epoch == t.num_epochs
-            if self.val_data is not None and (s.epoch % self.validation_every == 0 or last):
+            validated = self.val_data is not None and (s.epoch % self.validation_every == 0 or last)
+            if validated:
                 kpi.update(self.validate())
             # Ranks skip different bad files; rank 0's view decides (only it writes), the others follow it.
             kpi = D.broadcast_object(self.dist, kpi)
             kpi["skipped_files"] = sum(self.skipped.values())
             s.history.append({"epoch": epoch, **kpi})
             self._log_scalars({f"epoch/{k}": v for k, v in kpi.items()}, s.global_step)
+            tao_names = tao_regularization_kpi(kpi)
+            self._log_scalars(tao_names, s.global_step)
             improved = BEST_METRIC in kpi and kpi[BEST_METRIC] > s.best_value
             if improved:
                 s.best_value, s.best_epoch = kpi[BEST_METRIC], epoch
+            tao_names.update(tao_retrieval_kpi(kpi, "val"))
+            # Ranked before the epoch's checkpoint is written, so that it records the ranking it belongs to.
+            ranked = self._rank_topk(epoch, kpi, tao_names) if validated and self.topk is not None else None
             saved = None
             # The last epoch always ends with a checkpoint, whatever the unit of the interval.
             if last or (t.checkpoint_interval_unit == "epoch" and s.epoch % t.checkpoint_interval == 0):
                 saved = self.save(epoch)
             if improved:
                 self._save_best(saved)
+            if ranked is not None:
+                self._save_topk(*ranked, saved)
             # TAO's names and scales (val/t2i_mAP as a fraction, in a string; epoch, max_step, eta ...) beside ours.
             progress = tao_epoch_fields(
                 epoch, t.num_epochs, s.global_step, self.steps_per_epoch, seconds, seconds / steps
@@ -310,7 +329,7 @@ class Trainer:
             self.status.write(
                 "RUNNING",
                 f"Epoch {epoch} done.",
-                kpi={**kpi, **tao_retrieval_kpi(kpi, "val")},
+                kpi={**kpi, **tao_names},
                 **progress,
                 skipped=dict(self.skipped),
             )
@@ -425,7 +444,7 @@ class Trainer:
         terms = self.loss_fn.end_step() if regularized else {}
         if self.state.global_step % LOG_EVERY == 0:
             self._log_scalars({"train/loss": float(loss), "train/lr": self._lr(), "train/logit_scale": self._scale()})
-            self._log_scalars({f"train/{k}": v for k, v in terms.items()})
+            self._log_scalars({TAO_NAMES[k]: v for k, v in terms.items()})
         return loss, count
 
     def validate(self) -> dict[str, float]:
@@ -449,7 +468,12 @@ class Trainer:
             log.warning("validation set has fewer than two usable samples: no validation figures")
             return {}
         metrics = retrieval_metrics(result.image, result.text)
-        return {k: v for k, v in metrics.items() if k.startswith(("i2t_", "t2i_")) and "num_queries" not in k}
+        out = {k: v for k, v in metrics.items() if k.startswith(("i2t_", "t2i_")) and "num_queries" not in k}
+        teacher = getattr(self.loss_fn, "teacher", None)  # regularisation: TAO's drift from the starting model
+        if teacher is not None and result.text is not None:
+            reference = embed_loader(teacher, self.val_data.loader, self.device, self.precision, desc="teacher")
+            out.update(embedding_drift(result, reference))
+        return out
 
     # -- outputs --------------------------------------------------------------------------------
     def save(self, epoch: int) -> str:
@@ -464,9 +488,17 @@ class Trainer:
             save_checkpoint(path, state)
             link_or_copy(path, os.path.join(self.out_dir, LATEST_NAME))
             log.info("saved %s", path)
+            previous = self.last_saved
+            if self._replace_periodic() and previous and previous != path and os.path.exists(previous):
+                # No periodic series: only the newest file stays (clip_latest.pth and resumption need it).
+                os.remove(previous)
         self.last_saved = path
         D.barrier(self.dist)
         return path
+
+    def _replace_periodic(self) -> bool:
+        c = self.tcfg.checkpointer
+        return c.enable_topk and c.replace_periodic
 
     def _save_best(self, saved: str | None) -> None:
         """``clip_best.pth``: the epoch's checkpoint when one was saved, else a checkpoint of its own."""
@@ -480,6 +512,27 @@ class Trainer:
                 link_or_copy(saved, best)
             log.info("new best %s=%.2f at epoch %d -> %s", BEST_METRIC, self.state.best_value,
                      self.state.best_epoch, best)  # fmt: skip
+        D.barrier(self.dist)
+
+    def _rank_topk(self, epoch: int, kpi: dict, tao_names: dict) -> tuple[str | None, list[str]]:
+        figures = {**kpi, **tao_names, "epoch": epoch, "step": self.state.global_step}
+        return self.topk.offer(self.topk.value(figures), epoch, figures)
+
+    def _save_topk(self, path: str | None, dropped: list[str], saved: str | None) -> None:
+        """Write this epoch's weights under the best-checkpoint name; delete the ones that fell out."""
+        if path is None:
+            return
+        state = self._checkpoint_state() if saved is None else None
+        if self.dist.is_main:
+            os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+            if saved is None:
+                save_checkpoint(path, state)
+            else:
+                link_or_copy(saved, path)
+            for old in dropped:
+                if os.path.exists(old):
+                    os.remove(old)
+            log.info("best %s=%s so far: %s", self.topk.monitor, f"{self.topk.kept[0]['value']:.4g}", path)
         D.barrier(self.dist)
 
     def _checkpoint_state(self) -> dict[str, Any]:
@@ -503,6 +556,7 @@ class Trainer:
             "data_position": data_position,
             "world_size": self.dist.world_size,
             "best": {"metric": BEST_METRIC, "value": s.best_value, "epoch": s.best_epoch},
+            "topk": self.topk.state_dict() if self.topk is not None else None,
             "history": s.history,
             "skipped": dict(self.skipped),
             # One state per rank (each draws from its own generators); a single rank stores a plain dict.

@@ -13,6 +13,7 @@ import os
 import torch
 
 from clip_tao.classification import DEFAULT_TEMPLATES, class_embeddings, classification_metrics
+from clip_tao.config.checks import check_implemented
 from clip_tao.config.schema import ExperimentConfig
 from clip_tao.data.classes import build_image_loader, scan_labelled_images
 from clip_tao.data.loaders import build_eval_loader, build_val_loader
@@ -31,6 +32,7 @@ log = logging.getLogger(__name__)
 
 
 def run(cfg: ExperimentConfig) -> dict:
+    check_implemented(cfg, "evaluate")
     out_dir, status = prepare_task_dir(cfg, "evaluate")
     status.write("STARTED", f"Starting evaluation ({cfg.evaluate.mode}).")
     try:

@@ -6,13 +6,14 @@ import contextlib
 import logging
 import os
 
+from clip_tao.config.checks import check_implemented, check_loss_keys
 from clip_tao.config.loader import config_to_dict
 from clip_tao.config.schema import ExperimentConfig
 from clip_tao.data.loaders import build_train_loader, build_val_loader
 from clip_tao.engine.checkpoint import check_model_type, load_checkpoint
 from clip_tao.engine.device import seed_everything
 from clip_tao.engine.distributed import DistContext, barrier, cleanup_distributed, setup_distributed
-from clip_tao.engine.lora import apply_lora
+from clip_tao.engine.lora import apply_lora, tower_modes, trainable_counts
 from clip_tao.engine.lora import describe as describe_lora
 from clip_tao.engine.model_setup import build_model
 from clip_tao.engine.regularization import RegularizedLoss, frozen_teacher
@@ -30,6 +31,11 @@ log = logging.getLogger(__name__)
 
 def run(cfg: ExperimentConfig) -> dict:
     """Train in this process, or as one rank of a torchrun job (only rank 0 writes files)."""
+    check_loss_keys(cfg)
+    check_implemented(cfg, "train")
+    t = cfg.train
+    if t.loss_type == "clip" and (t.siglip_loss_mask_mode != "none" or t.siglip_loss_dist_impl != "gather"):
+        log.warning("train.loss_type=clip: train.siglip_loss_* apply to the SigLIP loss only and are ignored")
     dist = setup_distributed(cfg.train)
     try:
         with contextlib.ExitStack() as claims:
@@ -77,9 +83,10 @@ def _train(cfg: ExperimentConfig, out_dir: str, status, dist: DistContext) -> di
         load_weights(model, t.pretrained_model_path, cfg.peft)
         log.info("start weights from %s", t.pretrained_model_path)
     teacher = frozen_teacher(model) if cfg.regularization.enabled else None
+    peft_counts = {}
     if cfg.peft.enabled:
         freeze = {"vision": cfg.model.freeze_vision_encoder, "text": cfg.model.freeze_text_encoder}
-        log.info(describe_lora(apply_lora(model, cfg.peft, freeze)))
+        peft_counts = apply_lora(model, cfg.peft, freeze)
     # Before the Trainer opens TensorBoard: wandb.sync_tensorboard must patch it first.
     wandb_run = start_wandb(cfg.wandb, out_dir, config_to_dict(cfg)) if dist.is_main else None
     trainer = Trainer(cfg, model, train_data, val_data, out_dir, status, dist)
@@ -87,8 +94,10 @@ def _train(cfg: ExperimentConfig, out_dir: str, status, dist: DistContext) -> di
     if teacher is not None:
         trainer.loss_fn = RegularizedLoss(trainer.loss_fn, teacher.to(trainer.device), cfg.regularization,
                                           trainer.precision)  # fmt: skip
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    log.info("parameters: %s trainable of %s", f"{trainable:,}", f"{sum(p.numel() for p in model.parameters()):,}")
+    counts = trainable_counts(model)
+    if cfg.peft.enabled:
+        counts.update(modes=tower_modes(cfg.peft), adapted_modules=peft_counts["adapted_modules"])
+    log.info(describe_lora(counts))
 
     if resume_path:
         if auto:
