@@ -409,3 +409,43 @@ def test_tao_73_lora_checkpoint_without_scaling_needs_the_training_peft_section(
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1
     assert "is a rank-4 LoRA layer without its scaling" in err and "give this task the training spec's peft" in err
+
+
+def test_checkpoint_from_before_taos_calibration_change_loads(tiny_spec, tmp_path, caplog):
+    """TAO 7.3 refuses 7.0.1-layout files (an adapter-owned [1]-shaped logit_scale beside the source's, adaptor.*
+    keys); they load here: the adapter's values, as 7.0.1's forward used them, with both values in a warning."""
+    attribute, library_model = _library_model("tiny-siglip2", seed=3)
+    tao_file = write_tao_checkpoint(tmp_path / "tao", attribute, library_model)
+    checkpoint = torch.load(tao_file, weights_only=True)
+    state = checkpoint["state_dict"]
+    state["model.logit_scale"] = state["model.logit_scale"].reshape(1)  # the older [1] shape
+    state["model.adaptor.proj.weight"] = torch.zeros(2, 2)
+    torch.save(checkpoint, tao_file)
+    model = build_model(load_experiment(tiny_spec("tiny-siglip2")), str(tao_file))
+    assert model.logit_scale.item() == pytest.approx(TAO_SCALE) and model.logit_bias.item() == pytest.approx(TAO_BIAS)
+    warning = next(r.getMessage() for r in caplog.records if "calibration change" in r.getMessage())
+    inner = float(library_model.logit_scale.flatten()[0])
+    assert f"model.logit_scale={TAO_SCALE:.6g} (used" in warning and f"logit_scale={inner:.6g} (left out)" in warning
+
+
+def test_logit_scale_ceiling_keeps_a_pretrained_scale_above_ln_100(tiny_spec, tmp_path):
+    """TAO 7.3 clamps the raw scale to [0, max(ln 100, its starting value)] after every step."""
+    import math
+
+    model = create_model("tiny-clip", pretrained=False)
+    with torch.no_grad():
+        model.logit_scale.fill_(5.0)
+    ceiling = model.logit_scale_ceiling()
+    assert ceiling == pytest.approx(5.0)
+    for raw, want in ((6.0, 5.0), (-1.0, 0.0), (4.9, 4.9)):
+        with torch.no_grad():
+            model.logit_scale.fill_(raw)
+        model.clamp_logit_scale(ceiling)
+        assert model.logit_scale.item() == pytest.approx(want)
+    spec = tiny_spec("tiny-clip", num_train=16, num_val=8, train={"num_epochs": 1})
+    run = ["train", "-e", str(spec), "wandb.enable=false", "dataset.train.batch_size=8", "model.init_logit_scale=5.0"]
+    assert main(run) == 0
+    from clip_tao.engine.checkpoint import load_checkpoint
+
+    saved = load_checkpoint(str(tmp_path / "results" / "train" / "clip_latest.pth"))["model"]
+    assert math.log(100) < float(saved["model.logit_scale"]) <= 5.0

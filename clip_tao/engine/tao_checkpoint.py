@@ -81,6 +81,7 @@ def tao_state_to_ours(
         mapped = {target + k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
     # TAO's adapter keeps scalars ([]); a backbone's own may be [1]: take our parameter's shape.
     scale_key = "model.logit_scale" if "model.logit_scale" in state else f"{prefix}logit_scale"
+    _note_two_calibrations(state, prefix, path)
     bias_key = "model.logit_bias" if "model.logit_scale" in state else f"{prefix}logit_bias"
     mapped[ours["scale"]] = state[scale_key].reshape(model.logit_scale.shape)
     if bias_key in state:
@@ -148,6 +149,21 @@ def _scaling_from_spec(layer: str, lora_a: torch.Tensor, peft: PeftConfig | None
             f"({described}) does not describe it: give this task the training spec's peft section"
         )
     return cfg.alpha / cfg.rank
+
+
+def _note_two_calibrations(state: dict, prefix: str, path: str) -> None:
+    """A checkpoint from before TAO 7.3's calibration change holds the adapter's logit parameters and the source
+    model's. TAO 7.3 refuses such files; here the adapter's are used, as TAO 7.0.1's forward did."""
+    for name in ("logit_scale", "logit_bias"):
+        outer, inner = state.get(f"model.{name}"), state.get(f"{prefix}{name}")
+        if outer is None or inner is None or prefix == _RADIO:
+            continue
+        if outer.numel() == inner.numel() == 1 and float(outer.flatten()[0]) != float(inner.flatten()[0]):
+            log.warning(
+                "%s: checkpoint from before TAO 7.3's calibration change: model.%s=%.6g (used, as TAO 7.0.1's "
+                "forward) and %s%s=%.6g (left out)",
+                path, name, float(outer.flatten()[0]), prefix, name, float(inner.flatten()[0]),
+            )  # fmt: skip
 
 
 def _our_logit_names(model: nn.Module) -> dict[str, str]:

@@ -268,6 +268,8 @@ class Trainer:
             # FSDP replaces parameters by sharded ones: the optimiser must be built on those.
             self.optimizer = build_optimizer(self.model, self.tcfg.optim)
             self.scheduler = build_scheduler(self.optimizer, self.tcfg.optim, self.total_steps)
+        # TAO 7.3: the clamp's ceiling is max(ln 100, the starting or restored raw scale).
+        self.logit_ceiling = self.model.logit_scale_ceiling()
         checkpoint, self._resume_from = self._resume_from, None
         if checkpoint is None:
             return
@@ -437,7 +439,7 @@ class Trainer:
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.scheduler.step()
-        self.model.clamp_logit_scale()
+        self.model.clamp_logit_scale(self.logit_ceiling)
         if self.sample_log is not None:
             self.sample_log.writelines(f"{self.state.global_step} {k}\n" for k in keys)
             self.sample_log.flush()
