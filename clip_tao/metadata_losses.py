@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 MASK_MODES = (
     "none",
@@ -132,3 +133,33 @@ def masked_siglip_loss(
                 raise ValueError(f"compatible_positive_normalization must be per_pair or per_query: {normalization!r}")
     terms = weights * F.logsigmoid(labels * logits)
     return -(terms * valid).sum() / batch
+
+
+class TripletAugmentedLoss(nn.Module):
+    """``base + triplet_loss_weight · triplet`` (TAO 7.3), with both figures kept for the logs
+    (``train/contrastive_loss``, ``train/triplet_loss``)."""
+
+    def __init__(self, base: nn.Module, weight: float, margin: float):
+        super().__init__()
+        self.base, self.weight, self.margin = base, weight, margin
+        self.last_figures: dict[str, torch.Tensor] = {}
+        self._sums: dict[str, float] = {}
+        self._count = 0
+
+    def forward(self, image, text, logit_scale, logit_bias) -> torch.Tensor:
+        contrastive = self.base(image, text, logit_scale, logit_bias)
+        triplet = triplet_loss(image, text, self.margin)
+        self.last_figures = {"contrastive_loss": contrastive.detach(), "triplet_loss": triplet.detach()}
+        return contrastive + self.weight * triplet.to(contrastive.dtype)
+
+    def end_step(self) -> dict[str, float]:
+        figures = {k: float(v) for k, v in self.last_figures.items()}
+        for k, v in figures.items():
+            self._sums[k] = self._sums.get(k, 0.0) + v
+        self._count += 1
+        return figures
+
+    def epoch_figures(self) -> dict[str, float]:
+        out = {k: v / max(self._count, 1) for k, v in self._sums.items()}
+        self._sums, self._count = {}, 0
+        return out

@@ -114,3 +114,19 @@ def test_two_processes_equal_one_process(tmp_path):
         )
         torch.testing.assert_close(torch.cat(got["image_grad"]) / 2, want_image, rtol=0, atol=1e-5)
         torch.testing.assert_close(torch.cat(got["text_grad"]) / 2, want_text, rtol=0, atol=1e-5)
+
+
+def test_triplet_term_trains_and_is_logged_under_taos_names(tiny_spec, tmp_path):
+    import json
+
+    from clip_tao.cli import main
+
+    spec = tiny_spec("tiny-clip", num_train=16, num_val=8, train={"num_epochs": 1, "optim": {"warmup_steps": 1}})
+    run = ["train", "-e", str(spec), "wandb.enable=false", "dataset.train.batch_size=8"]
+    assert main([*run, "train.triplet_loss_weight=0.5", "train.triplet_margin=0.3"]) == 0
+    train = tmp_path / "results" / "train"
+    lines = [json.loads(line) for line in (train / "status.json").read_text().splitlines()]
+    kpi = next(line["kpi"] for line in lines if line["status"] == "RUNNING")
+    assert kpi["train/triplet_loss"] == kpi["triplet_loss"] > 0
+    # The epoch's loss is the contrastive part plus the weighted triplet term, each a mean over the steps.
+    assert kpi["train_loss"] == pytest.approx(kpi["train/contrastive_loss"] + 0.5 * kpi["train/triplet_loss"], rel=1e-5)

@@ -79,8 +79,6 @@ def check_implemented(cfg: ExperimentConfig, task: str) -> None:
     if task == "train":
         if t.loss_type == "siglip" and t.siglip_loss_mask_mode != "none":
             missing.append(f"train.siglip_loss_mask_mode={t.siglip_loss_mask_mode}")
-        if t.triplet_loss_weight > 0:
-            missing.append(f"train.triplet_loss_weight={t.triplet_loss_weight}")
         if data.train.balance_query_types:
             missing.append("dataset.train.balance_query_types=true")
     if (

@@ -27,12 +27,21 @@ from clip_tao.config.schema import RegularizationConfig
 from clip_tao.engine.device import Precision
 
 TERMS = ("embedding_mse", "cosine", "similarity")
-# Our figure -> TAO 7.3's log name.
+# A step's figure -> TAO 7.3's log name.
 TAO_NAMES = {
     "contrastive_loss": "train/contrastive_loss",
     "embedding_mse": "train/emb_mse_loss",
     "cosine": "train/cosine_loss",
     "similarity": "train/sim_loss",
+    "triplet_loss": "train/triplet_loss",
+}
+# An epoch's KPI (status.json) -> TAO 7.3's name.
+TAO_KPI_NAMES = {
+    "contrastive_loss": "train/contrastive_loss",
+    "reg_embedding_mse": "train/emb_mse_loss",
+    "reg_cosine": "train/cosine_loss",
+    "reg_similarity": "train/sim_loss",
+    "triplet_loss": "train/triplet_loss",
     "img_drift": "val/img_drift",
     "txt_drift": "val/txt_drift",
     "embedding_drift": "val/embedding_drift",
@@ -83,23 +92,23 @@ class RegularizedLoss(nn.Module):
         terms = preservation_terms(image, text, teacher_image, teacher_text)
         total = contrastive + sum(self.weights[k] * terms[k] for k in TERMS)
         # The last call of a step is the one whose figures count (every call sees the whole step's pairs).
-        self._last = {"contrastive_loss": contrastive.detach(), **{k: v.detach() for k, v in terms.items()}}
+        # A base with figures of its own (the triplet term) gives its pure contrastive part and its terms.
+        inner = getattr(self.base, "last_figures", {})
+        self._last = {"contrastive_loss": contrastive.detach(), **inner, **{k: v.detach() for k, v in terms.items()}}
         return total
 
     def end_step(self) -> dict[str, float]:
         """The step's separate figures (for logging); adds them to the epoch's means."""
         figures = {k: float(v) for k, v in self._last.items()}
         for k, v in figures.items():
-            self._sums[k] += v
+            self._sums[k] = self._sums.get(k, 0.0) + v
         return figures
 
     def epoch_figures(self) -> dict[str, float]:
         """Means over the epoch's steps (``reg_*`` and ``contrastive_loss``); resets the sums."""
         steps = max(self._count, 1)
-        out = {
-            ("contrastive_loss" if k == "contrastive_loss" else f"reg_{k}"): v / steps for k, v in self._sums.items()
-        }
-        self._sums = dict.fromkeys(self._sums, 0.0)
+        out = {(f"reg_{k}" if k in TERMS else k): v / steps for k, v in self._sums.items()}
+        self._sums = dict.fromkeys(("contrastive_loss", *TERMS), 0.0)
         self._count = 0
         return out
 
@@ -126,9 +135,4 @@ def embedding_drift(student, teacher) -> dict[str, float]:
 
 def tao_regularization_kpi(kpi: dict) -> dict[str, float]:
     """TAO 7.3's names of the epoch's regularisation figures (``reg_cosine`` -> ``train/cosine_loss`` ...)."""
-    out = {}
-    for ours, theirs in TAO_NAMES.items():
-        value = kpi.get(ours if ours in ("contrastive_loss",) or ours.endswith("drift") else f"reg_{ours}")
-        if isinstance(value, (int, float)):
-            out[theirs] = value
-    return out
+    return {theirs: kpi[ours] for ours, theirs in TAO_KPI_NAMES.items() if isinstance(kpi.get(ours), (int, float))}

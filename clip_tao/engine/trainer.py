@@ -443,7 +443,7 @@ class Trainer:
         if self.sample_log is not None:
             self.sample_log.writelines(f"{self.state.global_step} {k}\n" for k in keys)
             self.sample_log.flush()
-        terms = self.loss_fn.end_step() if regularized else {}
+        terms = self.loss_fn.end_step() if hasattr(self.loss_fn, "end_step") else {}
         if self.state.global_step % LOG_EVERY == 0:
             self._log_scalars({"train/loss": float(loss), "train/lr": self._lr(), "train/logit_scale": self._scale()})
             self._log_scalars({TAO_NAMES[k]: v for k, v in terms.items()})

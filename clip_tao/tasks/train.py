@@ -25,6 +25,7 @@ from clip_tao.io.status import StatusWriter
 from clip_tao.io.tables import format_retrieval_table, format_table
 from clip_tao.io.task_dir import claim_task_dir, failure_message, prepare_task_dir
 from clip_tao.io.wandb_run import start_wandb
+from clip_tao.metadata_losses import TripletAugmentedLoss
 
 log = logging.getLogger(__name__)
 
@@ -91,6 +92,8 @@ def _train(cfg: ExperimentConfig, out_dir: str, status, dist: DistContext) -> di
     wandb_run = start_wandb(cfg.wandb, out_dir, config_to_dict(cfg)) if dist.is_main else None
     trainer = Trainer(cfg, model, train_data, val_data, out_dir, status, dist)
     trainer.wandb = wandb_run
+    if t.triplet_loss_weight > 0:
+        trainer.loss_fn = TripletAugmentedLoss(trainer.loss_fn, t.triplet_loss_weight, t.triplet_margin)
     if teacher is not None:
         trainer.loss_fn = RegularizedLoss(trainer.loss_fn, teacher.to(trainer.device), cfg.regularization,
                                           trainer.precision)  # fmt: skip

@@ -1,0 +1,128 @@
+"""TAO 7.3's attribute metadata (``*_pairs.json`` + vocabularies) read as TAO's data contract has it.
+
+The dataset is the constructed example of the TAO 7.3 reference notes (``tao-7.3-clip.md`` §4.5), in TAO's files:
+list, pairs, ``attribute_vocab.json``, ``accessory_vocab.json``; the expected tensors are the notes' "after loading".
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from clip_tao.config.schema import DatasetEntry
+from clip_tao.data.pas_metadata import load_metadata, pairs_file
+from clip_tao.errors import DataError
+from clip_tao.metadata_losses import compatibility
+
+NAMES = ["p0_easy.jpg", "p1_hard.jpg", "p2_medium.jpg", "p3_medium.jpg"]
+ROWS = [
+    {"dataset": "TOY", "query_type": "easy", "caption": "A person wearing a black top.", "unique_name": "p0_easy.jpg",
+     "image_path": "images/TOY/p0.jpg", "image_attr_values": [1, 1], "text_attr_values": [1, -1],
+     "image_accessory_ids": [1], "text_accessory_ids": []},
+    {"dataset": "TOY", "query_type": "hard", "caption": "A person in a black top wearing a hat.",
+     "unique_name": "p1_hard.jpg", "image_path": "images/TOY/p1.jpg", "image_attr_values": [1, 2],
+     "text_attr_values": [1, -1], "image_accessory_ids": [1, 2], "text_accessory_ids": [2]},
+    {"dataset": "TOY", "query_type": "medium", "caption": "A person in a white top.", "unique_name": "p2_medium.jpg",
+     "image_path": "images/TOY/p2.jpg", "image_attr_values": [2, 3], "text_attr_values": [2, -1],
+     "image_accessory_ids": [], "text_accessory_ids": []},
+    {"dataset": "TOY", "query_type": "medium", "caption": "A person in a black top and blue trousers.",
+     "unique_name": "p3_medium.jpg", "image_path": "images/TOY/p3.jpg", "image_attr_values": [1, 1],
+     "text_attr_values": [1, 1], "image_accessory_ids": [], "text_accessory_ids": []},
+]  # fmt: skip
+ATTRIBUTES = {
+    "attributes": ["upper color", "lower color"],
+    "value_to_id": {
+        "upper color": {"__missing__": 0, "black": 1, "white": 2, "not visible": 3},
+        "lower color": {"__missing__": 0, "blue": 1, "red": 2, "not visible": 3},
+    },
+    "id_to_value": {
+        "upper color": ["__missing__", "black", "white", "not visible"],
+        "lower color": ["__missing__", "blue", "red", "not visible"],
+    },
+}
+ACCESSORIES = {
+    "unknown_id": 0,
+    "source_splits": ["train", "val", "test"],
+    "id_to_value": ["__unknown__", "backpack", "hat"],
+    "value_to_id": {"__unknown__": 0, "backpack": 1, "hat": 2},
+}
+
+
+def _write(root, rows=ROWS, names=NAMES, attributes=ATTRIBUTES, accessories=ACCESSORIES):
+    root.mkdir(parents=True, exist_ok=True)
+    (root / "val_list.txt").write_text("\n".join(names) + "\n\n")  # a trailing blank line does not count
+    (root / "val_pairs.json").write_text(json.dumps(rows, ensure_ascii=False))
+    (root / "attribute_vocab.json").write_text(json.dumps(attributes))
+    (root / "accessory_vocab.json").write_text(json.dumps(accessories))
+    return root
+
+
+def test_the_reference_example_loads_as_tao_reads_it(tmp_path):
+    root = _write(tmp_path / "toy")
+    path = pairs_file(DatasetEntry(image_dir=str(root), image_list_file=str(root / "val_list.txt")), "val", "x")
+    assert path == str(root / "val_pairs.json")  # TAO's <stem>_list.txt -> <stem>_pairs.json
+    meta = load_metadata(path, NAMES)
+    assert meta.image_attr.tolist() == [[1, 1], [1, 2], [2, -1], [1, 1]]  # row 2's "not visible" -> -1
+    assert meta.text_attr.tolist() == [[1, -1], [1, -1], [2, -1], [1, 1]]
+    assert meta.image_acc.tolist() == [[1, 0], [1, 2], [0, 0], [0, 0]]
+    assert meta.text_acc.tolist() == [[0], [2], [0], [0]]
+    # With the masks of the loss: the notes' C_attr and C_attr+acc (image x text).
+    compat = compatibility(meta.text_attr, meta.image_attr, meta.text_acc, meta.image_acc, True).T
+    assert compat.int().tolist() == [[1, 0, 0, 1], [1, 1, 0, 0], [0, 0, 1, 0], [1, 0, 0, 1]]
+    assert meta.image_attr.dtype == torch.long and [r["caption"] for r in meta.rows][1].endswith("hat.")
+
+
+def test_not_visible_label_is_matched_loosely_and_only_that_label(tmp_path):
+    attributes = json.loads(json.dumps(ATTRIBUTES))
+    attributes["value_to_id"]["lower color"] = {"__missing__": 0, "blue": 1, "red": 2, "Not_Visible ": 3}
+    attributes["id_to_value"]["lower color"] = ["__missing__", "blue", "red", "Not_Visible "]
+    meta = load_metadata(str(_write(tmp_path / "t", attributes=attributes) / "val_pairs.json"), NAMES)
+    assert meta.image_attr[2].tolist() == [2, -1] and meta.image_attr[0].tolist() == [1, 1]  # 0 stays an ID
+
+
+def test_training_has_no_fallback_and_other_list_names_are_refused():
+    entry = DatasetEntry(image_dir="/d", image_list_file="/d/val_list.txt")
+    with pytest.raises(DataError, match=r"x\.train_pairs_file is not set"):
+        pairs_file(entry, "train", "x")
+    with pytest.raises(DataError, match="does not end in _list.txt"):
+        pairs_file(DatasetEntry(image_dir="/d", image_list_file="/d/images.txt"), "val", "x")
+
+
+def _bad(rows_change):
+    rows = json.loads(json.dumps(ROWS))
+    rows_change(rows)
+    return rows
+
+
+@pytest.mark.parametrize(
+    ("rows", "names", "message"),
+    [
+        (ROWS[:3], NAMES, "3 rows but its list has 4 entries"),
+        (_bad(lambda r: r[1].update(image_attr_values=[1, True])), NAMES, "row 1 field image_attr_values: must be a list of integers"),
+        (_bad(lambda r: r[2].update(text_attr_values=[2])), NAMES, "row 2 field text_attr_values: 1 values, the attribute vocabulary has 2"),
+        (_bad(lambda r: r[0].update(caption="  ")), NAMES, "row 0 field caption: must be a non-empty string"),
+        (ROWS, list(reversed(NAMES)), "row 0 field unique_name: 'p0_easy.jpg' but line 0 of the list is 'p3_medium.jpg'"),
+        (_bad(lambda r: r[1].update(text_accessory_ids=[7])), NAMES, "row 1 field text_accessory_ids: [7] must be unique IDs > 0"),
+        (_bad(lambda r: r[0].update(text_accessory_ids=[2])), NAMES, "row 0 field text_accessory_ids: [2] are not all in"),
+        (_bad(lambda r: r[3].pop("text_accessory_ids")), NAMES, "row 3: image_accessory_ids and text_accessory_ids must both"),
+        (_bad(lambda r: r[3].update(image_path="images/TOY/p0.jpg")), NAMES, "row 3: image 'images/TOY/p0.jpg' has other image attributes"),
+    ],
+)  # fmt: skip
+def test_bad_metadata_is_one_line_naming_file_row_and_field(tmp_path, rows, names, message):
+    root = _write(tmp_path / "bad", rows=rows)
+    with pytest.raises(DataError) as info:
+        load_metadata(str(root / "val_pairs.json"), names)
+    assert message in str(info.value) and str(root / "val_pairs.json") in str(info.value)
+    assert "\n" not in str(info.value)
+
+
+def test_nan_and_non_json_are_refused(tmp_path):
+    root = _write(tmp_path / "nan")
+    (root / "val_pairs.json").write_text(json.dumps(ROWS).replace("[1, 2]", "[1, NaN]", 1))
+    with pytest.raises(DataError, match="NaN is not a valid value in a pairs file"):
+        load_metadata(str(root / "val_pairs.json"), NAMES)
+    (root / "val_pairs.json").write_text('{"not": "a list"}')
+    with pytest.raises(DataError, match="must hold a JSON array of rows"):
+        load_metadata(str(root / "val_pairs.json"), NAMES)
