@@ -163,3 +163,27 @@ class TripletAugmentedLoss(nn.Module):
         out = {k: v / max(self._count, 1) for k, v in self._sums.items()}
         self._sums, self._count = {}, 0
         return out
+
+
+class MaskedSiglipLoss(nn.Module):
+    """:func:`masked_siglip_loss` as the trainer's loss: the step's mask is set first (:meth:`set_mask`)."""
+
+    def __init__(self, mode: str, weight: float, normalization: str, rank: int, world_size: int, dist_impl: str):
+        super().__init__()
+        if dist_impl not in ("local", "gather"):
+            raise ValueError(f"the masked SigLIP loss exchanges texts by local or gather, not {dist_impl!r}")
+        self.mode, self.weight, self.normalization = mode, weight, normalization
+        self.gather = dist_impl == "gather" and world_size > 1
+        self.rank, self.world_size = (rank, world_size) if self.gather else (0, 1)
+        self.compatible: torch.Tensor | None = None
+
+    def set_mask(self, compatible: torch.Tensor) -> None:
+        """``[B_local, N]``: this rank's images against the texts the loss scores (every rank's under gather)."""
+        self.compatible = compatible
+
+    def forward(self, image, text, logit_scale, logit_bias) -> torch.Tensor:
+        mask = None if self.compatible is None else self.compatible.to(image.device)
+        return masked_siglip_loss(
+            image, text, logit_scale, logit_bias, mask, self.mode, self.weight, self.normalization,
+            self.rank, self.world_size,
+        )  # fmt: skip

@@ -126,3 +126,78 @@ def test_nan_and_non_json_are_refused(tmp_path):
     (root / "val_pairs.json").write_text('{"not": "a list"}')
     with pytest.raises(DataError, match="must hold a JSON array of rows"):
         load_metadata(str(root / "val_pairs.json"), NAMES)
+
+
+def _pas_dataset(root, count=16, seed=0):
+    """A dataset in TAO's PAS layout (images/, captions/, train_list.txt, train_pairs.json, vocabularies)."""
+    import random
+
+    from tests.conftest import make_dataset
+
+    make_dataset(root / "images", count, seed=seed, size=48, caption_dir=root / "captions")
+    rng = random.Random(seed)
+    names = [f"img_{i:03d}.jpg" for i in range(count)]
+    rows = []
+    for name in names:
+        image = [rng.randint(1, 2), rng.randint(1, 3)]  # lower colour 3 = "not visible"
+        own = sorted(rng.sample([1, 2], rng.randint(0, 2)))
+        rows.append({
+            "dataset": "TOY", "query_type": rng.choice(["easy", "medium", "hard"]), "unique_name": name,
+            "caption": (root / "captions" / name.replace(".jpg", ".txt")).read_text().strip(),
+            "image_path": f"images/TOY/{name}", "image_attr_values": image,
+            "text_attr_values": [image[0], rng.choice([-1, image[1]])],
+            "image_accessory_ids": own, "text_accessory_ids": own[: rng.randint(0, len(own))],
+        })  # fmt: skip
+    (root / "train_list.txt").write_text("\n".join(names) + "\n")
+    (root / "train_pairs.json").write_text(json.dumps(rows))
+    (root / "attribute_vocab.json").write_text(json.dumps(ATTRIBUTES))
+    (root / "accessory_vocab.json").write_text(json.dumps(ACCESSORIES))
+    return root, names
+
+
+@pytest.mark.parametrize(
+    ("mode", "normalization"),
+    [("attribute_plus_accessory_match_positive", "per_query"), ("attribute_match_ignore", "per_query")],
+)
+def test_masked_loss_trains_on_taos_pairs_files(tiny_spec, tmp_path, mode, normalization):
+    """One full-batch step at learning rate 0: the logged loss is the masked loss of the model's embeddings of
+    the dataset under TAO's mask, computed here from the files (a full batch: the order does not matter)."""
+    from PIL import Image
+
+    from clip_tao.cli import main
+    from clip_tao.config import load_experiment
+    from clip_tao.data.transforms import build_train_transform
+    from clip_tao.engine.model_setup import build_model
+    from clip_tao.metadata_losses import masked_siglip_loss
+
+    root, names = _pas_dataset(tmp_path / "pas")
+    entry = {"image_dir": str(root / "images"), "caption_dir": str(root / "captions"),
+             "image_list_file": str(root / "train_list.txt"), "train_pairs_file": str(root / "train_pairs.json")}  # fmt: skip
+    spec = tiny_spec(
+        "tiny-siglip2",
+        dataset={
+            "train": {"batch_size": 16, "num_workers": 0, "datasets": [entry], "include_attribute_metadata": True},
+            "val": {"batch_size": 16, "num_workers": 0, "datasets": [entry]},
+            "augmentation": {"scale": [1.0, 1.0], "color_jitter": [0.0, 0.1, 0.1, 0.1, 0.0], "grayscale": 0.0},
+        },
+        train={"num_epochs": 1, "precision": "fp32", "optim": {"vision_lr": 0.0, "text_lr": 0.0, "warmup_steps": 0},
+               "siglip_loss_mask_mode": mode, "compatible_positive_normalization": normalization,
+               "compatible_positive_weight": 0.5},
+    )  # fmt: skip
+    assert main(["train", "-e", str(spec), "wandb.enable=false"]) == 0
+    lines = [json.loads(x) for x in (tmp_path / "results" / "train" / "status.json").read_text().splitlines()]
+    logged = next(x["kpi"]["train_loss"] for x in lines if x["status"] == "RUNNING")
+
+    cfg = load_experiment(spec)
+    model = build_model(cfg).eval()
+    transform = build_train_transform(model.preprocess, cfg.dataset.augmentation)
+    pixels = torch.stack([transform(Image.open(root / "images" / n).convert("RGB")) for n in names])
+    captions = [(root / "captions" / n.replace(".jpg", ".txt")).read_text().strip() for n in names]
+    meta = load_metadata(str(root / "train_pairs.json"), names, True)
+    accessories = "accessory" in mode
+    compat = compatibility(meta.text_attr, meta.image_attr, meta.text_acc, meta.image_acc, accessories).T
+    assert 0 < int(compat.sum()) - 16 < 16 * 15  # some, not all, other pairs are compatible
+    with torch.no_grad():
+        image, text = model.encode_image(pixels), model.encode_text(model.tokenizer(captions))
+        want = masked_siglip_loss(image, text, model.logit_scale, model.logit_bias, compat, mode, 0.5, normalization)
+    assert logged == pytest.approx(float(want), rel=1e-4)

@@ -74,13 +74,10 @@ def check_loss_keys(cfg: ExperimentConfig) -> None:
 
 def check_implemented(cfg: ExperimentConfig, task: str) -> None:
     """TAO 7.3 keys that load but whose behaviour clip-tao does not have yet: one line, rather than a silent no-op."""
-    t, data = cfg.train, cfg.dataset
+    data = cfg.dataset
     missing = []
-    if task == "train":
-        if t.loss_type == "siglip" and t.siglip_loss_mask_mode != "none":
-            missing.append(f"train.siglip_loss_mask_mode={t.siglip_loss_mask_mode}")
-        if data.train.balance_query_types:
-            missing.append("dataset.train.balance_query_types=true")
+    if task == "train" and data.train.balance_query_types:
+        missing.append("dataset.train.balance_query_types=true")
     if (
         task in ("train", "evaluate")
         and data.val.metadata_match_eval

@@ -162,6 +162,8 @@ class LoaderBundle:
     scan_skipped: SkipCounter
     kind: str = "custom"  # or "wds"
     num_samples: int | None = None  # samples an epoch (all ranks); None: len(samples)
+    # TAO 7.3 attribute metadata per sample index (dataset.train.include_attribute_metadata), else None.
+    metadata: dict | None = None
 
     def __post_init__(self):
         if self.num_samples is None:
@@ -228,9 +230,18 @@ def effective_workers(requested: int, key: str) -> int:
 
 
 def build_train_loader(
-    data_cfg: DatasetConfig, preprocess: Preprocess, tokenizer: Callable, rank: int = 0, world_size: int = 1
+    data_cfg: DatasetConfig,
+    preprocess: Preprocess,
+    tokenizer: Callable,
+    rank: int = 0,
+    world_size: int = 1,
+    train_accessories: bool | None = None,
 ) -> LoaderBundle:
-    """Shuffled, augmented image-text batches from ``dataset.train`` for ``rank`` of ``world_size``."""
+    """Shuffled, augmented image-text batches from ``dataset.train`` for ``rank`` of ``world_size``.
+
+    ``train_accessories``: with ``include_attribute_metadata``, whether the accessory fields are required (True),
+    ignored (False) or read when present (None).
+    """
     train = data_cfg.train
     if train.batch_size < 1:
         raise ConfigError(f"dataset.train.batch_size={train.batch_size} must be >= 1")
@@ -269,7 +280,12 @@ def build_train_loader(
         generator=torch.Generator().manual_seed(data_cfg.seed),
         persistent_workers=False,
     )
-    return LoaderBundle(loader, samples, skipped)
+    metadata = None
+    if train.include_attribute_metadata:
+        from clip_tao.data.pas_metadata import sample_metadata
+
+        metadata = sample_metadata(samples, train.datasets, train_accessories, "dataset.train.datasets")
+    return LoaderBundle(loader, samples, skipped, metadata=metadata)
 
 
 def build_val_loader(

@@ -216,3 +216,37 @@ def _accessory_vocab(path: str) -> set[int]:
 def _padded(lists: list[list[int]]) -> torch.Tensor:
     width = max(1, *(len(x) for x in lists)) if lists else 1
     return torch.tensor([x + [0] * (width - len(x)) for x in lists], dtype=torch.long)
+
+
+def sample_metadata(samples, entries: list[DatasetEntry], accessories: bool, section: str) -> dict[str, torch.Tensor]:
+    """Per scanned sample (in ``samples`` order), its row's attribute tensors from the entries' train_pairs_file.
+
+    Samples are matched to rows through their list line (``Sample.key`` = ``<entry index>/<list name>``), so files
+    skipped while scanning (no caption, say) drop their rows too.
+    """
+    from clip_tao.data.custom import _read_image_list
+
+    by_key: dict[str, tuple[int, int]] = {}
+    tables = []
+    for index, entry in enumerate(entries):
+        where = f"{section}[{index}]"
+        if not entry.image_list_file:
+            raise DataError(f"{where}.image_list_file is not set: TAO's pairs rows are joined to its lines")
+        names = _read_image_list(entry, where)
+        tables.append(load_metadata(pairs_file(entry, "train", where), names, accessories))
+        for row, name in enumerate(names):
+            by_key[f"{index}/{name}"] = (index, row)
+    width = {len(t.attributes) for t in tables}
+    if len(width) != 1:
+        raise DataError(f"{section}: the datasets' attribute vocabularies differ ({sorted(width)} attributes)")
+    picks = [by_key[s.key] for s in samples]
+    out = {
+        "image_attr": torch.stack([tables[i].image_attr[r] for i, r in picks]),
+        "text_attr": torch.stack([tables[i].text_attr[r] for i, r in picks]),
+    }
+    if accessories:
+        for name in ("image_acc", "text_acc"):
+            k = max(getattr(t, name).shape[1] for t in tables)
+            rows = [getattr(tables[i], name)[r] for i, r in picks]
+            out[name] = torch.stack([torch.nn.functional.pad(x, (0, k - len(x))) for x in rows])
+    return out

@@ -48,6 +48,7 @@ from clip_tao.io.atomic import link_or_copy
 from clip_tao.io.status import StatusWriter
 from clip_tao.io.tao_kpi import tao_epoch_fields, tao_retrieval_kpi
 from clip_tao.losses import ContrastiveLoss
+from clip_tao.metadata_losses import MaskedSiglipLoss, compatibility
 from clip_tao.metrics import retrieval_metrics
 from clip_tao.models.base import ClipModel
 
@@ -122,6 +123,9 @@ class Trainer:
         self.loss_fn = ContrastiveLoss(
             self.tcfg.loss_type, self.dist.rank, self.dist.world_size, self.tcfg.siglip_loss_dist_impl
         )
+        self.metadata_loss = self._metadata_loss()
+        if self.metadata_loss is not None:
+            self.loss_fn = self.metadata_loss
         self.validation_every = self._validation_every()
         self.tensorboard = self._open_tensorboard() if self.dist.is_main else None
         self.wandb = None
@@ -140,6 +144,30 @@ class Trainer:
                 raise ConfigError(f"train.{key}={getattr(t, key)} must be >= 1")
         if t.grad_clip_norm is not None and t.grad_clip_norm <= 0:
             raise ConfigError(f"train.grad_clip_norm={t.grad_clip_norm} must be > 0 (or null for no clipping)")
+
+    def _metadata_loss(self) -> MaskedSiglipLoss | None:
+        t = self.tcfg
+        if t.loss_type != "siglip" or t.siglip_loss_mask_mode == "none":
+            return None
+        if self.train_data.metadata is None:
+            raise ConfigError(
+                f"train.siglip_loss_mask_mode={t.siglip_loss_mask_mode} needs dataset.train.include_attribute_metadata"
+            )
+        return MaskedSiglipLoss(
+            t.siglip_loss_mask_mode, t.compatible_positive_weight, t.compatible_positive_normalization,
+            self.dist.rank, self.dist.world_size, t.siglip_loss_dist_impl,
+        )  # fmt: skip
+
+    def _compatibility(self, micro: list[dict], count: int) -> torch.Tensor:
+        """The step's metadata mask: its images (this rank's) against its texts (every rank's under gather)."""
+        meta = self.train_data.metadata
+        rows = torch.cat([b["indices"] for b in micro if "pixels" in b and len(b["indices"]) > 0])[:count]
+        accessories = "accessory" in self.tcfg.siglip_loss_mask_mode
+        text = [meta["text_attr"][rows], meta["text_acc"][rows] if accessories else None]
+        if self.metadata_loss.gather:
+            text = [None if t is None else torch.cat(D.gather_objects(self.dist, t)) for t in text]
+        image_acc = meta["image_acc"][rows] if accessories else None
+        return compatibility(text[0], meta["image_attr"][rows], text[1], image_acc, accessories).T
 
     def _validation_every(self) -> int:
         if self.tcfg.val_check_interval is None:
@@ -423,6 +451,8 @@ class Trainer:
             self.scheduler.step()  # keep the schedule in step with global_step
             return None, 0
         self.optimizer.zero_grad(set_to_none=True)
+        if self.metadata_loss is not None:
+            self.metadata_loss.set_mask(self._compatibility(micro, count))
         regularized = hasattr(self.loss_fn, "set_batch")  # RegularizedLoss: the teacher embeds the pairs first
         if regularized:
             self.loss_fn.set_batch(pairs, self.device)

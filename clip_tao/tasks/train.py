@@ -69,7 +69,11 @@ def _train(cfg: ExperimentConfig, out_dir: str, status, dist: DistContext) -> di
     # Same seed on every rank: identical initial weights (DDP also broadcasts rank 0's).
     seed_everything(t.seed, t.cudnn.benchmark, t.cudnn.deterministic)
     model = build_model(cfg)
-    train_data = build_train_loader(cfg.dataset, model.preprocess, model.tokenizer, dist.rank, dist.world_size)
+    mode = t.siglip_loss_mask_mode if t.loss_type == "siglip" else "none"
+    accessories = True if "accessory" in mode else (None if mode == "none" else False)
+    train_data = build_train_loader(
+        cfg.dataset, model.preprocess, model.tokenizer, dist.rank, dist.world_size, accessories
+    )
     val_data = build_val_loader(cfg.dataset, model.preprocess, model.tokenizer, cfg.dataset.pin_memory)
     log.info(
         "%s: %d training samples an epoch, %d validation samples, %d process(es), %s",
