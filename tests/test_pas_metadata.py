@@ -162,21 +162,22 @@ def _pas_dataset(root, count=16, seed=0):
 def test_masked_loss_trains_on_taos_pairs_files(tiny_spec, tmp_path, mode, normalization):
     """One full-batch step at learning rate 0: the logged loss is the masked loss of the model's embeddings of
     the dataset under TAO's mask, computed here from the files (a full batch: the order does not matter)."""
-    from PIL import Image
-
     from clip_tao.cli import main
-    from clip_tao.config import load_experiment
-    from clip_tao.data.transforms import build_train_transform
-    from clip_tao.engine.model_setup import build_model
-    from clip_tao.metadata_losses import masked_siglip_loss
 
+    spec, root, names = _pas_spec(tiny_spec, tmp_path, mode, normalization, batch_size=16)
+    assert main(["train", "-e", str(spec), "wandb.enable=false"]) == 0
+    assert _logged_loss(tmp_path) == pytest.approx(_expected_loss(spec, root, names, mode, normalization), rel=1e-4)
+
+
+def _pas_spec(tiny_spec, tmp_path, mode, normalization, batch_size):
     root, names = _pas_dataset(tmp_path / "pas")
     entry = {"image_dir": str(root / "images"), "caption_dir": str(root / "captions"),
              "image_list_file": str(root / "train_list.txt"), "train_pairs_file": str(root / "train_pairs.json")}  # fmt: skip
     spec = tiny_spec(
         "tiny-siglip2",
         dataset={
-            "train": {"batch_size": 16, "num_workers": 0, "datasets": [entry], "include_attribute_metadata": True},
+            "train": {"batch_size": batch_size, "num_workers": 0, "datasets": [entry],
+                      "include_attribute_metadata": True},
             "val": {"batch_size": 16, "num_workers": 0, "datasets": [entry]},
             "augmentation": {"scale": [1.0, 1.0], "color_jitter": [0.0, 0.1, 0.1, 0.1, 0.0], "grayscale": 0.0},
         },
@@ -184,9 +185,32 @@ def test_masked_loss_trains_on_taos_pairs_files(tiny_spec, tmp_path, mode, norma
                "siglip_loss_mask_mode": mode, "compatible_positive_normalization": normalization,
                "compatible_positive_weight": 0.5},
     )  # fmt: skip
-    assert main(["train", "-e", str(spec), "wandb.enable=false"]) == 0
+    return spec, root, names
+
+
+def test_masked_loss_under_gather_with_two_processes(tiny_spec, tmp_path):
+    """Two gloo ranks of 8 under gather (texts and their metadata from both ranks, per_query counts summed): the
+    ranks' mean loss is the one-process masked loss of all 16 pairs."""
+    from tests.test_distributed import torchrun
+
+    mode, normalization = "attribute_plus_accessory_match_positive", "per_query"
+    spec, root, names = _pas_spec(tiny_spec, tmp_path, mode, normalization, batch_size=8)
+    torchrun("-m", "clip_tao", "train", "-e", str(spec), "wandb.enable=false")
+    assert _logged_loss(tmp_path) == pytest.approx(_expected_loss(spec, root, names, mode, normalization), rel=1e-4)
+
+
+def _logged_loss(tmp_path) -> float:
     lines = [json.loads(x) for x in (tmp_path / "results" / "train" / "status.json").read_text().splitlines()]
-    logged = next(x["kpi"]["train_loss"] for x in lines if x["status"] == "RUNNING")
+    return next(x["kpi"]["train_loss"] for x in lines if x["status"] == "RUNNING")
+
+
+def _expected_loss(spec, root, names, mode, normalization) -> float:
+    from PIL import Image
+
+    from clip_tao.config import load_experiment
+    from clip_tao.data.transforms import build_train_transform
+    from clip_tao.engine.model_setup import build_model
+    from clip_tao.metadata_losses import masked_siglip_loss
 
     cfg = load_experiment(spec)
     model = build_model(cfg).eval()
@@ -200,4 +224,4 @@ def test_masked_loss_trains_on_taos_pairs_files(tiny_spec, tmp_path, mode, norma
     with torch.no_grad():
         image, text = model.encode_image(pixels), model.encode_text(model.tokenizer(captions))
         want = masked_siglip_loss(image, text, model.logit_scale, model.logit_bias, compat, mode, 0.5, normalization)
-    assert logged == pytest.approx(float(want), rel=1e-4)
+    return float(want)
