@@ -225,3 +225,55 @@ def _expected_loss(spec, root, names, mode, normalization) -> float:
         image, text = model.encode_image(pixels), model.encode_text(model.tokenizer(captions))
         want = masked_siglip_loss(image, text, model.logit_scale, model.logit_bias, compat, mode, 0.5, normalization)
     return float(want)
+
+
+# tao-7.3-clip.md §4.6, PAS text->image: (easy mAP, R1), (medium mAP, R1, Sep), (hard mAP, R1, Sep), overall
+PAS_WORKED = {
+    "scalar_attributes": ((1, 1), (0.541667, 0, 0.583333), (1, 1, 1), (0.770833, 0.5)),
+    "scalar_plus_accessories": ((1, 1), (0.541667, 0, 0.583333), (0.333333, 0, 0.333333), (0.604167, 0.25)),
+    "paired_caption": ((1, 1), (0.5, 0, 0.666667), (0.333333, 0, 0.333333), (0.583333, 0.25)),
+}
+FIRST_POS = {"scalar_attributes": (1, 2, 1), "scalar_plus_accessories": (1, 2, 3), "paired_caption": (1, 2, 3)}
+AVG_GT = {"scalar_attributes": (3, 1.5, 3), "scalar_plus_accessories": (3, 1.5, 1), "paired_caption": (1, 1, 1)}
+
+
+@pytest.mark.parametrize("mode", PAS_WORKED)
+def test_pas_figures_equal_the_worked_case(tmp_path, mode):
+    import csv
+    import math
+
+    from clip_tao.pas import evaluate_pas, overall, write_pas_files
+
+    root = _write(tmp_path / "toy")
+    meta = load_metadata(str(root / "val_pairs.json"), NAMES)
+
+    def unit(degrees):
+        return torch.tensor([math.cos(math.radians(degrees)), math.sin(math.radians(degrees))])
+
+    images = {("TOY", r["image_path"]): unit(d) for r, d in zip(meta.rows, (0, 30, 90, 10))}
+    texts = {r["caption"]: unit(d) for r, d in zip(meta.rows, (4, 12, 55, 22))}
+    rows = evaluate_pas(meta.rows, images, texts, mode)
+    toy = {r["QueryType"]: r for r in rows if r["Dataset"] == "TOY"}
+    (easy, medium, hard, total) = PAS_WORKED[mode]
+    assert (toy["easy"]["mAP"], toy["easy"]["Rank-1"]) == pytest.approx(easy, abs=1e-6)
+    assert (toy["medium"]["mAP"], toy["medium"]["Rank-1"], toy["medium"]["Separability"]) == pytest.approx(
+        medium, abs=1e-6
+    )
+    assert (toy["hard"]["mAP"], toy["hard"]["Rank-1"], toy["hard"]["Separability"]) == pytest.approx(hard, abs=1e-6)
+    assert tuple(toy[t]["First Pos"] for t in ("easy", "medium", "hard")) == FIRST_POS[mode]
+    assert tuple(toy[t]["avg_gt_per_query"] for t in ("easy", "medium", "hard")) == AVG_GT[mode]
+    assert all(toy[t]["Rank-5"] == 1 and toy[t]["Match@5"] == 1 and toy[t]["Zero@5"] == 0 for t in toy)
+    kpi = overall(rows)
+    assert (kpi["overall_mAP"], kpi["overall_rank1"]) == pytest.approx(total, abs=1e-6) and kpi["overall_rank5"] == 1
+    # One dataset: the weighted rows equal the dataset's (First Pos left empty).
+    wavg = {r["QueryType"]: r for r in rows if r["Dataset"] == "WAVG_1_DATASETS"}
+    assert all(wavg[t]["mAP"] == toy[t]["mAP"] and math.isnan(wavg[t]["First Pos"]) for t in toy)
+    written = write_pas_files(str(tmp_path), rows, None)
+    with open(written[0], newline="", encoding="utf-8") as f:
+        table = list(csv.DictReader(f))
+    assert list(table[0]) == ["Dataset", "QueryType", "EasyAttribute", "num_queries", "gallery_size",
+                              "avg_gt_per_query", "mAP", "Rank-1", "Rank-5", "Separability", "Match@5", "Zero@5",
+                              "First Pos"]  # fmt: skip
+    assert float(table[1]["mAP"]) == pytest.approx(medium[0], abs=1e-6) and table[1]["EasyAttribute"] == ""
+    with open(written[2], newline="", encoding="utf-8") as f:
+        assert next(csv.DictReader(f))["First Pos"] == ""  # NaN is an empty cell

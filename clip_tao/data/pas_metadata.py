@@ -104,6 +104,7 @@ def load_metadata(path: str, list_entries: list[str], accessories: bool | None =
             text[a] = -1 if text[a] in ids else text[a]
         image_attr.append(image)
         text_attr.append(text)
+        rows[k] = {**row, "image_attr_values": image, "text_attr_values": text}  # "not visible" as -1
         identity = (row.get("dataset"), row["image_path"])
         if accessories:
             if not has_acc[k] or not ("image_accessory_ids" in row and "text_accessory_ids" in row):
