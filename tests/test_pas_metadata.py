@@ -277,3 +277,48 @@ def test_pas_figures_equal_the_worked_case(tmp_path, mode):
     assert float(table[1]["mAP"]) == pytest.approx(medium[0], abs=1e-6) and table[1]["EasyAttribute"] == ""
     with open(written[2], newline="", encoding="utf-8") as f:
         assert next(csv.DictReader(f))["First Pos"] == ""  # NaN is an empty cell
+
+
+def test_evaluate_writes_taos_pas_files(tiny_spec, tmp_path):
+    """Direct PAS evaluate (an evaluate.datasets entry with a pairs file): TAO's CSV files, and figures equal to
+    TAO's definitions on the model's own embeddings of the gallery images and captions."""
+    import csv
+
+    from PIL import Image
+
+    from clip_tao.cli import main
+    from clip_tao.config import load_experiment
+    from clip_tao.data.transforms import build_eval_transform
+    from clip_tao.engine.model_setup import build_model
+    from clip_tao.pas import evaluate_pas, overall
+
+    root, names = _pas_dataset(tmp_path / "pas")
+    entry = {"image_dir": str(root / "images"), "image_list_file": str(root / "train_list.txt"),
+             "attribute_pairs_file": str(root / "train_pairs.json")}  # fmt: skip
+    spec = tiny_spec("tiny-siglip2", evaluate={"num_workers": 0, "batch_size": 8, "datasets": [entry],
+                                               "pas_ground_truth_mode": "scalar_plus_accessories"})  # fmt: skip
+    assert main(["evaluate", "-e", str(spec), "wandb.enable=false"]) == 0
+    out = tmp_path / "results" / "evaluate"
+    stems = ("nvidia_pas_metrics", "nvidia_pas_metadata_metrics")
+    for stem in stems:
+        for suffix in ("", "_aggregate", "_weighted_aggregate"):
+            assert (out / f"{stem}{suffix}.csv").is_file()
+    with open(out / "nvidia_pas_metadata_metrics.csv", newline="", encoding="utf-8") as f:
+        table = {r["QueryType"]: r for r in csv.DictReader(f)}
+    results = json.loads((out / "results.json").read_text())
+
+    cfg = load_experiment(spec)
+    model = build_model(cfg).eval()
+    transform = build_eval_transform(model.preprocess)
+    meta = load_metadata(str(root / "train_pairs.json"), names, True)
+    with torch.no_grad():
+        pixels = torch.stack([transform(Image.open(root / "images" / n).convert("RGB")) for n in names])
+        image = torch.nn.functional.normalize(model.encode_image(pixels), dim=-1)
+        captions = [r["caption"] for r in meta.rows]
+        text = torch.nn.functional.normalize(model.encode_text(model.tokenizer(captions)), dim=-1)
+    images = {("TOY", r["image_path"]): v for r, v in zip(meta.rows, image)}
+    want = evaluate_pas(meta.rows, images, dict(zip(captions, text)), "scalar_plus_accessories")
+    for row in (r for r in want if r["Dataset"] == "TOY"):
+        assert float(table[row["QueryType"]]["mAP"]) == pytest.approx(row["mAP"], abs=1e-5)
+        assert int(table[row["QueryType"]]["num_queries"]) == row["num_queries"]
+    assert results["pas/overall_mAP"] == pytest.approx(overall(want)["overall_mAP"], abs=1e-5)

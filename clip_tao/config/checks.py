@@ -84,8 +84,6 @@ def check_implemented(cfg: ExperimentConfig, task: str) -> None:
         and (task == "train" or not cfg.evaluate.datasets)
     ):
         missing.append("dataset.val.metadata_match_eval=true")
-    if task == "evaluate" and cfg.evaluate.pas_ground_truth_mode != "paired_caption":
-        missing.append(f"evaluate.pas_ground_truth_mode={cfg.evaluate.pas_ground_truth_mode}")
     if missing:
         raise ConfigError(
             f"{', '.join(missing)}: TAO 7.3 behaviour clip-tao does not have yet (README, Coming from TAO); "
