@@ -322,3 +322,54 @@ def test_evaluate_writes_taos_pas_files(tiny_spec, tmp_path):
         assert float(table[row["QueryType"]]["mAP"]) == pytest.approx(row["mAP"], abs=1e-5)
         assert int(table[row["QueryType"]]["num_queries"]) == row["num_queries"]
     assert results["pas/overall_mAP"] == pytest.approx(overall(want)["overall_mAP"], abs=1e-5)
+
+
+def test_metadata_match_validation_reports_taos_pas_kpis(tiny_spec, tmp_path):
+    """dataset.val.metadata_match_eval: val/pas/* in status.json (TAO's names, fractions in strings), equal to the
+    PAS figures of the (unchanged: lr 0) model; the top-k checkpointer watches val/pas/overall_mAP by default."""
+    from PIL import Image
+
+    from clip_tao.cli import main
+    from clip_tao.config import load_experiment
+    from clip_tao.data.transforms import build_eval_transform
+    from clip_tao.engine.model_setup import build_model
+    from clip_tao.pas import evaluate_pas, overall
+
+    root, names = _pas_dataset(tmp_path / "pas")
+    entry = {
+        "image_dir": str(root / "images"),
+        "caption_dir": str(root / "captions"),
+        "image_list_file": str(root / "train_list.txt"),
+    }  # pairs: train_list.txt -> train_pairs.json
+    spec = tiny_spec(
+        "tiny-siglip2",
+        dataset={"train": {"batch_size": 8, "num_workers": 0, "datasets": [entry]},
+                 "val": {"batch_size": 8, "num_workers": 0, "datasets": [entry], "metadata_match_eval": True,
+                         "metadata_match_mode": "scalar_plus_accessories"}},
+        train={"num_epochs": 1, "optim": {"vision_lr": 0.0, "text_lr": 0.0, "warmup_steps": 0},
+               "checkpointer": {"enable_topk": True}},
+    )  # fmt: skip
+    assert main(["train", "-e", str(spec), "wandb.enable=false"]) == 0
+    train = tmp_path / "results" / "train"
+    lines = [json.loads(x) for x in (train / "status.json").read_text().splitlines()]
+    kpi = next(x["kpi"] for x in lines if x["status"] == "RUNNING")
+    assert "val/t2i_mAP" not in kpi  # the PAS figures replace the paired ones
+    assert (train / "model_best_000.pth").is_file() and (train / "clip_best.pth").is_file()
+
+    cfg = load_experiment(spec)
+    model = build_model(cfg).eval()
+    transform = build_eval_transform(model.preprocess)
+    meta = load_metadata(str(root / "train_pairs.json"), names, True)
+    with torch.no_grad():
+        pixels = torch.stack([transform(Image.open(root / "images" / n).convert("RGB")) for n in names])
+        image = torch.nn.functional.normalize(model.encode_image(pixels), dim=-1)
+        captions = [r["caption"] for r in meta.rows]
+        text = torch.nn.functional.normalize(model.encode_text(model.tokenizer(captions)), dim=-1)
+    texts = {}
+    for caption, vector in zip(captions, text):
+        texts.setdefault(caption, vector)
+    images = {("TOY", r["image_path"]): v for r, v in zip(meta.rows, image)}
+    want = overall(evaluate_pas(meta.rows, images, texts, "scalar_plus_accessories"))
+    for name in ("overall_mAP", "overall_rank1", "overall_rank5", "easy_mAP", "medium_mAP", "hard_mAP"):
+        assert isinstance(kpi[f"val/pas/{name}"], str)
+        assert float(kpi[f"val/pas/{name}"]) == pytest.approx(want[name], abs=1e-5)

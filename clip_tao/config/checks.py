@@ -78,12 +78,8 @@ def check_implemented(cfg: ExperimentConfig, task: str) -> None:
     missing = []
     if task == "train" and data.train.balance_query_types:
         missing.append("dataset.train.balance_query_types=true")
-    if (
-        task in ("train", "evaluate")
-        and data.val.metadata_match_eval
-        and (task == "train" or not cfg.evaluate.datasets)
-    ):
-        missing.append("dataset.val.metadata_match_eval=true")
+    if task == "evaluate" and data.val.metadata_match_eval and not cfg.evaluate.datasets:
+        missing.append("dataset.val.metadata_match_eval=true (in evaluate: give evaluate.datasets with a pairs file)")
     if missing:
         raise ConfigError(
             f"{', '.join(missing)}: TAO 7.3 behaviour clip-tao does not have yet (README, Coming from TAO); "

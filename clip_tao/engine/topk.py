@@ -6,8 +6,8 @@ the file is named by ``filename`` (Lightning's format fields: ``{epoch:03d}``, `
 out of the best is deleted. ``replace_periodic`` keeps a single best file and no periodic series.
 
 ``monitor`` is any KPI name of the epoch: TAO's (``val/t2i_mAP``, fractions; ``val/pas/overall_mAP``) or clip-tao's
-(``t2i_mAP``, percent). Null watches ``val/t2i_mAP`` (TAO's own fallback, ``val_loss``, is a name CLIP never
-logs). A null ``mode`` is ``min`` for losses, drift and rank figures (MedR, MeanR) and ``max`` otherwise, where TAO
+(``t2i_mAP``, percent). Null watches ``val/t2i_mAP``, or ``val/pas/overall_mAP`` under metadata validation (TAO's own
+fallback, ``val_loss``, is a name CLIP never logs). A null ``mode`` is ``min`` for losses, drift and rank figures (MedR, MeanR) and ``max`` otherwise, where TAO
 falls back to ``min`` whatever the figure. A monitored name missing after a validation is one error listing
 the names there are, as TAO's guard does.
 """
@@ -37,8 +37,8 @@ def default_mode(monitor: str) -> str:
 class TopKCheckpoints:
     """Which checkpoint files are the best so far; the trainer writes and deletes what :meth:`offer` says."""
 
-    def __init__(self, cfg: CheckpointerConfig, out_dir: str):
-        self.monitor = cfg.monitor or DEFAULT_MONITOR
+    def __init__(self, cfg: CheckpointerConfig, out_dir: str, default_monitor: str | None = None):
+        self.monitor = cfg.monitor or default_monitor or DEFAULT_MONITOR
         self.mode = cfg.mode or default_mode(self.monitor)
         self.keep = 1 if cfg.replace_periodic else cfg.save_top_k
         self.dirpath = cfg.dirpath or out_dir

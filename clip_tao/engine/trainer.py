@@ -130,7 +130,19 @@ class Trainer:
         self.tensorboard = self._open_tensorboard() if self.dist.is_main else None
         self.wandb = None
         self.sample_log = self._open_sample_log()
-        self.topk = TopKCheckpoints(self.tcfg.checkpointer, out_dir) if self.tcfg.checkpointer.enable_topk else None
+        self.pas = None
+        if cfg.dataset.val.metadata_match_eval and val_data is not None:
+            from clip_tao.engine.pas_validation import PasValidation
+
+            self.pas = PasValidation(cfg.dataset.val)
+        # TAO 7.3: with metadata validation the paired figures give way to the PAS ones.
+        self.best_metric = "pas/overall_mAP" if self.pas is not None else BEST_METRIC
+        default_monitor = "val/pas/overall_mAP" if self.pas is not None else None
+        self.topk = (
+            TopKCheckpoints(self.tcfg.checkpointer, out_dir, default_monitor)
+            if self.tcfg.checkpointer.enable_topk
+            else None
+        )
         if self.topk is not None and val_data is None:
             raise ConfigError(
                 "train.checkpointer.enable_topk=true ranks checkpoints by a validation figure: give dataset.val"
@@ -338,10 +350,12 @@ class Trainer:
             self._log_scalars({f"epoch/{k}": v for k, v in kpi.items()}, s.global_step)
             tao_names = tao_regularization_kpi(kpi)
             self._log_scalars(tao_names, s.global_step)
-            improved = BEST_METRIC in kpi and kpi[BEST_METRIC] > s.best_value
+            improved = self.best_metric in kpi and kpi[self.best_metric] > s.best_value
             if improved:
-                s.best_value, s.best_epoch = kpi[BEST_METRIC], epoch
+                s.best_value, s.best_epoch = kpi[self.best_metric], epoch
             tao_names.update(tao_retrieval_kpi(kpi, "val"))
+            # TAO writes the PAS figures as fractions in strings, under val/pas/...
+            tao_names.update({f"val/{k}": str(v) for k, v in kpi.items() if k.startswith("pas/")})
             # Ranked before the epoch's checkpoint is written, so that it records the ranking it belongs to.
             ranked = self._rank_topk(epoch, kpi, tao_names) if validated and self.topk is not None else None
             saved = None
@@ -499,8 +513,11 @@ class Trainer:
         if result.image is None or len(result.image) < 2:
             log.warning("validation set has fewer than two usable samples: no validation figures")
             return {}
-        metrics = retrieval_metrics(result.image, result.text)
-        out = {k: v for k, v in metrics.items() if k.startswith(("i2t_", "t2i_")) and "num_queries" not in k}
+        if self.pas is not None:
+            out = self.pas.figures(self.val_data.samples, result)
+        else:
+            metrics = retrieval_metrics(result.image, result.text)
+            out = {k: v for k, v in metrics.items() if k.startswith(("i2t_", "t2i_")) and "num_queries" not in k}
         teacher = getattr(self.loss_fn, "teacher", None)  # regularisation: TAO's drift from the starting model
         if teacher is not None and result.text is not None:
             reference = embed_loader(teacher, self.val_data.loader, self.device, self.precision, desc="teacher")
@@ -542,7 +559,7 @@ class Trainer:
                 save_checkpoint(best, state)
             else:
                 link_or_copy(saved, best)
-            log.info("new best %s=%.2f at epoch %d -> %s", BEST_METRIC, self.state.best_value,
+            log.info("new best %s=%.4g at epoch %d -> %s", self.best_metric, self.state.best_value,
                      self.state.best_epoch, best)  # fmt: skip
         D.barrier(self.dist)
 
@@ -587,7 +604,7 @@ class Trainer:
             "batches_in_epoch": s.batches_in_epoch,
             "data_position": data_position,
             "world_size": self.dist.world_size,
-            "best": {"metric": BEST_METRIC, "value": s.best_value, "epoch": s.best_epoch},
+            "best": {"metric": self.best_metric, "value": s.best_value, "epoch": s.best_epoch},
             "topk": self.topk.state_dict() if self.topk is not None else None,
             "history": s.history,
             "skipped": dict(self.skipped),

@@ -122,7 +122,7 @@ def _train(cfg: ExperimentConfig, out_dir: str, status, dist: DistContext) -> di
         "epochs": state.epoch,
         "steps": state.global_step,
         "final": final,
-        "best": {"metric": BEST_METRIC, "value": state.best_value, "epoch": state.best_epoch},
+        "best": {"metric": trainer.best_metric, "value": state.best_value, "epoch": state.best_epoch},
         "skipped_files": dict(trainer.skipped),
     }
     if dist.is_main:
