@@ -373,3 +373,50 @@ def test_metadata_match_validation_reports_taos_pas_kpis(tiny_spec, tmp_path):
     for name in ("overall_mAP", "overall_rank1", "overall_rank5", "easy_mAP", "medium_mAP", "hard_mAP"):
         assert isinstance(kpi[f"val/pas/{name}"], str)
         assert float(kpi[f"val/pas/{name}"]) == pytest.approx(want[name], abs=1e-5)
+
+
+def test_balanced_query_type_sampler_equalises_types_and_is_fixed_per_epoch():
+    from clip_tao.data.loaders import BalancedQueryTypeSampler
+
+    kinds = ["easy"] * 12 + ["medium"] * 3 + ["hard"]
+    sampler = BalancedQueryTypeSampler(kinds, seed=42)
+    drawn = []
+    for epoch in range(300):
+        sampler.set_epoch(epoch)
+        drawn += [kinds[i] for i in sampler]
+    for kind in ("easy", "medium", "hard"):  # weight 1/count: each type a third (12x rarer hard rows too)
+        assert drawn.count(kind) / len(drawn) == pytest.approx(1 / 3, abs=0.03)
+    sampler.set_epoch(5)
+    first = list(sampler)
+    assert list(sampler) == first and len(first) == 16  # an epoch's draw is fixed by the seed
+    sampler.start_index = 6  # resuming after 6 samples of the epoch continues the same draw
+    assert list(sampler) == first[6:] and len(sampler) == 10
+    ranks = [BalancedQueryTypeSampler(kinds, seed=42, rank=r, world_size=3) for r in range(3)]
+    shares = [list(r) for r in ranks]
+    assert [len(s) for s in shares] == [5, 5, 5]  # equal on every rank (16 // 3)
+    order = torch.randperm(16, generator=torch.Generator().manual_seed(42))
+    for r, share in enumerate(shares):  # each rank draws from its own slice of the epoch's permutation
+        assert set(share) <= set(order[r * 5 : (r + 1) * 5].tolist())
+
+
+def test_balanced_training_runs_on_taos_pairs_files(tiny_spec, tmp_path, capsys):
+    from clip_tao.cli import main
+
+    root, names = _pas_dataset(tmp_path / "pas")
+    entry = {"image_dir": str(root / "images"), "caption_dir": str(root / "captions"),
+             "image_list_file": str(root / "train_list.txt"), "train_pairs_file": str(root / "train_pairs.json")}  # fmt: skip
+    log = tmp_path / "samples.txt"
+    spec = tiny_spec("tiny-clip", dataset={"train": {"batch_size": 8, "num_workers": 0, "datasets": [entry],
+                                                     "balance_query_types": True}},
+                     train={"num_epochs": 1, "sample_log": str(log)})  # fmt: skip
+    assert main(["train", "-e", str(spec), "wandb.enable=false"]) == 1  # TAO's default unique_caption_per_batch
+    assert "unique_caption_per_batch=true" in capsys.readouterr().err
+    assert main(["train", "-e", str(spec), "wandb.enable=false", "dataset.train.unique_caption_per_batch=false"]) == 0
+    from clip_tao.data.loaders import BalancedQueryTypeSampler
+
+    kinds = [r["query_type"] for r in json.loads((root / "train_pairs.json").read_text())]
+    sampler = BalancedQueryTypeSampler(kinds, seed=42)
+    sampler.set_epoch(0)
+    want = [f"0/{names[i]}" for i in sampler]
+    trained = [line.split(" ", 1)[1].strip() for line in log.read_text().splitlines()]
+    assert trained == want  # the batches are the sampler's draw, repeats included

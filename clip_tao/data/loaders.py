@@ -153,6 +153,34 @@ class EpochShuffleSampler(Sampler[int]):
         return self.per_rank - self.start_index
 
 
+class BalancedQueryTypeSampler(EpochShuffleSampler):
+    """TAO 7.3's ``balance_query_types`` (its ``BalancedByQueryTypeSampler``): samples drawn with replacement,
+    each weighted ``1 / count(its query_type)``, so every type has the same share of an epoch.
+
+    One process draws ``N`` from all samples (generator seeded ``seed + epoch + 7919``); with several, each rank
+    takes its slice of a ``seed + epoch`` permutation and draws as many from it. Slices are ``N // world`` long on
+    every rank (TAO's last rank may be shorter, which leaves the ranks with unequal step counts). Each epoch's
+    draw is fixed by the seed, so a resumed run skips to the same place (``start_index``).
+    """
+
+    def __init__(self, query_types: Sequence[str], seed: int, rank: int = 0, world_size: int = 1):
+        super().__init__(len(query_types), seed, rank, world_size)
+        counts: dict[str, int] = {}
+        for kind in query_types:
+            counts[kind] = counts.get(kind, 0) + 1
+        self.weights = torch.tensor([1.0 / counts[kind] for kind in query_types], dtype=torch.float64)
+
+    def __iter__(self):
+        draw = torch.Generator().manual_seed(self.seed + self.epoch + 7919)
+        if self.world_size == 1:
+            picked = torch.multinomial(self.weights, self.num_samples, replacement=True, generator=draw)
+        else:
+            order = torch.randperm(self.num_samples, generator=torch.Generator().manual_seed(self.seed + self.epoch))
+            mine = order[self.rank * self.per_rank : (self.rank + 1) * self.per_rank]
+            picked = mine[torch.multinomial(self.weights[mine], self.per_rank, replacement=True, generator=draw)]
+        return iter(picked[self.start_index :].tolist())
+
+
 @dataclass
 class LoaderBundle:
     """A DataLoader with the samples behind it (custom data; empty for shards) and what scanning skipped."""
@@ -264,7 +292,16 @@ def build_train_loader(
     samples, skipped = scan_custom_datasets(train.datasets, "dataset.train.datasets")
     dataset = ImageTextDataset(samples, transform, tokenizer, data_cfg.seed, draft, tokenize_in_collate=True)
     dataset.seed = data_cfg.seed
-    sampler = EpochShuffleSampler(len(dataset), data_cfg.seed, rank, world_size)
+    if train.balance_query_types:
+        from clip_tao.data.pas_metadata import sample_query_types
+
+        kinds = sample_query_types(samples, train.datasets, "dataset.train.datasets")
+        sampler = BalancedQueryTypeSampler(kinds, data_cfg.seed, rank, world_size)
+        log.info(
+            "dataset.train.balance_query_types: %s", ", ".join(f"{k} {kinds.count(k)}" for k in sorted(set(kinds)))
+        )
+    else:
+        sampler = EpochShuffleSampler(len(dataset), data_cfg.seed, rank, world_size)
     if sampler.per_rank < 1:
         raise DataError(f"dataset.train.datasets: {len(dataset)} samples cannot be split over {world_size} ranks")
     loader = DataLoader(

@@ -251,3 +251,27 @@ def sample_metadata(samples, entries: list[DatasetEntry], accessories: bool, sec
             rows = [getattr(tables[i], name)[r] for i, r in picks]
             out[name] = torch.stack([torch.nn.functional.pad(x, (0, k - len(x))) for x in rows])
     return out
+
+
+def sample_query_types(samples, entries: list[DatasetEntry], section: str) -> list[str]:
+    """Each scanned sample's ``query_type`` from its dataset's train_pairs_file (missing: ``easy``, as TAO)."""
+    from clip_tao.data.custom import _read_image_list
+
+    by_key: dict[str, str] = {}
+    for index, entry in enumerate(entries):
+        where = f"{section}[{index}]"
+        if not entry.image_list_file:
+            raise DataError(f"{where}.image_list_file is not set: balance_query_types joins pairs rows to its lines")
+        path = pairs_file(entry, "train", where)
+        names = _read_image_list(entry, where)
+        rows = _read_rows(path)
+        if len(rows) != len(names):
+            raise DataError(
+                f"{path}: {len(rows)} rows but its list has {len(names)} entries: TAO joins them row by row"
+            )
+        for k, (name, row) in enumerate(zip(names, rows)):
+            kind = row.get("query_type", "easy") if isinstance(row, dict) else None
+            if not isinstance(kind, str) or not kind:
+                raise DataError(f"{path}: row {k} field query_type: must be a non-empty string, got {kind!r}")
+            by_key[f"{index}/{name}"] = kind
+    return [by_key[s.key] for s in samples]
