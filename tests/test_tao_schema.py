@@ -6,9 +6,9 @@
 with the common configs they build on; the script's docstring names the commits): ``default_spec`` is every
 default as the JSON TAO's remote client sends, ``keys`` every dotted key with TAO's type, and for 7.3
 ``valid_options`` / ``valid_ranges`` the choices and bounds TAO's fields declare.
-``tests/data/tao_7.3/*.yaml`` are two spec files TAO ships after 7.0.1, unchanged (the template
+``tests/data/tao_7.3/*.yaml`` are spec files TAO ships after 7.0.1, unchanged (the template
 ``experiment_spec.yaml`` at tao-pytorch 00c05f09 and ``experiment_siglip2_pas_v3_1_dual_tower_lora_r64_last24.yaml``
-at 5b8b5d3f).
+at 5b8b5d3f, ``..._metadata_masked_source_augmented.yaml`` at f076fee6).
 """
 
 from __future__ import annotations
@@ -278,3 +278,16 @@ def test_taos_loss_key_preconditions_are_one_line(tiny_spec, capsys, overrides, 
     assert main(["train", "-e", str(spec), "wandb.enable=false", *overrides]) == 1
     err = capsys.readouterr().err.strip()
     assert message in err and len(err.splitlines()) == 1
+
+
+def test_taos_legacy_enabled_form_spec_loads(tmp_path):
+    """NVIDIA's ``..._metadata_masked_source_augmented.yaml`` (tao-pytorch f076fee6) writes 7.2's per-tower
+    ``enabled``, which TAO 7.3's final schema rejects; it loads here, both towers frozen (PEFT off)."""
+    path = DATA / "tao_7.3" / "experiment_siglip2_pas_v3_1_metadata_masked_source_augmented.yaml"
+    launcher = [f"results_dir={tmp_path / 'r'}", "evaluate.checkpoint=/c.pth", "inference.checkpoint=/c.pth",
+                "export.checkpoint=/c.pth", "export.onnx_file=/c.onnx"]  # fmt: skip
+    cfg = load_experiment(path, launcher)
+    assert cfg.peft.vision.enabled is False and cfg.peft.vision.resolved_mode() == "frozen"
+    assert cfg.train.siglip_loss_mask_mode == "attribute_plus_accessory_match_ignore"
+    assert cfg.train.optim.text_lr == pytest.approx(1e-7) and cfg.dataset.val.metadata_match_eval
+    assert cfg.model.init_logit_scale is None and cfg.evaluate.pas_ground_truth_mode == "scalar_plus_accessories"
