@@ -1,6 +1,6 @@
 """Fixed batches for the loss tests (one process and torchrun alike).
 
-``worked_batch`` is the worked case of the TAO 7.3 reference notes (``tao-7.3-clip.md`` §4.5-4.6): four rows of a
+``worked_batch`` is a worked example whose loss values were computed by hand from TAO 7.3's formulas: four rows of a
 toy dataset in TAO's pairs-file form after loading (image row 2's "not visible" lower colour is -1; accessory
 lists right-padded with 0), unit embeddings at fixed angles, scale 10 and bias -10.
 """

@@ -1,6 +1,6 @@
 """TAO 7.3's losses: ``siglip_loss_dist_impl``, the metadata-masked SigLIP loss and the batch-hard triplet loss.
 
-Expected values are the worked case of the TAO 7.3 reference notes, computed by hand from TAO's formulas
+Expected values are a worked example computed by hand from TAO 7.3's formulas
 (``masked_siglip_loss.py``, ``metadata_mask.py``, ``pl_clip_model.py``); the plain loss is open_clip's own
 ``SigLipLoss``; two real gloo processes must give what one process gives on the concatenated batch.
 """
@@ -18,7 +18,7 @@ from tests.metadata_batches import MASK_CASES, random_features, worked_batch
 
 HERE = os.path.dirname(__file__)
 
-# tao-7.3-clip.md §4.6: (mode, compatible_positive_weight, normalization) -> loss
+# By hand from TAO's formulas on tests/metadata_batches.py: (mode, compatible_positive_weight, normalization) -> loss
 WORKED = {
     ("none", 1.0, "per_query"): 2.034072,
     ("attribute_match_ignore", 1.0, "per_query"): 1.371562,

@@ -1,7 +1,8 @@
 """TAO 7.3's attribute metadata (``*_pairs.json`` + vocabularies) read as TAO's data contract has it.
 
-The dataset is the constructed example of the TAO 7.3 reference notes (``tao-7.3-clip.md`` §4.5), in TAO's files:
-list, pairs, ``attribute_vocab.json``, ``accessory_vocab.json``; the expected tensors are the notes' "after loading".
+The dataset is a constructed four-row example (not NVIDIA's data) in TAO's files: list, pairs,
+``attribute_vocab.json``, ``accessory_vocab.json``; the expected tensors and PAS figures were worked out by hand
+from TAO 7.3's data contract and definitions.
 """
 
 from __future__ import annotations
@@ -227,7 +228,7 @@ def _expected_loss(spec, root, names, mode, normalization) -> float:
     return float(want)
 
 
-# tao-7.3-clip.md §4.6, PAS text->image: (easy mAP, R1), (medium mAP, R1, Sep), (hard mAP, R1, Sep), overall
+# By hand from TAO's PAS definitions, text->image: (easy mAP, R1), (medium mAP, R1, Sep), (hard mAP, R1, Sep), overall
 PAS_WORKED = {
     "scalar_attributes": ((1, 1), (0.541667, 0, 0.583333), (1, 1, 1), (0.770833, 0.5)),
     "scalar_plus_accessories": ((1, 1), (0.541667, 0, 0.583333), (0.333333, 0, 0.333333), (0.604167, 0.25)),
