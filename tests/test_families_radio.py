@@ -637,3 +637,18 @@ def test_all_tokens_equal_radios_hubconf_in_eval_and_training(assets):
                 torch.manual_seed(3)
                 got = backbone.forward_features((raw - mean) / std)
             torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_lora_targets_are_taos_radio_names(assets):
+    """TAO 7.3's Radio-CLIP targets: the image tower's fused attention Linears ``qkv`` and ``proj`` of every block
+    (timm's ``blocks.<i>.attn``), nothing of the MLPs; the SigLIP adaptor's text tower takes SigLIP2's names."""
+    from clip_tao.config.schema import LoraTargetConfig
+    from clip_tao.engine.lora import lora_targets
+
+    model = _build(assets, "siglip")
+    vision = lora_targets(model, "vision", LoraTargetConfig(target_modules=["qkv", "proj"], num_last_blocks=0))
+    blocks = sorted({name.split(".attn.")[0] for name in vision})
+    assert vision and all(name.endswith((".attn.qkv", ".attn.proj")) for name in vision)
+    assert len(vision) == 2 * len(blocks) and all(".blocks." in b for b in blocks)
+    text = lora_targets(model, "text", LoraTargetConfig(num_last_blocks=1))
+    assert sorted(name.rsplit(".", 1)[1] for name in text) == ["k_proj", "out_proj", "q_proj", "v_proj"]

@@ -1,6 +1,8 @@
-"""LoRA fine-tuning (``peft``, TAO 7.0.1 keys) on Hugging Face's ``peft`` library."""
+"""PEFT: TAO 7.3's tower modes (and 7.2's ``enabled``), LoRA on Hugging Face's ``peft`` library."""
 
 from __future__ import annotations
+
+import logging
 
 import onnx
 import pytest
@@ -10,7 +12,7 @@ from clip_tao.cli import main
 from clip_tao.config import load_experiment
 from clip_tao.config.schema import LoraTargetConfig, PeftConfig
 from clip_tao.engine.checkpoint import load_checkpoint
-from clip_tao.engine.lora import apply_lora, lora_targets, merge_lora
+from clip_tao.engine.lora import apply_lora, describe, lora_targets, merge_lora
 from clip_tao.engine.model_setup import build_model
 from clip_tao.errors import ConfigError
 from clip_tao.models import create_model
@@ -136,11 +138,10 @@ def test_lora_resume_is_exact(tiny_spec, tmp_path, capsys):
             "peft.vision.target_modules=['nonexistent'] matches no module in the vision tower's blocks",
         ),
         (
-            {"enabled": True, "text": {"enabled": True}},
-            {"freeze_text_encoder": True},
-            "peft.text.enabled=true but model.freeze_text_encoder=true",
+            {"enabled": True, "train_logit_calibration": False},
+            {},
+            "peft.enabled=true leaves nothing to train: both towers are frozen and peft.train_logit_calibration=false",
         ),
-        ({"enabled": True}, {}, "neither peft.vision.enabled nor peft.text.enabled"),
     ],
 )
 def test_bad_peft_specs_are_one_line(tiny_spec, capsys, peft, model, message):
@@ -148,6 +149,56 @@ def test_bad_peft_specs_are_one_line(tiny_spec, capsys, peft, model, message):
     assert main(["train", "-e", str(spec), "wandb.enable=false"]) == 1
     err = capsys.readouterr().err.strip()
     assert message in err and len(err.splitlines()) == 1
+
+
+def _trainable(model, params):
+    return {id(p) for p in params if p.requires_grad}
+
+
+def test_tower_modes_override_the_freeze_flags_with_one_warning(caplog):
+    """TAO 7.3's order: freeze all, then per tower frozen / full / lora; the logit calibration on its own switch."""
+    model = create_model("tiny-siglip2", pretrained=False)
+    cfg = PeftConfig(
+        enabled=True,
+        vision=LoraTargetConfig(mode="lora", num_last_blocks=1),
+        text=LoraTargetConfig(mode="full"),
+    )
+    with caplog.at_level(logging.WARNING, logger="clip_tao.engine.lora"):
+        counts = apply_lora(model, cfg, {"vision": True, "text": True})
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert warnings == [
+        "model.freeze_vision_encoder=true but peft.vision.mode=lora; model.freeze_text_encoder=true but "
+        "peft.text.mode=full (with peft.enabled the tower modes decide, as in TAO 7.3)"
+    ]
+    vision = [(n, p) for n, p in model.named_parameters() if n.startswith("model.vision_model.")]
+    assert {n for n, p in vision if p.requires_grad} == {n for n, _ in vision if ".lora_" in n}
+    assert all(".layers.1." in n for n, p in vision if p.requires_grad)  # num_last_blocks=1
+    assert all(p.requires_grad for p in model.text_parameters())  # full: the whole tower
+    assert model.logit_scale.requires_grad and model.logit_bias.requires_grad
+    assert counts["text"] == sum(p.numel() for p in model.text_parameters())
+    assert counts["vision"] == sum(p.numel() for n, p in vision if ".lora_" in n) > 0
+    assert counts["logit"] == 2 and counts["trainable"] == counts["vision"] + counts["text"] + 2
+    line = describe(counts)
+    assert f"vision (lora) {counts['vision']:,}, text (full) {counts['text']:,}, logit scale/bias 2" in line
+
+
+def test_frozen_towers_leave_the_calibration_and_legacy_enabled_means_lora(caplog):
+    model = create_model("tiny-siglip2", pretrained=False)
+    with caplog.at_level(logging.WARNING, logger="clip_tao.engine.lora"):
+        counts = apply_lora(model, PeftConfig(enabled=True), {"vision": False, "text": False})
+    # Both towers frozen although the freeze flags say train: one warning names both.
+    assert len([r for r in caplog.records if r.levelno == logging.WARNING]) == 1
+    assert {n for n, p in model.named_parameters() if p.requires_grad} == {"model.logit_scale", "model.logit_bias"}
+    assert (counts["vision"], counts["text"], counts["logit"]) == (0, 0, 2)
+    # 7.2's form: enabled true is lora, calibration off keeps the logit parameters frozen.
+    model = create_model("tiny-siglip2", pretrained=False)
+    legacy = PeftConfig(
+        enabled=True, train_logit_calibration=False, text=LoraTargetConfig(enabled=True, num_last_blocks=1)
+    )
+    counts = apply_lora(model, legacy)
+    assert counts["modes"] == {"vision": "frozen", "text": "lora"}
+    assert not model.logit_scale.requires_grad and counts["logit"] == 0 and counts["text"] > 0
+    assert all(".lora_" in n for n, p in model.named_parameters() if p.requires_grad)
 
 
 def test_config_error_type():

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 import torch
 import torch.nn.functional as F
 
@@ -61,3 +62,16 @@ def test_regularisation_keeps_embeddings_closer_to_the_start(tiny_spec, tmp_path
     lines = [json.loads(line) for line in status.splitlines()]
     kpi = [line["kpi"] for line in lines if "kpi" in line and "reg_cosine" in line["kpi"]]
     assert kpi and {"contrastive_loss", "reg_embedding_mse", "reg_cosine", "reg_similarity"} <= set(kpi[-1])
+    # ... and under TAO 7.3's names, in status.json and TensorBoard; the validation drift is TAO's definition.
+    kpi = [line["kpi"] for line in lines if line["status"] == "RUNNING"]  # the epoch lines
+    tao = {"train/contrastive_loss", "train/emb_mse_loss", "train/cosine_loss", "train/sim_loss"}
+    drift = {"val/img_drift", "val/txt_drift", "val/embedding_drift"}
+    assert (tao | drift) <= set(kpi[-1])
+    assert kpi[-1]["train/cosine_loss"] == kpi[-1]["reg_cosine"]
+    last = kpi[-1]
+    assert last["val/embedding_drift"] == pytest.approx((last["val/img_drift"] + last["val/txt_drift"]) / 2)
+    assert 0 < last["val/img_drift"] < 2 and 0 < last["val/txt_drift"] < 2
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(tmp_path / "reg" / "train" / "tensorboard")).Reload()
+    assert (tao | drift) <= set(events.Tags()["scalars"])

@@ -56,10 +56,10 @@ class _TaoLikeModule(pl.LightningModule):
         return torch.optim.SGD(self.parameters(), lr=0.0)
 
 
-def write_tao_checkpoint(folder: Path, attribute: str, library_model: nn.Module) -> Path:
+def write_tao_checkpoint(folder: Path, attribute: str, library_model: nn.Module, module_class=None) -> Path:
     from pytorch_lightning.callbacks import ModelCheckpoint
 
-    module = _TaoLikeModule(attribute, library_model)
+    module = (module_class or _TaoLikeModule)(attribute, library_model)
     # TAO's TAOLightningModule.configure_callbacks settings.
     ModelCheckpoint.FILE_EXTENSION = ".pth"
     ModelCheckpoint.CHECKPOINT_EQUALS_CHAR = "_"
@@ -301,3 +301,151 @@ def test_tao_radio_checkpoint_from_radios_own_hub_model(tmp_path):
         features = radio.model.forward_features(radio.input_conditioner(raw))
         want = model.visual.head(features[:, model.visual.token_slot].float())
         torch.testing.assert_close(model.image_features((raw - mean) / std), want, atol=1e-5, rtol=1e-5)
+
+
+# -- TAO 7.3: source-owned calibration, LoRA layers --------------------------------------------------------------
+TAO73_SCALE, TAO73_BIAS = 1.75, -6.25
+
+
+class _TaoLoRALinear(nn.Module):
+    """Laid out as TAO 7.3's ``LoRALinear`` (``multimodal/clip/model/lora.py``): the frozen layer as ``original``,
+    ``lora_A`` [r, in], ``lora_B`` [out, r] and the float32 buffer ``scaling`` = alpha / r (not saved by its first
+    version: ``persist_scaling=False``). Output: ``original(x) + (x A^T B^T) * scaling`` (dropout off: eval)."""
+
+    def __init__(self, original: nn.Linear, rank: int, alpha: int, generator, persist_scaling: bool = True):
+        super().__init__()
+        self.original = original
+        self.register_buffer("scaling", torch.tensor(alpha / rank, dtype=torch.float32), persistent=persist_scaling)
+        # Trained adapters: both matrices non-zero (a fresh B is zero, which would hide a wrong merge).
+        self.lora_A = nn.Parameter(torch.randn(rank, original.in_features, generator=generator) * 0.2)
+        self.lora_B = nn.Parameter(torch.randn(original.out_features, rank, generator=generator) * 0.2)
+
+    def forward(self, x):
+        return self.original(x) + F.linear(F.linear(x, self.lora_A), self.lora_B) * self.scaling
+
+
+class _Adapter73(nn.Module):
+    """TAO 7.3's adapter: no logit parameters of its own, the source model (``backbone.inner``) owns them."""
+
+    def __init__(self, attribute: str, library_model: nn.Module):
+        super().__init__()
+        self.backbone = _Backbone(attribute, library_model)
+
+
+class _Tao73Module(_TaoLikeModule):
+    def __init__(self, attribute: str, library_model: nn.Module):
+        pl.LightningModule.__init__(self)
+        self.model = _Adapter73(attribute, library_model)
+
+
+def _tao73_lora_siglip(persist_scaling: bool) -> nn.Module:
+    """A tiny SigLIP2 with TAO's LoRA layers in the last block of each tower (rank 4, alpha 8: scaling 2)."""
+    _, library_model = _library_model("tiny-siglip2", seed=5)
+    with torch.no_grad():
+        library_model.logit_scale.fill_(TAO73_SCALE)
+        library_model.logit_bias.fill_(TAO73_BIAS)
+    g = torch.Generator().manual_seed(11)
+    for tower in (library_model.vision_model, library_model.text_model):
+        attention = tower.encoder.layers[-1].self_attn
+        for name in ("q_proj", "k_proj", "v_proj", "out_proj"):
+            setattr(attention, name, _TaoLoRALinear(getattr(attention, name), 4, 8, g, persist_scaling))
+    return library_model
+
+
+def _write_tao73(folder: Path, library_model: nn.Module) -> Path:
+    return write_tao_checkpoint(folder, "inner", library_model, _Tao73Module)
+
+
+LORA73 = {"mode": "lora", "rank": 4, "alpha": 8, "num_last_blocks": 1}
+
+
+@pytest.mark.parametrize("persist_scaling", [True, False])
+def test_tao_73_lora_checkpoint_loads_merged(tiny_spec, tmp_path, persist_scaling, caplog):
+    library_model = _tao73_lora_siglip(persist_scaling)
+    tao_file = _write_tao73(tmp_path / "tao", library_model)
+    state = torch.load(tao_file, weights_only=True)["state_dict"]
+    layer = "model.backbone.inner.vision_model.encoder.layers.1.self_attn.q_proj"
+    assert {f"{layer}.original.weight", f"{layer}.original.bias", f"{layer}.lora_A", f"{layer}.lora_B"} <= set(state)
+    assert (f"{layer}.scaling" in state) == persist_scaling and "model.logit_scale" not in state
+    spec = tiny_spec("tiny-siglip2", peft={"enabled": True, "vision": LORA73, "text": LORA73})
+    cfg = load_experiment(spec)
+
+    model = build_model(cfg, str(tao_file)).eval()
+    assert not any("lora" in k or "original" in k for k in model.state_dict())  # merged: the plain model
+    assert model.logit_scale.item() == pytest.approx(TAO73_SCALE) and model.logit_bias.item() == pytest.approx(
+        TAO73_BIAS
+    )
+    g = torch.Generator().manual_seed(0)
+    pixels = torch.randn(3, 3, model.image_size, model.image_size, generator=g)
+    ids = model.tokenizer(["a red square", "a blue square on green", "x"])
+    want = _reference_embeddings("tiny-siglip2", library_model.eval(), pixels, ids)  # TAO's unmerged layers
+    with torch.no_grad():
+        got = model.encode_image(pixels), model.encode_text(ids)
+    for a, b in zip(got, want):
+        assert (a - b).abs().max() <= 1e-5
+    warned = any("without scaling buffers" in r.getMessage() for r in caplog.records)
+    assert warned == (not persist_scaling)
+    if not persist_scaling:
+        return
+    quiet = "wandb.enable=false"
+    assert main(["evaluate", "-e", str(spec), quiet, f"evaluate.checkpoint={tao_file}"]) == 0
+    images = f"inference.datasets=[{{image_dir: {tmp_path / 'data' / 'val'}}}]"
+    assert main(["inference", "-e", str(spec), quiet, images, f"inference.checkpoint={tao_file}"]) == 0
+    onnx_file = tmp_path / "export" / "tao73.onnx"
+    assert (
+        main(["export", "-e", str(spec), quiet, f"export.checkpoint={tao_file}", f"export.onnx_file={onnx_file}"]) == 0
+    )
+    import onnx
+
+    graph = onnx.load(str(onnx_file)).graph
+    assert not any("lora" in n.lower() for n in [i.name for i in graph.initializer] + [n.name for n in graph.node])
+
+
+def test_tao_73_lora_checkpoint_without_scaling_needs_the_training_peft_section(tiny_spec, tmp_path, capsys):
+    tao_file = _write_tao73(tmp_path / "tao", _tao73_lora_siglip(persist_scaling=False))
+    spec = tiny_spec("tiny-siglip2")
+    capsys.readouterr()
+    assert main(["evaluate", "-e", str(spec), "wandb.enable=false", f"evaluate.checkpoint={tao_file}"]) == 1
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1
+    assert "is a rank-4 LoRA layer without its scaling" in err and "give this task the training spec's peft" in err
+
+
+def test_checkpoint_from_before_taos_calibration_change_loads(tiny_spec, tmp_path, caplog):
+    """TAO 7.3 refuses 7.0.1-layout files (an adapter-owned [1]-shaped logit_scale beside the source's, adaptor.*
+    keys); they load here: the adapter's values, as 7.0.1's forward used them, with both values in a warning."""
+    attribute, library_model = _library_model("tiny-siglip2", seed=3)
+    tao_file = write_tao_checkpoint(tmp_path / "tao", attribute, library_model)
+    checkpoint = torch.load(tao_file, weights_only=True)
+    state = checkpoint["state_dict"]
+    state["model.logit_scale"] = state["model.logit_scale"].reshape(1)  # the older [1] shape
+    state["model.adaptor.proj.weight"] = torch.zeros(2, 2)
+    torch.save(checkpoint, tao_file)
+    model = build_model(load_experiment(tiny_spec("tiny-siglip2")), str(tao_file))
+    assert model.logit_scale.item() == pytest.approx(TAO_SCALE) and model.logit_bias.item() == pytest.approx(TAO_BIAS)
+    warning = next(r.getMessage() for r in caplog.records if "calibration change" in r.getMessage())
+    inner = float(library_model.logit_scale.flatten()[0])
+    assert f"model.logit_scale={TAO_SCALE:.6g} (used" in warning and f"logit_scale={inner:.6g} (left out)" in warning
+
+
+def test_logit_scale_ceiling_keeps_a_pretrained_scale_above_ln_100(tiny_spec, tmp_path):
+    """TAO 7.3 clamps the raw scale to [0, max(ln 100, its starting value)] after every step."""
+    import math
+
+    model = create_model("tiny-clip", pretrained=False)
+    with torch.no_grad():
+        model.logit_scale.fill_(5.0)
+    ceiling = model.logit_scale_ceiling()
+    assert ceiling == pytest.approx(5.0)
+    for raw, want in ((6.0, 5.0), (-1.0, 0.0), (4.9, 4.9)):
+        with torch.no_grad():
+            model.logit_scale.fill_(raw)
+        model.clamp_logit_scale(ceiling)
+        assert model.logit_scale.item() == pytest.approx(want)
+    spec = tiny_spec("tiny-clip", num_train=16, num_val=8, train={"num_epochs": 1})
+    run = ["train", "-e", str(spec), "wandb.enable=false", "dataset.train.batch_size=8", "model.init_logit_scale=5.0"]
+    assert main(run) == 0
+    from clip_tao.engine.checkpoint import load_checkpoint
+
+    saved = load_checkpoint(str(tmp_path / "results" / "train" / "clip_latest.pth"))["model"]
+    assert math.log(100) < float(saved["model.logit_scale"]) <= 5.0

@@ -1,6 +1,7 @@
 """The experiment spec as typed dataclasses: one dataclass a spec section.
 
-Keys and defaults follow TAO's CLIP task (TAO 7.0.1), so a TAO spec loads unchanged. Keys that
+Keys and defaults follow TAO's CLIP task: every key of TAO 7.0.1 and of TAO 7.3 (the keys 7.3 added are marked
+"TAO 7.3:"), so a spec of either version loads unchanged. Keys that
 clip-tao adds are marked "clip-tao:" in their comment. Validation lives in ``loader.py``.
 """
 
@@ -10,6 +11,18 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 LossType = Literal["siglip", "clip"]
+# TAO 7.3's per-tower adaptation. "legacy" (TAO's own name, from its transitional schema) means "from the 7.2 key
+# ``enabled``": true -> lora, false or absent -> frozen. TAO 7.3's final schema has only frozen/full/lora.
+TowerMode = Literal["legacy", "frozen", "full", "lora"]
+SiglipDistImpl = Literal["bidir", "shift", "reduce", "gather", "local"]
+MaskMode = Literal[
+    "none",
+    "attribute_match_ignore",
+    "attribute_plus_accessory_match_ignore",
+    "attribute_match_positive",
+    "attribute_plus_accessory_match_positive",
+]
+MetadataMatchMode = Literal["scalar_attributes", "scalar_plus_accessories"]
 Precision = Literal["fp16", "bf16", "fp32"]
 
 
@@ -31,9 +44,12 @@ class WandbConfig:
 
 @dataclass
 class LoraTargetConfig:
-    """LoRA for one tower (TAO 7.0.1's ``peft.vision`` / ``peft.text``)."""
+    """How one tower adapts under ``peft.enabled`` (``peft.vision`` / ``peft.text``)."""
 
-    enabled: bool = False
+    # TAO 7.3: frozen | full | lora. The default "legacy" resolves from ``enabled`` (see :meth:`resolved_mode`).
+    mode: TowerMode = "legacy"
+    # TAO 7.0.1/7.2's switch, still accepted: true = lora, false = frozen; null = not given.
+    enabled: bool | None = None
     # Substrings of module names inside a transformer block (SigLIP2: q_proj k_proj v_proj out_proj;
     # RADIO/OpenCLIP fused attention: qkv proj).
     target_modules: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "out_proj"])
@@ -42,11 +58,19 @@ class LoraTargetConfig:
     alpha: int = 16
     dropout: float = 0.05
 
+    def resolved_mode(self) -> str:
+        """frozen, full or lora: ``mode`` when given, else what the legacy ``enabled`` means."""
+        if self.mode != "legacy":
+            return self.mode
+        return "lora" if self.enabled else "frozen"
+
 
 @dataclass
 class PeftConfig:
     enabled: bool = False
     method: Literal["lora"] = "lora"
+    # TAO 7.3: keep logit_scale (and logit_bias) trainable while PEFT is on.
+    train_logit_calibration: bool = True
     vision: LoraTargetConfig = field(default_factory=LoraTargetConfig)
     text: LoraTargetConfig = field(default_factory=LoraTargetConfig)
 
@@ -96,6 +120,11 @@ class DatasetEntry:
     multi_caption: bool = False
     # clip-tao: hard negatives, one a line, in files at the caption's relative path and suffix (null: none).
     negative_caption_dir: str | None = None
+    # TAO 7.3: TAO's PAS metadata (``*_pairs.json``, joined to image_list_file by row). train_pairs_file feeds
+    # training (balanced sampling, metadata masks); attribute_pairs_file validation and evaluate (null: the
+    # ``<x>_pairs.json`` beside an ``<x>_list.txt``).
+    train_pairs_file: str | None = None
+    attribute_pairs_file: str | None = None
 
 
 @dataclass
@@ -116,6 +145,11 @@ class TrainDataConfig:
     num_workers: int = 8
     datasets: list[DatasetEntry] = field(default_factory=list)
     wds: WdsConfig = field(default_factory=WdsConfig)
+    # TAO 7.3: batches balanced over the pairs files' query_type; with unique_caption_per_batch, one row per
+    # caption a batch; include_attribute_metadata puts the attribute tensors in the batches (mask modes).
+    balance_query_types: bool = False
+    unique_caption_per_batch: bool = True
+    include_attribute_metadata: bool = False
 
 
 @dataclass
@@ -126,6 +160,9 @@ class ValDataConfig:
     batch_size: int = 16
     num_workers: int = 8
     wds: WdsConfig = field(default_factory=WdsConfig)
+    # TAO 7.3: text->image positives defined by the attribute metadata (val/pas/* KPIs).
+    metadata_match_eval: bool = False
+    metadata_match_mode: MetadataMatchMode = "scalar_attributes"
 
 
 @dataclass
@@ -164,6 +201,20 @@ class OptimConfig:
 
 
 @dataclass
+class CheckpointerConfig:
+    """TAO 7.3's ``train.checkpointer``: keep the best checkpoints by a monitored KPI, beside the periodic ones."""
+
+    enable_topk: bool = False
+    replace_periodic: bool = False  # keep only the best file(s), no periodic series
+    monitor: str | None = None  # any logged KPI (val/t2i_mAP, val/pas/overall_mAP ...); null: see README
+    mode: Literal["min", "max"] | None = None
+    save_top_k: int = 1
+    filename: str = "model_best_{epoch:03d}"  # format fields: epoch, step and the KPIs (val/x as val_x)
+    dirpath: str | None = None  # null: the train results folder
+    auto_insert_metric_name: bool = False
+
+
+@dataclass
 class TrainConfig:
     num_gpus: int = 1
     gpu_ids: list[int] = field(default_factory=lambda: [0])
@@ -178,6 +229,15 @@ class TrainConfig:
     resume_training_checkpoint_path: str | None = None
     pretrained_model_path: str | None = None
     loss_type: LossType = "siglip"
+    # TAO 7.3: how SigLIP's negatives cross ranks (open_clip's strategies; local = none).
+    siglip_loss_dist_impl: SiglipDistImpl = "gather"
+    # TAO 7.3: metadata masks of the SigLIP loss, and the weight of pairs they promote to positives.
+    siglip_loss_mask_mode: MaskMode = "none"
+    compatible_positive_weight: float = 1.0
+    compatible_positive_normalization: Literal["per_pair", "per_query"] = "per_query"
+    # TAO 7.3: auxiliary batch-hard triplet loss (0 = off).
+    triplet_loss_weight: float = 0.0
+    triplet_margin: float = 0.2
     precision: Precision = "fp16"
     grad_clip_norm: float | None = None
     grad_checkpointing: bool = False
@@ -187,6 +247,7 @@ class TrainConfig:
     # clip-tao: append "<step> <sample key>" for every trained sample to this file (audits data order/resumption).
     sample_log: str | None = None
     optim: OptimConfig = field(default_factory=OptimConfig)
+    checkpointer: CheckpointerConfig = field(default_factory=CheckpointerConfig)
     # TAO's common task key: overrides results_dir/train.
     results_dir: str | None = None
     # clip-tao: continue from results_dir/train/clip_latest.pth when it exists.
@@ -217,6 +278,8 @@ class EvaluateConfig:
     results_dir: str | None = None
     # TAO 7.0.1 shares one dataclass between evaluate and inference, so evaluate has it too; unused here.
     text_file: str | None = None
+    # TAO 7.3: ground truth of direct PAS evaluation (evaluate.datasets with pairs files).
+    pas_ground_truth_mode: Literal["paired_caption", "scalar_attributes", "scalar_plus_accessories"] = "paired_caption"
     # clip-tao: "retrieval" (TAO's) or zero-shot "classification" of a folder-per-class image tree.
     # clip-tao: or "pairs": compositional accuracy on pairs_file (JSON lines: image, positive, negatives, tag).
     mode: Literal["retrieval", "classification", "pairs"] = "retrieval"

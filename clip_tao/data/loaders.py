@@ -168,6 +168,34 @@ class EpochShuffleSampler(Sampler[int]):
         return self.per_rank - self.start_index
 
 
+class BalancedQueryTypeSampler(EpochShuffleSampler):
+    """TAO 7.3's ``balance_query_types`` (its ``BalancedByQueryTypeSampler``): samples drawn with replacement,
+    each weighted ``1 / count(its query_type)``, so every type has the same share of an epoch.
+
+    One process draws ``N`` from all samples (generator seeded ``seed + epoch + 7919``); with several, each rank
+    takes its slice of a ``seed + epoch`` permutation and draws as many from it. Slices are ``N // world`` long on
+    every rank (TAO's last rank may be shorter, which leaves the ranks with unequal step counts). Each epoch's
+    draw is fixed by the seed, so a resumed run skips to the same place (``start_index``).
+    """
+
+    def __init__(self, query_types: Sequence[str], seed: int, rank: int = 0, world_size: int = 1):
+        super().__init__(len(query_types), seed, rank, world_size)
+        counts: dict[str, int] = {}
+        for kind in query_types:
+            counts[kind] = counts.get(kind, 0) + 1
+        self.weights = torch.tensor([1.0 / counts[kind] for kind in query_types], dtype=torch.float64)
+
+    def __iter__(self):
+        draw = torch.Generator().manual_seed(self.seed + self.epoch + 7919)
+        if self.world_size == 1:
+            picked = torch.multinomial(self.weights, self.num_samples, replacement=True, generator=draw)
+        else:
+            order = torch.randperm(self.num_samples, generator=torch.Generator().manual_seed(self.seed + self.epoch))
+            mine = order[self.rank * self.per_rank : (self.rank + 1) * self.per_rank]
+            picked = mine[torch.multinomial(self.weights[mine], self.per_rank, replacement=True, generator=draw)]
+        return iter(picked[self.start_index :].tolist())
+
+
 @dataclass
 class LoaderBundle:
     """A DataLoader with the samples behind it (custom data; empty for shards) and what scanning skipped.
@@ -184,6 +212,8 @@ class LoaderBundle:
     num_samples: int | None = None  # samples an epoch (all ranks); None: len(samples)
     global_batch: int | None = None
     pin_joined: bool = False  # shards: the join of a step's chunks writes into pinned memory
+    # TAO 7.3 attribute metadata per sample index (dataset.train.include_attribute_metadata), else None.
+    metadata: dict | None = None
 
     def __post_init__(self):
         if self.num_samples is None:
@@ -296,6 +326,7 @@ def build_train_loader(
     world_size: int = 1,
     accumulate: int = 1,
     pairs: PairOptions = NO_PAIRS,
+    train_accessories: bool | None = None,
 ) -> LoaderBundle:
     """Shuffled, augmented image-text batches from ``dataset.train`` for ``rank`` of ``world_size``, whose
     optimiser steps take ``accumulate`` batches each.
@@ -305,7 +336,9 @@ def build_train_loader(
     permutation, shards take the same share of every canonical stream (:class:`~clip_tao.data.wds.StreamPlan`).
 
     ``pairs``: hard-negative slots and image hashing (see :mod:`clip_tao.data.pairs`); custom folders get
-    negative slots only when an entry has a ``negative_caption_dir``.
+    negative slots only when an entry has a ``negative_caption_dir``. ``train_accessories``: with
+    ``include_attribute_metadata``, whether the accessory fields are required (True), ignored (False) or read
+    when present (None).
     """
     train = data_cfg.train
     if pairs.negatives_per_sample < 0:
@@ -338,7 +371,16 @@ def build_train_loader(
     dataset = ImageTextDataset(samples, transform, tokenizer, data_cfg.seed, draft, tokenize_in_collate=True,
                                pairs=pairs)  # fmt: skip
     dataset.seed = data_cfg.seed
-    sampler = EpochShuffleSampler(len(dataset), data_cfg.seed, rank, world_size)
+    if train.balance_query_types:
+        from clip_tao.data.pas_metadata import sample_query_types
+
+        kinds = sample_query_types(samples, train.datasets, "dataset.train.datasets")
+        sampler = BalancedQueryTypeSampler(kinds, data_cfg.seed, rank, world_size)
+        log.info(
+            "dataset.train.balance_query_types: %s", ", ".join(f"{k} {kinds.count(k)}" for k in sorted(set(kinds)))
+        )
+    else:
+        sampler = EpochShuffleSampler(len(dataset), data_cfg.seed, rank, world_size)
     if sampler.per_rank < 1:
         raise DataError(f"dataset.train.datasets: {len(dataset)} samples cannot be split over {world_size} ranks")
     loader = DataLoader(
@@ -356,7 +398,13 @@ def build_train_loader(
         generator=torch.Generator().manual_seed(data_cfg.seed),
         persistent_workers=False,
     )
-    return LoaderBundle(loader, samples, skipped, global_batch=train.batch_size * world_size * accumulate)
+    metadata = None
+    if train.include_attribute_metadata:
+        from clip_tao.data.pas_metadata import sample_metadata
+
+        metadata = sample_metadata(samples, train.datasets, train_accessories, "dataset.train.datasets")
+    return LoaderBundle(loader, samples, skipped, global_batch=train.batch_size * world_size * accumulate,
+                        metadata=metadata)  # fmt: skip
 
 
 def build_val_loader(

@@ -1,4 +1,9 @@
-"""LoRA fine-tuning (``peft`` section, TAO 7.0.1 keys) built on Hugging Face's ``peft`` library.
+"""PEFT (``peft`` section): TAO 7.3's per-tower modes, with LoRA built on Hugging Face's ``peft`` library.
+
+With ``peft.enabled``, as TAO 7.3 does: every parameter is frozen, then each tower takes its ``mode`` (``frozen``:
+stays so; ``full``: the whole tower trains; ``lora``: adapters train), overriding ``model.freeze_*`` in both
+directions (one warning names the disagreement); ``train_logit_calibration`` keeps the logit scale and bias
+trainable. The legacy per-tower ``enabled`` (TAO 7.2) means lora (true) or frozen (false).
 
 Which modules get adapters follows TAO's keys: per tower, the transformer blocks (the last
 ``num_last_blocks``, 0 = all) and, inside a block, every ``nn.Linear`` whose name relative to the block
@@ -94,25 +99,41 @@ def lora_targets(model: nn.Module, tower: str, cfg: LoraTargetConfig) -> list[st
     return targets
 
 
-def apply_lora(model: nn.Module, peft_cfg: PeftConfig, freeze: dict[str, bool] | None = None) -> dict[str, int]:
-    """Inject adapters per ``peft_cfg`` and freeze everything else but the logit scale/bias.
+def tower_modes(peft_cfg: PeftConfig) -> dict[str, str]:
+    """``{"vision": mode, "text": mode}`` with each mode frozen, full or lora."""
+    return {t: getattr(peft_cfg, t).resolved_mode() for t in ("vision", "text")}
 
-    ``freeze``: ``{"vision": bool, "text": bool}`` from ``model.freeze_*_encoder`` (adapting a frozen tower
-    is a contradiction, refused). Returns ``{"trainable": n, "total": n, "adapted_modules": n}``.
+
+def freeze_conflicts(peft_cfg: PeftConfig, freeze: dict[str, bool]) -> str | None:
+    """One line naming the towers whose ``model.freeze_*`` the PEFT mode overrides, else None."""
+    parts = []
+    for tower, mode in tower_modes(peft_cfg).items():
+        frozen = bool(freeze.get(tower))
+        if frozen != (mode == "frozen"):
+            parts.append(f"model.freeze_{tower}_encoder={str(frozen).lower()} but peft.{tower}.mode={mode}")
+    if not parts:
+        return None
+    return "; ".join(parts) + " (with peft.enabled the tower modes decide, as in TAO 7.3)"
+
+
+def apply_lora(model: nn.Module, peft_cfg: PeftConfig, freeze: dict[str, bool] | None = None) -> dict[str, Any]:
+    """Apply the towers' modes (adapters for ``lora`` towers) and the logit calibration rule.
+
+    ``freeze``: ``{"vision": bool, "text": bool}`` from ``model.freeze_*_encoder``; the modes override them, and
+    a disagreement is logged once. Returns the counts :func:`describe` prints.
     """
     from peft import LoraConfig, inject_adapter_in_model
 
     if peft_cfg.method != "lora":
         raise ConfigError(f"peft.method={peft_cfg.method!r} is not supported; use lora")
-    towers = [t for t in ("vision", "text") if getattr(peft_cfg, t).enabled]
-    if not towers:
-        raise ConfigError("peft.enabled=true but neither peft.vision.enabled nor peft.text.enabled is true")
-    for tower in towers:
-        if (freeze or {}).get(tower):
-            raise ConfigError(
-                f"peft.{tower}.enabled=true but model.freeze_{tower}_encoder=true: LoRA trains adapters of that "
-                f"tower; set one of them to false"
-            )
+    modes = tower_modes(peft_cfg)
+    conflict = freeze_conflicts(peft_cfg, freeze) if freeze is not None else None
+    if conflict:
+        log.warning(conflict)
+    legacy = [t for t in modes if getattr(peft_cfg, t).mode == "legacy" and getattr(peft_cfg, t).enabled]
+    if legacy:
+        log.info("peft.%s.enabled is TAO 7.2's switch; TAO 7.3 writes peft.%s.mode: lora", legacy[0], legacy[0])
+    towers = [t for t, mode in modes.items() if mode == "lora"]
     # Resolve both towers' targets before changing the model (module names move under base_layer).
     plan = {tower: lora_targets(model, tower, getattr(peft_cfg, tower)) for tower in towers}
     modules = dict(model.named_modules())
@@ -134,14 +155,36 @@ def apply_lora(model: nn.Module, peft_cfg: PeftConfig, freeze: dict[str, bool] |
     model.train(model.training)  # new adapter modules (their dropout) take the model's mode
     for name, param in model.named_parameters():
         param.requires_grad_(bool(_LORA_KEY.search(f".{name}")))
+    for tower, mode in modes.items():
+        if mode == "full":
+            for param in model.vision_parameters() if tower == "vision" else model.text_parameters():
+                param.requires_grad_(True)
     for param in model.logit_parameters():
-        param.requires_grad_(True)
-    counts = {
+        param.requires_grad_(peft_cfg.train_logit_calibration)
+    counts = trainable_counts(model)
+    counts.update(modes=modes, adapted_modules=sum(len(v) for v in plan.values()))
+    if counts["trainable"] == 0:
+        raise ConfigError(
+            "peft.enabled=true leaves nothing to train: both towers are frozen and "
+            "peft.train_logit_calibration=false; set a tower's mode to lora or full"
+        )
+    return counts
+
+
+def trainable_counts(model: nn.Module) -> dict[str, int]:
+    """Trainable parameters per tower and of the logit calibration, and the totals."""
+    logits = {id(p) for p in model.logit_parameters()}
+
+    def count(params) -> int:
+        return sum(p.numel() for p in params if p.requires_grad and id(p) not in logits)
+
+    return {
+        "vision": count(model.vision_parameters()),
+        "text": count(model.text_parameters()),
+        "logit": sum(p.numel() for p in model.logit_parameters() if p.requires_grad),
         "trainable": sum(p.numel() for p in model.parameters() if p.requires_grad),
         "total": sum(p.numel() for p in model.parameters()),
-        "adapted_modules": sum(len(v) for v in plan.values()),
     }
-    return counts
 
 
 class LowRankDelta(nn.Module):
@@ -194,11 +237,21 @@ def peft_from_checkpoint(checkpoint: dict[str, Any], fallback: PeftConfig) -> Pe
     if not isinstance(saved, dict):
         return fallback
     towers = {t: LoraTargetConfig(**saved.get(t, {})) for t in ("vision", "text")}
-    return PeftConfig(enabled=True, method=saved.get("method", "lora"), **towers)
+    calibration = saved.get("train_logit_calibration", True)
+    return PeftConfig(enabled=True, method=saved.get("method", "lora"), train_logit_calibration=calibration, **towers)
 
 
-def describe(counts: dict[str, int]) -> str:
+def describe(counts: dict[str, Any]) -> str:
+    """The start-of-run line: trainable parameters per tower (with its PEFT mode) and in all."""
+    modes = counts.get("modes") or {}
+
+    def tower(name: str) -> str:
+        mode = f" ({modes[name]})" if name in modes else ""
+        return f"{name}{mode} {counts[name]:,}"
+
+    adapted = f", {counts['adapted_modules']} modules with LoRA" if "adapted_modules" in counts else ""
     return (
-        f"LoRA: {counts['trainable']:,} trainable of {counts['total']:,} parameters "
-        f"({100 * counts['trainable'] / max(counts['total'], 1):.2f} %), {counts['adapted_modules']} modules adapted"
+        f"trainable parameters: {tower('vision')}, {tower('text')}, logit scale/bias {counts['logit']:,}; "
+        f"{counts['trainable']:,} of {counts['total']:,} ({100 * counts['trainable'] / max(counts['total'], 1):.2f} %)"
+        f"{adapted}"
     )

@@ -10,17 +10,26 @@ The ``state_dict`` keys are those of TAO's adapter under the Lightning module's 
 - ``model.backbone.head.*``: a classification head TAO's backbone wrapper may carry (unused by CLIP);
 - ``model.radio_model.*`` (and ``model.adaptor.*``, the same adaptor registered twice): RADIO's hub model.
 
-The backbones' own logit parameters (``...inner.logit_scale``) are not the ones TAO trains: the adapter's win.
+The backbones' own logit parameters (``...inner.logit_scale``) are not the ones TAO 7.0.1 trains: the adapter's
+win. TAO 7.3 moved the calibration into the source model (``model.backbone.inner.logit_scale`` ...): a checkpoint
+without the adapter's copy takes the backbone's (an OpenCLIP source without a bias has none: 0, as its logits).
+
+TAO 7.3's LoRA checkpoints hold each adapted ``nn.Linear`` at ``P`` as TAO's ``LoRALinear``: ``P.original.weight``
+(and ``.bias``), ``P.lora_A`` [r, in], ``P.lora_B`` [out, r] and the buffer ``P.scaling`` (alpha / r; absent in
+its earliest version). :func:`merge_tao_lora` folds them into ``P.weight = W + scaling * B @ A``, so every task
+gets the plain model.
 """
 
 from __future__ import annotations
 
 import logging
+import re
 from typing import Any
 
 import torch
 from torch import nn
 
+from clip_tao.config.schema import PeftConfig
 from clip_tao.errors import ModelError
 
 log = logging.getLogger(__name__)
@@ -39,18 +48,25 @@ def is_lightning_checkpoint(checkpoint: Any) -> bool:
     return isinstance(checkpoint, dict) and LIGHTNING_MARKER in checkpoint and "state_dict" in checkpoint
 
 
-def tao_state_to_ours(model: nn.Module, checkpoint: dict, path: str) -> dict[str, torch.Tensor]:
-    """Our model's state dict from a TAO CLIP Lightning checkpoint (keys renamed, nothing else changed)."""
+def tao_state_to_ours(
+    model: nn.Module, checkpoint: dict, path: str, peft: PeftConfig | None = None
+) -> dict[str, torch.Tensor]:
+    """Our model's state dict from a TAO CLIP Lightning checkpoint (keys renamed, LoRA merged, nothing else).
+
+    ``peft``: the spec's section, read only for a LoRA checkpoint without its ``scaling`` buffers.
+    """
     state = checkpoint["state_dict"]
-    if "model.logit_scale" not in state:
+    found = [prefix for prefix in (*_BACKBONES, _RADIO) if any(k.startswith(prefix) for k in state)]
+    own_scale = bool(found) and f"{found[0]}logit_scale" in state and found[0] != _RADIO
+    if "model.logit_scale" not in state and not own_scale:
         raise ModelError(
             f"{path!r} is a Lightning checkpoint but not of TAO's CLIP task (no model.logit_scale key; "
             f"its keys start {sorted({k.split('.')[0] for k in state})[:3]}): give a checkpoint of `tao model clip train`"
         )
-    ours = _our_logit_names(model)
-    found = [prefix for prefix in (*_BACKBONES, _RADIO) if any(k.startswith(prefix) for k in state)]
     if not found:
         raise ModelError(f"{path!r}: TAO CLIP checkpoint without model.backbone.* or model.radio_model.* weights")
+    state = merge_tao_lora(state, peft, path)
+    ours = _our_logit_names(model)
     prefix = found[0]
     if prefix == _RADIO:
         mapped = _radio_state(model, state, path)
@@ -64,13 +80,90 @@ def tao_state_to_ours(model: nn.Module, checkpoint: dict, path: str) -> dict[str
             )
         mapped = {target + k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
     # TAO's adapter keeps scalars ([]); a backbone's own may be [1]: take our parameter's shape.
-    mapped[ours["scale"]] = state["model.logit_scale"].reshape(model.logit_scale.shape)
-    if "model.logit_bias" in state:
-        mapped[ours["bias"]] = state["model.logit_bias"].reshape(model.logit_bias.shape)
+    scale_key = "model.logit_scale" if "model.logit_scale" in state else f"{prefix}logit_scale"
+    _note_two_calibrations(state, prefix, path)
+    bias_key = "model.logit_bias" if "model.logit_scale" in state else f"{prefix}logit_bias"
+    mapped[ours["scale"]] = state[scale_key].reshape(model.logit_scale.shape)
+    if bias_key in state:
+        mapped[ours["bias"]] = state[bias_key].reshape(model.logit_bias.shape)
+    elif scale_key != "model.logit_scale":
+        # TAO 7.3 keeps a bias-free source (OpenCLIP) without one: its logits have none, which is a bias of 0.
+        mapped[ours["bias"]] = torch.zeros_like(model.logit_bias)
+        log.info("%s: the source model has no logit bias (TAO 7.3 keeps none): 0", path)
     dropped = [k for k in state if k.startswith(_IGNORED)]
     if dropped:
         log.info("%s: left out %d tensors TAO keeps for other uses (%s ...)", path, len(dropped), dropped[0])
     return mapped
+
+
+_TAO_LORA = re.compile(r"^(?P<path>.+)\.original\.weight$")
+# Where a wrapped layer lives tells its tower (TAO's SigLIP2, RADIO and OpenCLIP layouts).
+_VISION_PATHS = (".vision_model.", "model.radio_model.model.", ".visual.")
+
+
+def merge_tao_lora(state: dict, peft: PeftConfig | None, path: str) -> dict:
+    """TAO 7.3's ``LoRALinear`` layers folded into plain ``nn.Linear`` weights: ``W + scaling * B @ A``."""
+    wrapped = [m["path"] for k in state if (m := _TAO_LORA.match(k)) and f"{m['path']}.lora_A" in state]
+    if not wrapped:
+        return state
+    without = [p for p in wrapped if f"{p}.scaling" not in state]
+    if without and len(without) != len(wrapped):
+        raise ModelError(
+            f"{path!r}: {len(without)} of {len(wrapped)} LoRA layers lack their scaling (e.g. {without[0]}.scaling): "
+            "the file is damaged or mixes two versions"
+        )
+    out = dict(state)
+    for layer in wrapped:
+        lora_a, lora_b = out.pop(f"{layer}.lora_A"), out.pop(f"{layer}.lora_B")
+        weight = out.pop(f"{layer}.original.weight")
+        scaling = out.pop(f"{layer}.scaling", None)
+        if scaling is None:
+            scaling = _scaling_from_spec(layer, lora_a, peft, path)
+        if lora_b.shape[1] != lora_a.shape[0] or (lora_b.shape[0], lora_a.shape[1]) != tuple(weight.shape):
+            raise ModelError(
+                f"{path!r}: {layer}: lora_A {list(lora_a.shape)} and lora_B {list(lora_b.shape)} do not fit the "
+                f"weight {list(weight.shape)}"
+            )
+        delta = (lora_b.double() @ lora_a.double()) * float(scaling)
+        out[f"{layer}.weight"] = (weight.double() + delta).to(weight.dtype)
+        if f"{layer}.original.bias" in out:
+            out[f"{layer}.bias"] = out.pop(f"{layer}.original.bias")
+    if without:
+        log.warning(
+            "%s: TAO LoRA checkpoint without scaling buffers: alpha/rank of the spec's peft section used for %d "
+            "layers (they must be the training run's)",
+            path, len(without),
+        )  # fmt: skip
+    log.info("%s: %d TAO LoRA layers merged into the weights", path, len(wrapped))
+    return out
+
+
+def _scaling_from_spec(layer: str, lora_a: torch.Tensor, peft: PeftConfig | None, path: str) -> float:
+    tower = "vision" if any(p in f".{layer}" for p in _VISION_PATHS) else "text"
+    cfg = getattr(peft, tower) if peft is not None else None
+    rank = lora_a.shape[0]
+    if peft is None or not peft.enabled or cfg.resolved_mode() != "lora" or cfg.rank != rank:
+        described = "no LoRA" if cfg is None or not peft.enabled else f"mode {cfg.resolved_mode()}, rank {cfg.rank}"
+        raise ModelError(
+            f"{path!r}: {layer} is a rank-{rank} LoRA layer without its scaling, and the spec's peft.{tower} "
+            f"({described}) does not describe it: give this task the training spec's peft section"
+        )
+    return cfg.alpha / cfg.rank
+
+
+def _note_two_calibrations(state: dict, prefix: str, path: str) -> None:
+    """A checkpoint from before TAO 7.3's calibration change holds the adapter's logit parameters and the source
+    model's. TAO 7.3 refuses such files; here the adapter's are used, as TAO 7.0.1's forward did."""
+    for name in ("logit_scale", "logit_bias"):
+        outer, inner = state.get(f"model.{name}"), state.get(f"{prefix}{name}")
+        if outer is None or inner is None or prefix == _RADIO:
+            continue
+        if outer.numel() == inner.numel() == 1 and float(outer.flatten()[0]) != float(inner.flatten()[0]):
+            log.warning(
+                "%s: checkpoint from before TAO 7.3's calibration change: model.%s=%.6g (used, as TAO 7.0.1's "
+                "forward) and %s%s=%.6g (left out)",
+                path, name, float(outer.flatten()[0]), prefix, name, float(inner.flatten()[0]),
+            )  # fmt: skip
 
 
 def _our_logit_names(model: nn.Module) -> dict[str, str]:

@@ -40,12 +40,15 @@ from clip_tao.engine.embedding import embed_loader
 from clip_tao.engine.finite import check_weights, overflow_error
 from clip_tao.engine.lora import has_lora_weights
 from clip_tao.engine.optim import build_optimizer, build_scheduler
+from clip_tao.engine.regularization import TAO_NAMES, embedding_drift, tao_regularization_kpi
 from clip_tao.engine.step import contrastive_backward
+from clip_tao.engine.topk import TopKCheckpoints
 from clip_tao.errors import ConfigError, ModelError
 from clip_tao.io.atomic import link_or_copy
 from clip_tao.io.status import StatusWriter
 from clip_tao.io.tao_kpi import tao_epoch_fields, tao_retrieval_kpi
 from clip_tao.losses import ContrastiveLoss
+from clip_tao.metadata_losses import MaskedSiglipLoss, compatibility
 from clip_tao.metrics import retrieval_metrics
 from clip_tao.models.base import ClipModel
 
@@ -118,12 +121,36 @@ class Trainer:
         self.last_saved: str | None = None  # named when training diverges: the last checkpoint with good weights
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.precision.use_grad_scaler)
         self.loss_fn = ContrastiveLoss(
-            self.tcfg.loss_type, self.dist.rank, self.dist.world_size, duplicate_pairs=self.tcfg.duplicate_pairs
+            self.tcfg.loss_type,
+            self.dist.rank,
+            self.dist.world_size,
+            duplicate_pairs=self.tcfg.duplicate_pairs,
+            dist_impl=self.tcfg.siglip_loss_dist_impl,
         )
+        self.metadata_loss = self._metadata_loss()
+        if self.metadata_loss is not None:
+            self.loss_fn = self.metadata_loss
         self.validation_every = self._validation_every()
         self.tensorboard = self._open_tensorboard() if self.dist.is_main else None
         self.wandb = None
         self.sample_log = self._open_sample_log()
+        self.pas = None
+        if cfg.dataset.val.metadata_match_eval and val_data is not None:
+            from clip_tao.engine.pas_validation import PasValidation
+
+            self.pas = PasValidation(cfg.dataset.val)
+        # TAO 7.3: with metadata validation the paired figures give way to the PAS ones.
+        self.best_metric = "pas/overall_mAP" if self.pas is not None else BEST_METRIC
+        default_monitor = "val/pas/overall_mAP" if self.pas is not None else None
+        self.topk = (
+            TopKCheckpoints(self.tcfg.checkpointer, out_dir, default_monitor)
+            if self.tcfg.checkpointer.enable_topk
+            else None
+        )
+        if self.topk is not None and val_data is None:
+            raise ConfigError(
+                "train.checkpointer.enable_topk=true ranks checkpoints by a validation figure: give dataset.val"
+            )
 
     # -- set-up ---------------------------------------------------------------------------------
     def _check_config(self) -> None:
@@ -133,6 +160,30 @@ class Trainer:
                 raise ConfigError(f"train.{key}={getattr(t, key)} must be >= 1")
         if t.grad_clip_norm is not None and t.grad_clip_norm <= 0:
             raise ConfigError(f"train.grad_clip_norm={t.grad_clip_norm} must be > 0 (or null for no clipping)")
+
+    def _metadata_loss(self) -> MaskedSiglipLoss | None:
+        t = self.tcfg
+        if t.loss_type != "siglip" or t.siglip_loss_mask_mode == "none":
+            return None
+        if self.train_data.metadata is None:
+            raise ConfigError(
+                f"train.siglip_loss_mask_mode={t.siglip_loss_mask_mode} needs dataset.train.include_attribute_metadata"
+            )
+        return MaskedSiglipLoss(
+            t.siglip_loss_mask_mode, t.compatible_positive_weight, t.compatible_positive_normalization,
+            self.dist.rank, self.dist.world_size, t.siglip_loss_dist_impl,
+        )  # fmt: skip
+
+    def _compatibility(self, micro: list[dict], count: int) -> torch.Tensor:
+        """The step's metadata mask: its images (this rank's) against its texts (every rank's under gather)."""
+        meta = self.train_data.metadata
+        rows = torch.cat([b["indices"] for b in micro if "pixels" in b and len(b["indices"]) > 0])[:count]
+        accessories = "accessory" in self.tcfg.siglip_loss_mask_mode
+        text = [meta["text_attr"][rows], meta["text_acc"][rows] if accessories else None]
+        if self.metadata_loss.gather:
+            text = [None if t is None else torch.cat(D.gather_objects(self.dist, t)) for t in text]
+        image_acc = meta["image_acc"][rows] if accessories else None
+        return compatibility(text[0], meta["image_attr"][rows], text[1], image_acc, accessories).T
 
     def _validation_every(self) -> int:
         if self.tcfg.val_check_interval is None:
@@ -145,12 +196,12 @@ class Trainer:
         return int(self.tcfg.val_check_interval)
 
     def _freeze_towers(self) -> None:
-        if self.cfg.model.freeze_vision_encoder:
-            for p in self.model.vision_parameters():
-                p.requires_grad_(False)
-        if self.cfg.model.freeze_text_encoder:
-            for p in self.model.text_parameters():
-                p.requires_grad_(False)
+        # With PEFT on, the tower modes (applied before) decide, overriding the freeze flags (TAO 7.3).
+        if not self.cfg.peft.enabled:
+            for tower, params in (("vision", self.model.vision_parameters), ("text", self.model.text_parameters)):
+                if getattr(self.cfg.model, f"freeze_{tower}_encoder"):
+                    for p in params():
+                        p.requires_grad_(False)
         if self.tcfg.loss_type == "clip":
             # The softmax loss has no bias: a trainable parameter without gradients trips DDP's checks.
             self.model.logit_bias.requires_grad_(False)
@@ -209,6 +260,8 @@ class Trainer:
         s.best_value = best.get("value", -math.inf)
         s.best_epoch = best.get("epoch")
         s.history = list(checkpoint.get("history", []))
+        if self.topk is not None:
+            self.topk.load_state_dict(checkpoint.get("topk"))
         self.skipped.update(checkpoint.get("skipped", {}))
         rng = checkpoint.get("rng")
         if isinstance(rng, list):  # one state per rank
@@ -270,6 +323,8 @@ class Trainer:
             # FSDP replaces parameters by sharded ones: the optimiser must be built on those.
             self.optimizer = build_optimizer(self.model, self.tcfg.optim)
             self.scheduler = build_scheduler(self.optimizer, self.tcfg.optim, self.total_steps)
+        # TAO 7.3: the clamp's ceiling is max(ln 100, the starting or restored raw scale).
+        self.logit_ceiling = self.model.logit_scale_ceiling()
         checkpoint, self._resume_from = self._resume_from, None
         if checkpoint is None:
             return
@@ -300,22 +355,32 @@ class Trainer:
                 kpi.update({k: D.all_reduce_mean(self.dist, v) for k, v in self.loss_fn.epoch_figures().items()})
             s.epoch, s.batches_in_epoch, s.stream_positions = epoch + 1, 0, None
             last = s.epoch == t.num_epochs
-            if self.val_data is not None and (s.epoch % self.validation_every == 0 or last):
+            validated = self.val_data is not None and (s.epoch % self.validation_every == 0 or last)
+            if validated:
                 kpi.update(self.validate())
             # Ranks skip different bad files; rank 0's view decides (only it writes), the others follow it.
             kpi = D.broadcast_object(self.dist, kpi)
             kpi["skipped_files"] = sum(self.skipped.values())
             s.history.append({"epoch": epoch, **kpi})
             self._log_scalars({f"epoch/{k}": v for k, v in kpi.items()}, s.global_step)
-            improved = BEST_METRIC in kpi and kpi[BEST_METRIC] > s.best_value
+            tao_names = tao_regularization_kpi(kpi)
+            self._log_scalars(tao_names, s.global_step)
+            improved = self.best_metric in kpi and kpi[self.best_metric] > s.best_value
             if improved:
-                s.best_value, s.best_epoch = kpi[BEST_METRIC], epoch
+                s.best_value, s.best_epoch = kpi[self.best_metric], epoch
+            tao_names.update(tao_retrieval_kpi(kpi, "val"))
+            # TAO writes the PAS figures as fractions in strings, under val/pas/...
+            tao_names.update({f"val/{k}": str(v) for k, v in kpi.items() if k.startswith("pas/")})
+            # Ranked before the epoch's checkpoint is written, so that it records the ranking it belongs to.
+            ranked = self._rank_topk(epoch, kpi, tao_names) if validated and self.topk is not None else None
             saved = None
             # The last epoch always ends with a checkpoint, whatever the unit of the interval.
             if last or (t.checkpoint_interval_unit == "epoch" and s.epoch % t.checkpoint_interval == 0):
                 saved = self.save(epoch)
             if improved:
                 self._save_best(saved)
+            if ranked is not None:
+                self._save_topk(*ranked, saved)
             # TAO's names and scales (val/t2i_mAP as a fraction, in a string; epoch, max_step, eta ...) beside ours.
             progress = tao_epoch_fields(
                 epoch, t.num_epochs, s.global_step, self.steps_per_epoch, seconds, seconds / steps
@@ -323,7 +388,7 @@ class Trainer:
             self.status.write(
                 "RUNNING",
                 f"Epoch {epoch} done.",
-                kpi={**kpi, **tao_retrieval_kpi(kpi, "val")},
+                kpi={**kpi, **tao_names},
                 **progress,
                 skipped=dict(self.skipped),
             )
@@ -417,6 +482,8 @@ class Trainer:
             self.scheduler.step()  # keep the schedule in step with global_step
             return None, 0
         self.optimizer.zero_grad(set_to_none=True)
+        if self.metadata_loss is not None:
+            self.metadata_loss.set_mask(self._compatibility(micro, count))
         regularized = hasattr(self.loss_fn, "set_batch")  # RegularizedLoss: the teacher embeds the pairs first
         if regularized:
             self.loss_fn.set_batch(pairs, self.device)
@@ -433,14 +500,14 @@ class Trainer:
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.scheduler.step()
-        self.model.clamp_logit_scale()
+        self.model.clamp_logit_scale(self.logit_ceiling)
         if self.sample_log is not None:
             self.sample_log.writelines(f"{self.state.global_step} {k}\n" for k in keys)
             self.sample_log.flush()
-        terms = self.loss_fn.end_step() if regularized else {}
+        terms = self.loss_fn.end_step() if hasattr(self.loss_fn, "end_step") else {}
         if self.state.global_step % LOG_EVERY == 0:
             self._log_scalars({"train/loss": float(loss), "train/lr": self._lr(), "train/logit_scale": self._scale()})
-            self._log_scalars({f"train/{k}": v for k, v in terms.items()})
+            self._log_scalars({TAO_NAMES[k]: v for k, v in terms.items()})
         return loss, count
 
     def validate(self) -> dict[str, float]:
@@ -463,8 +530,16 @@ class Trainer:
         if result.image is None or len(result.image) < 2:
             log.warning("validation set has fewer than two usable samples: no validation figures")
             return {}
-        metrics = retrieval_metrics(result.image, result.text)
-        return {k: v for k, v in metrics.items() if k.startswith(("i2t_", "t2i_")) and "num_queries" not in k}
+        if self.pas is not None:
+            out = self.pas.figures(self.val_data.samples, result)
+        else:
+            metrics = retrieval_metrics(result.image, result.text)
+            out = {k: v for k, v in metrics.items() if k.startswith(("i2t_", "t2i_")) and "num_queries" not in k}
+        teacher = getattr(self.loss_fn, "teacher", None)  # regularisation: TAO's drift from the starting model
+        if teacher is not None and result.text is not None:
+            reference = embed_loader(teacher, self.val_data.loader, self.device, self.precision, desc="teacher")
+            out.update(embedding_drift(result, reference))
+        return out
 
     # -- outputs --------------------------------------------------------------------------------
     def save(self, epoch: int) -> str:
@@ -479,9 +554,17 @@ class Trainer:
             save_checkpoint(path, state)
             link_or_copy(path, os.path.join(self.out_dir, LATEST_NAME))
             log.info("saved %s", path)
+            previous = self.last_saved
+            if self._replace_periodic() and previous and previous != path and os.path.exists(previous):
+                # No periodic series: only the newest file stays (clip_latest.pth and resumption need it).
+                os.remove(previous)
         self.last_saved = path
         D.barrier(self.dist)
         return path
+
+    def _replace_periodic(self) -> bool:
+        c = self.tcfg.checkpointer
+        return c.enable_topk and c.replace_periodic
 
     def _save_best(self, saved: str | None) -> None:
         """``clip_best.pth``: the epoch's checkpoint when one was saved, else a checkpoint of its own."""
@@ -493,8 +576,29 @@ class Trainer:
                 save_checkpoint(best, state)
             else:
                 link_or_copy(saved, best)
-            log.info("new best %s=%.2f at epoch %d -> %s", BEST_METRIC, self.state.best_value,
+            log.info("new best %s=%.4g at epoch %d -> %s", self.best_metric, self.state.best_value,
                      self.state.best_epoch, best)  # fmt: skip
+        D.barrier(self.dist)
+
+    def _rank_topk(self, epoch: int, kpi: dict, tao_names: dict) -> tuple[str | None, list[str]]:
+        figures = {**kpi, **tao_names, "epoch": epoch, "step": self.state.global_step}
+        return self.topk.offer(self.topk.value(figures), epoch, figures)
+
+    def _save_topk(self, path: str | None, dropped: list[str], saved: str | None) -> None:
+        """Write this epoch's weights under the best-checkpoint name; delete the ones that fell out."""
+        if path is None:
+            return
+        state = self._checkpoint_state() if saved is None else None
+        if self.dist.is_main:
+            os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+            if saved is None:
+                save_checkpoint(path, state)
+            else:
+                link_or_copy(saved, path)
+            for old in dropped:
+                if os.path.exists(old):
+                    os.remove(old)
+            log.info("best %s=%s so far: %s", self.topk.monitor, f"{self.topk.kept[0]['value']:.4g}", path)
         D.barrier(self.dist)
 
     def _checkpoint_state(self) -> dict[str, Any]:
@@ -519,7 +623,8 @@ class Trainer:
             "steps_in_epoch": s.batches_in_epoch // self.accumulate,
             "data_position": data_position,
             "world_size": self.dist.world_size,
-            "best": {"metric": BEST_METRIC, "value": s.best_value, "epoch": s.best_epoch},
+            "best": {"metric": self.best_metric, "value": s.best_value, "epoch": s.best_epoch},
+            "topk": self.topk.state_dict() if self.topk is not None else None,
             "history": s.history,
             "skipped": dict(self.skipped),
             # One state per rank (each draws from its own generators); a single rank stores a plain dict.

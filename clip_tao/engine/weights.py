@@ -29,7 +29,7 @@ def load_weights(model: nn.Module, path: str, peft: PeftConfig | None = None) ->
     checkpoint = load_checkpoint(path)
     current = getattr(model, "model_type", None)
     if is_lightning_checkpoint(checkpoint):
-        state = tao_state_to_ours(model, checkpoint, path)
+        state = tao_state_to_ours(model, checkpoint, path, peft)
         log.info("%s: TAO Lightning checkpoint (epoch %s, step %s)", path, checkpoint.get("epoch"),
                  checkpoint.get("global_step"))  # fmt: skip
     else:

@@ -127,9 +127,17 @@ class ClipModel(nn.Module, metaclass=ABCMeta):
         self.logit_bias.fill_(bias)
 
     @torch.no_grad()
-    def clamp_logit_scale(self) -> None:
-        """Keep exp(scale) within [1, 100], as CLIP does, so training cannot blow the temperature up."""
-        self.logit_scale.clamp_(0.0, MAX_LOGIT_SCALE)
+    def clamp_logit_scale(self, ceiling: float = MAX_LOGIT_SCALE) -> None:
+        """Keep the raw scale within [0, ceiling] so training cannot blow the temperature up.
+
+        TAO 7.3's ceiling is ``max(ln 100, the raw scale when training starts)`` (:func:`logit_scale_ceiling`):
+        a pretrained or restored scale above ln 100 is kept, not cut.
+        """
+        self.logit_scale.clamp_(0.0, ceiling)
+
+    def logit_scale_ceiling(self) -> float:
+        """TAO 7.3's clamp ceiling for this model's current (starting) raw scale."""
+        return max(MAX_LOGIT_SCALE, float(self.logit_scale.detach().max()))
 
 
 def preprocess_from_config(config: dict, image_size: int) -> Preprocess:

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from clip_tao.errors import ConfigError, ModelError
-from clip_tao.models.base import DEFAULT_LOGIT_INIT, MAX_LOGIT_SCALE, ClipModel
+from clip_tao.models.base import DEFAULT_LOGIT_INIT, ClipModel
 from clip_tao.models.family import BuildOptions, ModelInfo, family_builder
 
 CONFIG_DIR = Path(__file__).parent / "configs"
@@ -91,8 +91,9 @@ def create_model(
     ``tokenizer_path`` is a local tokenizer folder for families whose tokenizer lives on the hub;
     ``max_num_patches`` is the patch budget of NaFlex types (refused by the others).
     """
-    if init_logit_scale is not None and not 0.0 <= init_logit_scale <= MAX_LOGIT_SCALE:
-        raise ModelError(f"model.init_logit_scale={init_logit_scale} must lie in [0, ln 100 = 4.605]")
+    if init_logit_scale is not None and init_logit_scale < 0.0:
+        # exp(raw) < 1 would divide the similarities; above ln 100 is allowed (TAO 7.3 raises its clamp to it).
+        raise ModelError(f"model.init_logit_scale={init_logit_scale} must be >= 0 (the scale is exp of it)")
     info = get_model_info(model_type)
     builder = family_builder(info.family)
     options = BuildOptions(

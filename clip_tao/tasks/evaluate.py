@@ -11,6 +11,7 @@ Pairs (``evaluate.mode: pairs``): compositional accuracy on ``evaluate.pairs_fil
 from __future__ import annotations
 
 import csv
+import json
 import logging
 import os
 from dataclasses import dataclass
@@ -20,6 +21,7 @@ import torch
 
 from clip_tao.classification import DEFAULT_TEMPLATES, class_embeddings, classification_metrics
 from clip_tao.compositional import pairs_accuracy, read_pairs_file
+from clip_tao.config.checks import check_implemented
 from clip_tao.config.schema import ExperimentConfig
 from clip_tao.data.classes import build_image_loader, scan_labelled_images
 from clip_tao.data.custom import Sample, SkipCounter
@@ -51,13 +53,17 @@ log = logging.getLogger(__name__)
 def run(cfg: ExperimentConfig) -> dict | None:
     """Evaluate in this process, or as one rank of a torchrun job: every rank embeds its share of the parts,
     rank 0 gathers them in order and computes the exact figures (the others return ``None``)."""
+    check_implemented(cfg, "evaluate")
     with task_on_ranks(cfg, "evaluate") as (ctx, out_dir, status):
         status.write("STARTED", f"Starting evaluation ({cfg.evaluate.mode}).")
         try:
+            pas_file = _pas_pairs_file(cfg)
             if cfg.evaluate.mode == "classification":
                 results = _classification(cfg, out_dir, ctx)
             elif cfg.evaluate.mode == "pairs":  # a few thousand lines: one process scores them
                 results = _pairs(cfg, out_dir) if ctx.is_main else None
+            elif pas_file is not None:  # TAO's PAS figures: one process
+                results = _pas(cfg, out_dir, *pas_file) if ctx.is_main else None
             else:
                 results = _retrieval(cfg, out_dir, ctx)
         except (Exception, KeyboardInterrupt) as exc:
@@ -176,6 +182,73 @@ def _retrieval(cfg: ExperimentConfig, out_dir: str, ctx: DistContext) -> dict | 
     print(format_retrieval_table(metrics))
     if skipped:
         print(f"skipped: {skipped.summary()}")
+    return results
+
+
+def _pas_pairs_file(cfg: ExperimentConfig):
+    """TAO 7.3's direct PAS evaluation: the first ``evaluate.datasets`` entry whose pairs file exists
+    (``attribute_pairs_file``, else ``<stem>_pairs.json`` beside ``<stem>_list.txt``), as ``(entry, path)``."""
+    from clip_tao.data.pas_metadata import pairs_file
+
+    for i, entry in enumerate(cfg.evaluate.datasets):
+        try:
+            path = pairs_file(entry, "val", f"evaluate.datasets[{i}]")
+        except DataError:
+            continue
+        if entry.attribute_pairs_file or os.path.isfile(path):
+            return entry, path
+    if cfg.evaluate.pas_ground_truth_mode != "paired_caption":
+        raise DataError(
+            f"evaluate.pas_ground_truth_mode={cfg.evaluate.pas_ground_truth_mode} needs an evaluate.datasets entry "
+            "with a pairs file (attribute_pairs_file, or <stem>_pairs.json beside its <stem>_list.txt)"
+        )
+    return None
+
+
+def _pas(cfg: ExperimentConfig, out_dir: str, entry, path: str) -> dict:
+    """TAO's PAS text->image evaluation of one pairs file: its CSV files, and the figures as KPIs."""
+    from clip_tao.data.custom import Sample
+    from clip_tao.data.pas_metadata import load_metadata
+    from clip_tao.pas import dataset_of, evaluate_pas, overall, write_pas_files
+
+    e = cfg.evaluate
+    mode = e.pas_ground_truth_mode
+    with open(path, encoding="utf-8") as f:
+        names = [row.get("unique_name", "") if isinstance(row, dict) else "" for row in json.load(f)]
+    meta = load_metadata(path, names, True if mode == "scalar_plus_accessories" else None)
+    model, device = build_encoder(cfg, "evaluate")
+    precision = resolve_precision("fp32", device)
+    first: dict[tuple, dict] = {}
+    for row in meta.rows:
+        first.setdefault((dataset_of(row), row["image_path"]), row)
+    keys = list(first)
+    samples = [
+        Sample(os.path.join(entry.image_dir, first[k]["unique_name"]), None, f"0/{i}") for i, k in enumerate(keys)
+    ]
+    loader = build_image_loader(samples, model.preprocess, e.batch_size, e.num_workers, "evaluate.datasets")
+    embedded = embed_loader(model, loader, device, precision, desc="PAS images", texts=False)
+    if len(embedded.indices) != len(keys):
+        raise DataError(f"{path}: {len(keys) - len(embedded.indices)} gallery images could not be read")
+    images = {keys[int(i)]: v for i, v in zip(embedded.indices, torch.nn.functional.normalize(embedded.image, dim=-1))}
+    captions = list(dict.fromkeys(row["caption"] for row in meta.rows))
+    text = torch.nn.functional.normalize(embed_texts(model, captions, device, precision, e.batch_size), dim=-1)
+    texts = dict(zip(captions, text))
+    paired = evaluate_pas(meta.rows, images, texts, "paired_caption")
+    scalar = evaluate_pas(meta.rows, images, texts, mode) if mode != "paired_caption" else None
+    written = write_pas_files(out_dir, paired, scalar)
+    figures = overall(scalar if scalar is not None else paired)
+    results = {f"pas/{k}": v for k, v in figures.items()}
+    results.update(model_type=model.model_type, backend=backend_name(e), checkpoint=e.checkpoint, pairs_file=path,
+                   pas_ground_truth_mode=mode)  # fmt: skip
+    write_json(os.path.join(out_dir, "results.json"), results)
+    shown = [
+        r for r in (scalar or paired) if r["Dataset"].startswith("WAVG_") or len({x["Dataset"] for x in paired}) == 1
+    ]
+    print(f"\nPAS text->image ({mode}) on {len(keys)} images / {len(captions)} captions ({model.model_type})")
+    print(format_table(["query type", "queries", "mAP", "Rank-1", "Rank-5"],
+                       [[r["QueryType"], r["num_queries"], f"{r['mAP']:.4f}", f"{r['Rank-1']:.4f}",
+                         f"{r['Rank-5']:.4f}"] for r in shown if not r["Dataset"].startswith("AVG_")]))  # fmt: skip
+    print("files: " + ", ".join(os.path.basename(p) for p in written))
     return results
 
 

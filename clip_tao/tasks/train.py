@@ -7,6 +7,7 @@ import logging
 import os
 
 from clip_tao import stopping
+from clip_tao.config.checks import check_implemented, check_loss_keys
 from clip_tao.config.loader import config_to_dict
 from clip_tao.config.schema import ExperimentConfig
 from clip_tao.data.loaders import build_train_loader, build_val_loader
@@ -14,7 +15,7 @@ from clip_tao.data.pairs import PairOptions
 from clip_tao.engine.checkpoint import check_model_type, load_checkpoint
 from clip_tao.engine.device import seed_everything
 from clip_tao.engine.distributed import DistContext, barrier, cleanup_distributed, setup_distributed
-from clip_tao.engine.lora import apply_lora
+from clip_tao.engine.lora import apply_lora, tower_modes, trainable_counts
 from clip_tao.engine.lora import describe as describe_lora
 from clip_tao.engine.model_setup import build_model
 from clip_tao.engine.regularization import RegularizedLoss, frozen_teacher
@@ -26,12 +27,18 @@ from clip_tao.io.status import StatusWriter
 from clip_tao.io.tables import format_retrieval_table, format_table
 from clip_tao.io.task_dir import claim_task_dir, failure_message, prepare_task_dir
 from clip_tao.io.wandb_run import start_wandb
+from clip_tao.metadata_losses import TripletAugmentedLoss
 
 log = logging.getLogger(__name__)
 
 
 def run(cfg: ExperimentConfig) -> dict:
     """Train in this process, or as one rank of a torchrun job (only rank 0 writes files)."""
+    check_loss_keys(cfg)
+    check_implemented(cfg, "train")
+    t = cfg.train
+    if t.loss_type == "clip" and (t.siglip_loss_mask_mode != "none" or t.siglip_loss_dist_impl != "gather"):
+        log.warning("train.loss_type=clip: train.siglip_loss_* apply to the SigLIP loss only and are ignored")
     dist = setup_distributed(cfg.train)
     try:
         with contextlib.ExitStack() as claims:
@@ -84,8 +91,10 @@ def _train(cfg: ExperimentConfig, out_dir: str, status, dist: DistContext) -> di
     seed_everything(t.seed, t.cudnn.benchmark, t.cudnn.deterministic)
     model = build_model(cfg)
     pairs = PairOptions(t.hard_negatives_per_sample, hash_images=t.duplicate_pairs != "negative")
+    mode = t.siglip_loss_mask_mode if t.loss_type == "siglip" else "none"
+    accessories = True if "accessory" in mode else (None if mode == "none" else False)
     train_data = build_train_loader(cfg.dataset, model.preprocess, model.tokenizer, dist.rank, dist.world_size,
-                                    t.accumulate_grad_batches, pairs)  # fmt: skip
+                                    t.accumulate_grad_batches, pairs, accessories)  # fmt: skip
     val_data = build_val_loader(cfg.dataset, model.preprocess, model.tokenizer, cfg.dataset.pin_memory)
     log.info(
         "%s: %d training samples an epoch, %d validation samples, %d process(es), %s",
@@ -100,18 +109,23 @@ def _train(cfg: ExperimentConfig, out_dir: str, status, dist: DistContext) -> di
         load_weights(model, t.pretrained_model_path, cfg.peft)
         log.info("start weights from %s", t.pretrained_model_path)
     teacher = frozen_teacher(model) if cfg.regularization.enabled else None
+    peft_counts = {}
     if cfg.peft.enabled:
         freeze = {"vision": cfg.model.freeze_vision_encoder, "text": cfg.model.freeze_text_encoder}
-        log.info(describe_lora(apply_lora(model, cfg.peft, freeze)))
+        peft_counts = apply_lora(model, cfg.peft, freeze)
     # Before the Trainer opens TensorBoard: wandb.sync_tensorboard must patch it first.
     wandb_run = start_wandb(cfg.wandb, out_dir, config_to_dict(cfg)) if dist.is_main else None
     trainer = Trainer(cfg, model, train_data, val_data, out_dir, status, dist)
     trainer.wandb = wandb_run
+    if t.triplet_loss_weight > 0:
+        trainer.loss_fn = TripletAugmentedLoss(trainer.loss_fn, t.triplet_loss_weight, t.triplet_margin)
     if teacher is not None:
         trainer.loss_fn = RegularizedLoss(trainer.loss_fn, teacher.to(trainer.device), cfg.regularization,
                                           trainer.precision)  # fmt: skip
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    log.info("parameters: %s trainable of %s", f"{trainable:,}", f"{sum(p.numel() for p in model.parameters()):,}")
+    counts = trainable_counts(model)
+    if cfg.peft.enabled:
+        counts.update(modes=tower_modes(cfg.peft), adapted_modules=peft_counts["adapted_modules"])
+    log.info(describe_lora(counts))
 
     if resume_path:
         if auto:
@@ -129,7 +143,7 @@ def _train(cfg: ExperimentConfig, out_dir: str, status, dist: DistContext) -> di
         "epochs": state.epoch,
         "steps": state.global_step,
         "final": final,
-        "best": {"metric": BEST_METRIC, "value": state.best_value, "epoch": state.best_epoch},
+        "best": {"metric": trainer.best_metric, "value": state.best_value, "epoch": state.best_epoch},
         "skipped_files": dict(trainer.skipped),
     }
     if dist.is_main:
