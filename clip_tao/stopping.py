@@ -21,6 +21,11 @@ handled in logging's after-fork hook, right after it, and was lost there. So:
   runs the Python handler; the watchdog learns of the signal from Python's wakeup fd (the C handler writes
   to it at once) and ends the process ``FORCE_S`` seconds later: the registered :func:`last_words` (the
   final status line, the release of the results folder) run first, then the loader workers are stopped.
+
+Preemption (:func:`checkpoint_first`): inside the training loop of a run that asked for it (under Slurm by
+default), SIGTERM does not interrupt at once. It is recorded, the step in progress finishes, the trainer writes a
+checkpoint (:func:`checkpoint_requested`) and then stops as for any signal: a requeued job continues from that
+step. A run that reaches no step boundary within ``GRACE_S`` seconds is stopped as usual.
 """
 
 from __future__ import annotations
@@ -41,6 +46,7 @@ log = logging.getLogger(__name__)
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 RETRY_S = 2.0  # a stop not acted on by then was dropped somewhere: deliver it again
 FORCE_S = 15.0  # still running this long after the signal: the main thread is stuck in C; exit
+GRACE_S = 60.0  # SIGTERM inside checkpoint_first(): the longest wait for the step in progress and its checkpoint
 
 _requested: int | None = None  # the first stop signal the main thread has handled
 _arrived: int | None = None  # the first stop signal, as the watchdog learnt of it (even if the main thread did not)
@@ -52,6 +58,8 @@ _installed = False
 _watchdog: threading.Thread | None = None
 _wakeup_write_fd = -1
 _last_words: list[Callable[[], None]] = []
+_checkpoint_first = False  # inside checkpoint_first()
+_checkpoint_pending = False  # a SIGTERM waits there for the step's end
 
 
 def requested() -> str | None:
@@ -127,6 +135,33 @@ def deferred() -> Iterator[None]:
         raise KeyboardInterrupt(signal.Signals(_requested).name)
 
 
+@contextlib.contextmanager
+def checkpoint_first(enabled: bool = True) -> Iterator[None]:
+    """Within the block (the training loop) a SIGTERM waits for the trainer: see :func:`checkpoint_requested`."""
+    global _checkpoint_first
+    if not enabled or not _installed or threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    _checkpoint_first = True
+    try:
+        yield
+    finally:
+        _checkpoint_first = False
+
+
+def checkpoint_requested() -> bool:
+    """A SIGTERM came inside :func:`checkpoint_first`: write a checkpoint now, then call :func:`stop_now`."""
+    return _checkpoint_pending
+
+
+def stop_now() -> None:
+    """Raise the stop that :func:`checkpoint_requested` held back."""
+    global _checkpoint_pending
+    if _checkpoint_pending:
+        _checkpoint_pending = False
+        raise KeyboardInterrupt(signal.Signals(_requested).name)
+
+
 def in_loader_worker() -> None:
     """In a DataLoader worker: ignore SIGINT; the main process stops the workers (torch's own SIGTERM handler
     ends a worker that its parent terminates)."""
@@ -135,7 +170,7 @@ def in_loader_worker() -> None:
 
 
 def _on_signal(signum: int, frame) -> None:
-    global _requested, _arrived, _arrived_at, _delivered_at
+    global _requested, _arrived, _arrived_at, _delivered_at, _checkpoint_pending
     if _acknowledged:
         return
     now = time.monotonic()
@@ -143,10 +178,14 @@ def _on_signal(signum: int, frame) -> None:
         _arrived, _arrived_at = signum, now
     if _requested is None:
         _requested = signum
-        _quiet_worker_checks()
+        if _checkpoint_first and signum == signal.SIGTERM:
+            _checkpoint_pending = True
+        else:
+            _quiet_worker_checks()
     _delivered_at = now
-    if _deferring:
+    if _deferring or (_checkpoint_pending and signum == signal.SIGTERM and now - _arrived_at < GRACE_S):
         return
+    _checkpoint_pending = False
     raise KeyboardInterrupt(signal.Signals(_requested).name)
 
 
@@ -179,7 +218,7 @@ def _watch(read_fd: int) -> None:
         if _arrived is None or not _installed:
             continue
         now = time.monotonic()
-        if now - _arrived_at > FORCE_S:
+        if now - _arrived_at > (GRACE_S + FORCE_S if _checkpoint_pending else FORCE_S):
             _force_exit()
         if not _acknowledged and now - max(_delivered_at, _arrived_at) > RETRY_S:
             _delivered_at = now

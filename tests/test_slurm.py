@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import re
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -141,3 +143,54 @@ def test_the_readmes_sbatch_torchrun_script_runs(cluster, tiny_spec, tmp_path):
     assert run.returncode == 0, run.stderr[-2000:] + output[-3000:] + cluster.logs()
     state, _ = _weights(results)
     assert state["world_size"] == 2 and state["epoch"] == 2
+
+
+def _job_state(cluster, job: str) -> str:
+    shown = cluster.run(["scontrol", "show", "job", job], timeout=60).stdout
+    found = re.search(r"JobState=(\w+)", shown)
+    return found[1] if found else "UNKNOWN"
+
+
+def _wait_for(predicate, what: str, timeout: float = 900) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, f"{what}: not within {timeout:.0f} s"
+        time.sleep(0.2)
+
+
+def test_a_preempted_job_checkpoints_its_step_and_resumes_exactly_when_requeued(cluster, tiny_spec, tmp_path):
+    """``scancel --signal=TERM`` (what a preemption sends first): the step in progress finishes, its checkpoint
+    is written, the job stops; ``scontrol requeue`` runs the same script again, which continues from there and
+    ends as an uninterrupted run. No trained step is lost."""
+    from tests.test_resume_layouts import _assert_same_run, _reference_run, _steps
+    from tests.test_resume_layouts import _spec as layout_spec
+
+    spec = layout_spec(tiny_spec, tmp_path, "wds")
+    spec.write_text(spec.read_text().replace("checkpoint_interval: 1", "checkpoint_interval: 1000"))
+    reference = _reference_run(spec, tmp_path)  # one process, no Slurm: checkpoints only where asked
+    results, log = tmp_path / "preempted", tmp_path / "preempted.keys"
+    script = tmp_path / "job.sh"
+    script.write_text(
+        "#!/bin/bash\n#SBATCH --requeue\n#SBATCH --open-mode=append\nexport OMP_NUM_THREADS=1\n"
+        f"srun {sys.executable} -m clip_tao train -e {spec} results_dir={results} train.sample_log={log} "
+        "dataset.train.batch_size=8 dataset.train.num_workers=0\n"
+    )
+    submitted = cluster.run(["sbatch", "--parsable", f"--output={tmp_path / 'job.out'}", str(script)],
+                            cwd=str(tmp_path))  # fmt: skip
+    assert submitted.returncode == 0, submitted.stderr
+    job = submitted.stdout.strip().split(";")[0]
+    stop = random.randint(2, 9)  # of the run's 12 steps
+    _wait_for(lambda: log.exists() and _steps(log) and max(_steps(log)) >= stop, f"step {stop}")
+    assert cluster.run(["scancel", "--signal=TERM", job]).returncode == 0
+    _wait_for(lambda: _job_state(cluster, job) not in ("RUNNING", "COMPLETING", "PENDING"), "the stop")
+    latest = torch.load(results / "train" / "clip_latest.pth", weights_only=True)
+    trained = max(_steps(log)) + 1  # steps are logged from 0
+    assert stop <= latest["global_step"] == trained < 12, (stop, trained)  # the last trained step is saved
+    lines = (results / "train" / "status.json").read_text().splitlines()
+    assert json.loads(lines[-1])["status"] == "FAILURE" and "SIGTERM" in lines[-1]
+    assert cluster.run(["scontrol", "requeue", job]).returncode == 0
+    cluster.run(["scontrol", "update", f"jobid={job}", "StartTime=now"])  # no requeue delay in a test
+    _wait_for(lambda: _job_state(cluster, job) == "COMPLETED", "the requeued job", timeout=900)
+    output = (tmp_path / "job.out").read_text(errors="replace")
+    assert "stopping for SIGTERM after step" in output, output[-3000:]
+    _assert_same_run(tmp_path / "reference.keys", reference, log, results, stop, 1)

@@ -224,6 +224,9 @@ class TrainConfig:
     num_epochs: int = 10
     checkpoint_interval: int = 1
     checkpoint_interval_unit: Literal["epoch", "step"] = "epoch"
+    # clip-tao: SIGTERM (a preemption, scancel --signal=TERM) first finishes the step and writes its checkpoint,
+    # then stops; null: under Slurm (SLURM_JOB_ID set). Otherwise SIGTERM stops at once, like Ctrl-C.
+    checkpoint_on_sigterm: bool | None = None
     validation_interval: int = 1
     val_check_interval: float | None = None
     resume_training_checkpoint_path: str | None = None

@@ -21,6 +21,7 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
+from clip_tao import stopping
 from clip_tao.config.loader import config_to_dict
 from clip_tao.config.schema import ExperimentConfig
 from clip_tao.data.custom import SkipCounter
@@ -134,6 +135,10 @@ class Trainer:
         self.tensorboard = self._open_tensorboard() if self.dist.is_main else None
         self.wandb = None
         self.sample_log = self._open_sample_log()
+        # Preemption: a SIGTERM inside the training loop first writes the step's checkpoint (under Slurm by default).
+        on_sigterm = self.tcfg.checkpoint_on_sigterm
+        self.checkpoint_on_sigterm = "SLURM_JOB_ID" in os.environ if on_sigterm is None else on_sigterm
+        self._last_step: tuple = (None, 0)
         self.pas = None
         if cfg.dataset.val.metadata_match_eval and val_data is not None:
             from clip_tao.engine.pas_validation import PasValidation
@@ -420,44 +425,77 @@ class Trainer:
         micro: list[dict] = []
         # Closed here, not abandoned: the loader's workers then shut down in ordinary code (see iterate_batches).
         batches = self.train_data.batches()
-        try:
-            for batch_index, batch in enumerate(batches, start=skip_batches):
-                if batch_index >= end:
-                    break
-                self.skipped.update(batch["skipped"])
-                positions.update(batch.get("position", {}))
-                micro.append(batch)
-                if len(micro) < self.accumulate:
-                    continue
-                try:
-                    loss, count = self._step(micro)
-                except RuntimeError as exc:  # a learning rate so large that the update leaves float32
-                    error = overflow_error(exc, s.global_step, self.last_saved)
-                    if error is None:
-                        raise
-                    raise error from exc
-                micro = []
-                if loss is not None:
-                    loss_sum += loss
-                    loss_count += 1
-                    seen += count
-                s.global_step += 1
-                s.batches_in_epoch = batch_index + 1
-                s.stream_positions = positions or None
-                rate = seen * self.dist.world_size / max(time.time() - window_start, 1e-9)
-                bar.update(1)
-                if s.global_step % LOG_EVERY == 0 or loss_count == 1 or batch_index + 1 >= end:  # host waits for GPU
-                    shown = self._checked_mean(loss_sum, loss_count)
-                loss_shown = {} if math.isnan(shown) else {"loss": f"{shown:.4f}"}  # none before the first log
-                bar.set_postfix(**loss_shown, lr=f"{self._lr():.2e}", sps=f"{rate:.1f}")
-                if t.checkpoint_interval_unit == "step" and s.global_step % t.checkpoint_interval == 0:
-                    shown = self._checked_mean(loss_sum, loss_count)  # never save weights after a non-finite loss
-                    self.save(epoch)
-        finally:
-            batches.close()
-            self.train_data.resume_at(0, None)
-            bar.close()
+        # A SIGTERM (preemption) waits for the step in progress in this loop; see _stop_if_asked.
+        with stopping.checkpoint_first(self.checkpoint_on_sigterm):
+            try:
+                for batch_index, batch in enumerate(batches, start=skip_batches):
+                    if self._train_on(batch_index, batch, micro, positions, end):
+                        break
+                    if micro:
+                        continue
+                    s.global_step += 1
+                    s.batches_in_epoch = batch_index + 1
+                    s.stream_positions = positions or None
+                    loss, count = self._last_step
+                    if loss is not None:
+                        loss_sum += loss
+                        loss_count += 1
+                        seen += count
+                    rate = seen * self.dist.world_size / max(time.time() - window_start, 1e-9)
+                    bar.update(1)
+                    # Only now and then does the host wait for the GPU to read the loss.
+                    if s.global_step % LOG_EVERY == 0 or loss_count == 1 or batch_index + 1 >= end:
+                        shown = self._checked_mean(loss_sum, loss_count)
+                    loss_shown = {} if math.isnan(shown) else {"loss": f"{shown:.4f}"}  # none before the first log
+                    bar.set_postfix(**loss_shown, lr=f"{self._lr():.2e}", sps=f"{rate:.1f}")
+                    saved = None
+                    if t.checkpoint_interval_unit == "step" and s.global_step % t.checkpoint_interval == 0:
+                        shown = self._checked_mean(loss_sum, loss_count)  # never save weights after a non-finite loss
+                        saved = self.save(epoch)
+                    self._stop_if_asked(epoch, saved, loss_sum, loss_count)
+            finally:
+                batches.close()
+                self.train_data.resume_at(0, None)
+                bar.close()
         return D.all_reduce_mean(self.dist, self._checked_mean(loss_sum, loss_count))
+
+    def _train_on(self, batch_index: int, batch: dict, micro: list[dict], positions: dict, end: int) -> bool:
+        """Add a loader batch to the step's micro-batches; run the step when they are complete (its result in
+        ``self._last_step``, ``micro`` emptied). True when the epoch's batches are done."""
+        if batch_index >= end:
+            return True
+        self.skipped.update(batch["skipped"])
+        positions.update(batch.get("position", {}))
+        micro.append(batch)
+        if len(micro) < self.accumulate:
+            return False
+        try:
+            self._last_step = self._step(micro)
+        except RuntimeError as exc:  # a learning rate so large that the update leaves float32
+            error = overflow_error(exc, self.state.global_step, self.last_saved)
+            if error is None:
+                raise
+            raise error from exc
+        micro.clear()
+        return False
+
+    def _stop_if_asked(self, epoch: int, saved: str | None, loss_sum, loss_count: int) -> None:
+        """After a step: a SIGTERM held back for preemption writes this step's checkpoint, then stops the run.
+        Every rank decides at the same step (the flag is reduced), as the checkpoint is a collective."""
+        if not self.checkpoint_on_sigterm:
+            return
+        asked = stopping.checkpoint_requested()
+        if self.dist.distributed:
+            asked = D.all_reduce_min(self.dist, -int(asked)) < 0  # any rank
+        if not asked:
+            return
+        self._checked_mean(loss_sum, loss_count)  # never save weights after a non-finite loss
+        if saved is None:
+            saved = self.save(epoch)
+        log.warning("stopping for SIGTERM after step %d; %s holds it: run the same command to continue",
+                    self.state.global_step, saved)  # fmt: skip
+        stopping.stop_now()
+        raise KeyboardInterrupt("SIGTERM")  # another rank got the signal: stop with it
 
     def _checked_mean(self, loss_sum: float | torch.Tensor, count: int) -> float:
         """The mean loss so far as a number (a host synchronisation): training stops if it is not finite."""
