@@ -48,6 +48,7 @@ from clip_tao.io.tao_kpi import tao_epoch_fields, tao_retrieval_kpi
 from clip_tao.losses import ContrastiveLoss
 from clip_tao.metrics import retrieval_metrics
 from clip_tao.models.base import ClipModel
+from clip_tao.threads import main_process_threads_during
 
 log = logging.getLogger(__name__)
 
@@ -444,7 +445,9 @@ class Trainer:
         return metrics
 
     def _validate_here(self) -> dict[str, float]:
-        result = embed_loader(self.model, self.val_data.loader, self.device, self.precision, desc="validate")
+        # The training loader's workers have stopped; the validation loader starts its own.
+        with main_process_threads_during(self.tcfg.num_threads, self.val_data.loader.num_workers):
+            result = embed_loader(self.model, self.val_data.loader, self.device, self.precision, desc="validate")
         if result.image is None or len(result.image) < 2:
             log.warning("validation set has fewer than two usable samples: no validation figures")
             return {}
