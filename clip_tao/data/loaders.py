@@ -73,11 +73,22 @@ class ImageTextDataset(Dataset):
         return len(self.samples)
 
     def __getitem__(self, index: int) -> dict | _Bad:
+        return self._load(index)
+
+    def __getitems__(self, indices: Sequence[int]) -> list[dict | _Bad]:
+        """A batch's samples (the DataLoader asks for them together), saving and restoring torch's default
+        generator once for the batch rather than once a sample."""
+        if self.augment_seed is None:
+            return [self._load(index) for index in indices]
+        with wds.default_generator_kept():
+            return [self._load(index, keep_state=False) for index in indices]
+
+    def _load(self, index: int, keep_state: bool = True) -> dict | _Bad:
         sample = self.samples[index]
         seed = None if self.augment_seed is None else wds.sample_seed(self.augment_seed, self.epoch, index)
         try:
             image = wds.open_rgb(sample.image_path, self.draft_side)
-            pixels = wds.seeded_transform(self.transform, image, seed)
+            pixels = wds.seeded_transform(self.transform, image, seed, keep_state)
         except PatchBudgetError as exc:
             log.warning("%s: %s; skipped", sample.image_path, exc)
             return _Bad(PatchBudgetError.reason)
