@@ -16,6 +16,7 @@ import threading
 from collections.abc import Sequence
 
 from clip_tao import __version__
+from clip_tao.engine.launcher import adopt_slurm_environment
 from clip_tao.errors import ClipTaoError
 
 TASKS = {
@@ -64,6 +65,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    adopt_slurm_environment()  # srun without torchrun: one run of several processes, not several runs
     _setup_logging()
     previous = _interrupt_on_sigterm()
     try:

@@ -1,6 +1,9 @@
-"""The measuring helpers of ``scripts/benchmark.py``: what its MFU figures are built from."""
+"""The measuring core of ``scripts/benchmark.py`` (``scripts/benchmarks/core.py``): what its MFU figures are built
+from, and that every benchmark module plugs into the command line."""
 
-import importlib.util
+import importlib
+import subprocess
+import sys
 from datetime import timedelta
 
 import torch
@@ -9,10 +12,21 @@ from tests.conftest import REPO
 
 
 def _benchmark():
-    spec = importlib.util.spec_from_file_location("benchmark", REPO / "scripts" / "benchmark.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    if str(REPO / "scripts") not in sys.path:
+        sys.path.insert(0, str(REPO / "scripts"))
+    return importlib.import_module("benchmarks.core")
+
+
+def test_every_benchmark_is_a_sub_command_of_the_entry_point():
+    _benchmark()
+    from benchmarks import MODULES
+
+    listing = subprocess.run(
+        [sys.executable, str(REPO / "scripts" / "benchmark.py"), "--help"], capture_output=True, text=True, check=True
+    ).stdout
+    for name in MODULES:
+        module = importlib.import_module(f"benchmarks.{name}")
+        assert module.NAME in listing and callable(module.run) and module.__doc__
 
 
 def test_flops_of_inference_include_open_clips_attention_and_its_projections():
@@ -54,11 +68,11 @@ def test_cpu_peak_is_a_measured_gemm_rate_and_names_its_library():
     rate, library = bench.measured_gemm_tflops(torch.device("cpu"), "fp32", size=256, seconds=0.05)
     assert rate > 0 and library in ("PyTorch", "ONNX Runtime")
     a, b = torch.randn(64, 64), torch.randn(64, 64)
-    product = bench._onnxruntime_matmul(64, 1)(a.numpy(), b.numpy())[0]
+    product = bench.onnxruntime_matmul(64, 1)(a.numpy(), b.numpy())[0]
     torch.testing.assert_close(torch.from_numpy(product), a @ b, rtol=1e-4, atol=1e-4)
 
 
 def test_status_json_durations_read_back():
     bench = _benchmark()
     for seconds in (0.25, 61.5, 3 * 86400 + 5.000001, 86400):
-        assert abs(bench._seconds(str(timedelta(seconds=seconds))) - seconds) < 1e-6
+        assert abs(bench.status_seconds(str(timedelta(seconds=seconds))) - seconds) < 1e-6

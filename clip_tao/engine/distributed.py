@@ -22,11 +22,10 @@ from torch import nn
 
 from clip_tao.config.schema import TrainConfig
 from clip_tao.engine.device import select_device
+from clip_tao.engine.launcher import SLURM_LAUNCHED, TORCHRUN_VARS
 from clip_tao.errors import ConfigError
 
 log = logging.getLogger(__name__)
-
-TORCHRUN_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK")
 
 
 @dataclass(frozen=True)
@@ -52,7 +51,8 @@ def under_torchrun() -> bool:
 
 
 def setup_distributed(train: TrainConfig) -> DistContext:
-    """Join the process group torchrun prepared, or describe a single process.
+    """Join the process group torchrun (or ``srun``, see :mod:`clip_tao.engine.launcher`) prepared, or describe
+    a single process.
 
     Each process uses GPU ``LOCAL_RANK`` (torchrun's numbering of the visible GPUs) or, without GPUs,
     the CPU with the gloo backend.
@@ -66,6 +66,8 @@ def setup_distributed(train: TrainConfig) -> DistContext:
         return DistContext(0, 1, 0, select_device(train.num_gpus, train.gpu_ids))
     rank, world, local = (int(os.environ[v]) for v in TORCHRUN_VARS)
     if torch.cuda.is_available() and train.num_gpus > 0:
+        if SLURM_LAUNCHED in os.environ and torch.cuda.device_count() == 1:
+            local = 0  # Slurm bound one GPU to this task (--gpus-per-task=1, --gpu-bind): it is device 0
         if local >= torch.cuda.device_count():
             raise ConfigError(
                 f"torchrun started local rank {local}, but only {torch.cuda.device_count()} GPU(s) are visible: "
