@@ -9,7 +9,7 @@
     python scripts/benchmark.py serve --model tiny-clip --clients 16 --requests 2000
     python scripts/benchmark.py embed --model tiny-siglip2-naflex --batch 32
     python scripts/benchmark.py quickstart --threads unset 1
-    python scripts/benchmark.py vs-open-clip          # needs pandas: pip install -e ".[bench]"
+    python scripts/benchmark.py vs-open-clip --workers 0 --runs 5   # needs pandas: pip install -e ".[bench]"
 
 Each benchmark is a module of ``scripts/benchmarks/`` (its docstring says what it measures); the shared
 measuring core (machine, peaks, FLOP counts, rates, random-weight models) is ``scripts/benchmarks/core.py``.

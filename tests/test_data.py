@@ -218,3 +218,17 @@ def test_training_draws_every_caption_of_a_multi_caption_image(tmp_path):
     drawn = {ImageTextDataset._caption(samples[0], seed) for seed in range(30)}
     assert drawn == {"first", "second", "third"}
     assert ImageTextDataset._caption(samples[0], None) == "first"  # evaluation: the first caption
+
+
+def test_cached_tokenizer_gives_the_tokenizers_ids_for_twins_and_hostile_captions():
+    from clip_tao.data.token_cache import CachedTokenizer
+
+    tokenizer = create_model("tiny-clip", pretrained=False).tokenizer
+    cached = CachedTokenizer(tokenizer, max_captions=3)
+    hostile = ["a red square", "a red square", "", "  ", "&amp; caf\u00e9 \u202e\U0001f600", "x" * 5000, "a red square"]
+    for texts in (hostile, hostile[::-1], ["new one", "another", "a red square"], []):  # repeats, then past the cap
+        expected = tokenizer(texts)
+        got = cached(texts)
+        assert got.dtype == expected.dtype and torch.equal(got, expected), texts
+    assert len(cached.rows) == 3  # the cap holds
+    assert torch.equal(cached("a red square"), tokenizer("a red square"))  # one text, as tokenizers take it

@@ -28,6 +28,7 @@ from clip_tao.config.schema import DatasetConfig, DatasetEntry
 from clip_tao.data import wds
 from clip_tao.data.custom import Sample, SkipCounter, scan_custom_datasets
 from clip_tao.data.naflex import batch_stacker
+from clip_tao.data.token_cache import CachedTokenizer
 from clip_tao.data.transforms import build_eval_transform, build_train_transform
 from clip_tao.errors import ConfigError, DataError
 from clip_tao.models.base import Preprocess
@@ -262,6 +263,7 @@ def build_train_loader(
                  plan.batches_per_rank)  # fmt: skip
         return LoaderBundle(loader, [], SkipCounter(), kind="wds", num_samples=total)
     samples, skipped = scan_custom_datasets(train.datasets, "dataset.train.datasets")
+    tokenizer = CachedTokenizer(tokenizer)  # every caption comes back every epoch
     dataset = ImageTextDataset(samples, transform, tokenizer, data_cfg.seed, draft, tokenize_in_collate=True)
     dataset.seed = data_cfg.seed
     sampler = EpochShuffleSampler(len(dataset), data_cfg.seed, rank, world_size)
