@@ -367,11 +367,12 @@ class Trainer:
                 s.batches_in_epoch = batch_index + 1
                 s.worker_positions = positions or None
                 rate = seen * self.dist.world_size / max(time.time() - window_start, 1e-9)
-                bar.update(1)
                 if s.global_step % LOG_EVERY == 0 or loss_count == 1 or batch_index + 1 >= end:  # host waits for GPU
                     shown = self._checked_mean(loss_sum, loss_count)
                 loss_shown = {} if math.isnan(shown) else {"loss": f"{shown:.4f}"}  # none before the first log
-                bar.set_postfix(**loss_shown, lr=f"{self._lr():.2e}", sps=f"{rate:.1f}")
+                # Drawn by update() at tqdm's own pace (every 0.1 s at most), not on every step.
+                bar.set_postfix(**loss_shown, lr=f"{self._lr():.2e}", sps=f"{rate:.1f}", refresh=False)
+                bar.update(1)
                 if t.checkpoint_interval_unit == "step" and s.global_step % t.checkpoint_interval == 0:
                     shown = self._checked_mean(loss_sum, loss_count)  # never save weights after a non-finite loss
                     self.save(epoch)
