@@ -140,9 +140,10 @@ def _run_torchrun(command: list[str], env: dict[str, str]) -> int:
 
 
 def _loader_workers(cfg, task: str) -> int:
-    """Loader worker processes the task runs beside the main one (they share the CPUs)."""
+    """Loader worker processes the task runs beside the main one (they share the CPUs). Training counts
+    its training workers: validation sets its own count while it runs (see ``Trainer.validate``)."""
     if task == "train":
-        return max(cfg.dataset.train.num_workers, cfg.dataset.val.num_workers)
+        return cfg.dataset.train.num_workers
     section = getattr(cfg, task, None)
     return getattr(section, "num_workers", 0) or 0
 

@@ -6,16 +6,19 @@ busy 2-core machine that made a small training run 10x slower. So:
 
 - the main process runs ``train.num_threads`` threads when set, else what ``OMP_NUM_THREADS`` says when
   set, else the CPUs it is allowed (affinity mask and cgroup quota, shared by the ranks of this node) less
-  one for each loader worker, at least one;
+  one for each loader worker running beside it, at least one. Training and validation count their own
+  workers (:func:`main_process_threads_during`): a run's validation workers do not run while it trains;
 - each loader worker runs one thread for PyTorch, and tells OpenMP, MKL, OpenBLAS and OpenCV the same.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
 import sys
+from collections.abc import Iterator
 
 import torch
 
@@ -70,6 +73,17 @@ def set_main_process_threads(requested: int | None, loader_workers: int) -> int:
     torch.set_num_threads(threads)
     log.debug("main process: %d compute threads (%d loader workers)", threads, loader_workers)
     return threads
+
+
+@contextlib.contextmanager
+def main_process_threads_during(requested: int | None, loader_workers: int) -> Iterator[int]:
+    """:func:`set_main_process_threads` for a phase of a task (validation with its own workers), then
+    the thread count from before."""
+    before = torch.get_num_threads()
+    try:
+        yield set_main_process_threads(requested, loader_workers)
+    finally:
+        torch.set_num_threads(before)
 
 
 def one_thread_per_worker(worker_id: int) -> None:

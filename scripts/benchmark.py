@@ -10,7 +10,7 @@
     python scripts/benchmark.py embed --model tiny-siglip2-naflex --batch 32
     python scripts/benchmark.py quickstart --threads unset 1
     python scripts/benchmark.py index --n 1000000 --dim 512   # FAISS indexes: recall, memory, latency
-    python scripts/benchmark.py vs-open-clip          # needs pandas: pip install -e ".[bench]"
+    python scripts/benchmark.py vs-open-clip --workers 0 --runs 5   # needs pandas: pip install -e ".[bench]"
     python scripts/benchmark.py embed-scale --n 1024 --processes 1 2
     python scripts/benchmark.py compositional         # hard negatives: swap accuracy and R@1, with and without
 

@@ -123,6 +123,61 @@ def test_transforms_follow_model_and_augmentation():
         build_train_transform(preprocess, AugmentationConfig(color_jitter=[0.8, 0.3]))
 
 
+def _torchvision_train_transform(preprocess: Preprocess, aug: AugmentationConfig):
+    """The training augmentation as torchvision's own transforms, one step each."""
+    from torchvision import transforms as T
+
+    probability, *jitter = aug.color_jitter
+    interpolation = T.InterpolationMode[preprocess.interpolation.upper()]
+    return T.Compose([
+        T.RandomResizedCrop(preprocess.image_size, scale=tuple(aug.scale), interpolation=interpolation),
+        T.RandomApply([T.ColorJitter(*jitter)], p=probability),
+        T.RandomGrayscale(p=aug.grayscale),
+        T.ToTensor(),
+        T.Normalize(preprocess.mean, preprocess.std),
+    ])  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "aug",
+    [
+        AugmentationConfig(),  # TAO's defaults: every step active
+        AugmentationConfig(scale=[0.8, 1.0], color_jitter=[0.0] * 5, grayscale=0.0),  # the quickstart's
+        AugmentationConfig(color_jitter=[0.0] * 5, grayscale=0.5),  # jitter inert, grayscale after it drawn
+        AugmentationConfig(color_jitter=[0.5, 0.3, 0.0, 0.0, 0.0], grayscale=0.0),
+        AugmentationConfig(scale=[0.02, 0.05]),  # tiny crops of strips: torchvision's centre-box fallback
+    ],
+)
+def test_training_transform_gives_torchvisions_pixels_to_the_bit(aug):
+    """Fewer operations a sample, the same result: torchvision's pipeline from the same generator state."""
+    from clip_tao.data.wds import seeded_transform
+
+    noise = Image.effect_noise((97, 61), 80).convert("RGB")
+    images = [noise, noise.resize((300, 7)), noise.resize((7, 300)), noise.convert("L"), Image.new("RGB", (40, 40))]
+    for preprocess in (Preprocess(64), Preprocess(48, (0.5, 0.4, 0.3), (0.2, 0.25, 0.3), "bilinear")):
+        ours, theirs = build_train_transform(preprocess, aug), _torchvision_train_transform(preprocess, aug)
+        for i, image in enumerate(images):
+            image = image.convert("RGB") if i == 3 else image
+            for seed in range(8):
+                expected = seeded_transform(theirs, image, 1000 * i + seed)
+                assert torch.equal(seeded_transform(ours, image, 1000 * i + seed), expected), (aug, i, seed)
+
+
+def test_normalized_tensor_is_to_tensor_then_normalize_for_every_level():
+    from torchvision import transforms as T
+
+    from clip_tao.data.transforms import NormalizedTensor
+
+    mean, std = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
+    reference = T.Compose([T.ToTensor(), T.Normalize(mean, std)])
+    levels = torch.arange(256 * 3, dtype=torch.int64).remainder(256).to(torch.uint8)
+    every_level = Image.frombytes("RGB", (16, 16), levels[torch.randperm(768)].numpy().tobytes())
+    assert torch.equal(NormalizedTensor(mean, std)(every_level), reference(every_level))
+    assert torch.equal(
+        NormalizedTensor(mean, std)(every_level.crop((1, 2, 12, 9))), reference(every_level.crop((1, 2, 12, 9)))
+    )
+
+
 def test_epoch_order_is_deterministic_and_resumable():
     sampler = EpochShuffleSampler(10, seed=5)
     sampler.set_epoch(3)
@@ -163,3 +218,17 @@ def test_training_draws_every_caption_of_a_multi_caption_image(tmp_path):
     drawn = {ImageTextDataset._caption(samples[0], seed) for seed in range(30)}
     assert drawn == {"first", "second", "third"}
     assert ImageTextDataset._caption(samples[0], None) == "first"  # evaluation: the first caption
+
+
+def test_cached_tokenizer_gives_the_tokenizers_ids_for_twins_and_hostile_captions():
+    from clip_tao.data.token_cache import CachedTokenizer
+
+    tokenizer = create_model("tiny-clip", pretrained=False).tokenizer
+    cached = CachedTokenizer(tokenizer, max_captions=3)
+    hostile = ["a red square", "a red square", "", "  ", "&amp; caf\u00e9 \u202e\U0001f600", "x" * 5000, "a red square"]
+    for texts in (hostile, hostile[::-1], ["new one", "another", "a red square"], []):  # repeats, then past the cap
+        expected = tokenizer(texts)
+        got = cached(texts)
+        assert got.dtype == expected.dtype and torch.equal(got, expected), texts
+    assert len(cached.rows) == 3  # the cap holds
+    assert torch.equal(cached("a red square"), tokenizer("a red square"))  # one text, as tokenizers take it

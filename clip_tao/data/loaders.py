@@ -31,6 +31,7 @@ from clip_tao.data import wds
 from clip_tao.data.custom import Sample, SkipCounter, scan_custom_datasets
 from clip_tao.data.naflex import batch_stacker
 from clip_tao.data.pairs import NO_PAIRS, PairOptions, draw_negatives, pair_fields
+from clip_tao.data.token_cache import CachedTokenizer
 from clip_tao.data.transforms import build_eval_transform, build_train_transform
 from clip_tao.errors import ConfigError, DataError
 from clip_tao.models.base import Preprocess
@@ -79,11 +80,22 @@ class ImageTextDataset(Dataset):
         return len(self.samples)
 
     def __getitem__(self, index: int) -> dict | _Bad:
+        return self._load(index)
+
+    def __getitems__(self, indices: Sequence[int]) -> list[dict | _Bad]:
+        """A batch's samples (the DataLoader asks for them together), saving and restoring torch's default
+        generator once for the batch rather than once a sample."""
+        if self.augment_seed is None:
+            return [self._load(index) for index in indices]
+        with wds.default_generator_kept():
+            return [self._load(index, keep_state=False) for index in indices]
+
+    def _load(self, index: int, keep_state: bool = True) -> dict | _Bad:
         sample = self.samples[index]
         seed = None if self.augment_seed is None else wds.sample_seed(self.augment_seed, self.epoch, index)
         try:
             image = wds.open_rgb(sample.image_path, self.draft_side)
-            pixels = wds.seeded_transform(self.transform, image, seed)
+            pixels = wds.seeded_transform(self.transform, image, seed, keep_state)
         except PatchBudgetError as exc:
             log.warning("%s: %s; skipped", sample.image_path, exc)
             return _Bad(PatchBudgetError.reason)
@@ -368,6 +380,7 @@ def build_train_loader(
         return LoaderBundle(loader, [], SkipCounter(), kind="wds", num_samples=total, global_batch=plan.global_batch,
                             pin_joined=pin and not pin_chunks)  # fmt: skip
     samples, skipped = scan_custom_datasets(train.datasets, "dataset.train.datasets", hash_images=pairs.hash_images)
+    tokenizer = CachedTokenizer(tokenizer)  # every caption comes back every epoch
     dataset = ImageTextDataset(samples, transform, tokenizer, data_cfg.seed, draft, tokenize_in_collate=True,
                                pairs=pairs)  # fmt: skip
     dataset.seed = data_cfg.seed

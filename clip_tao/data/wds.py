@@ -20,6 +20,7 @@ each stream's shard and continues with the next sample.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import logging
@@ -264,6 +265,9 @@ def open_rgb(source, draft_side: int | None = None) -> Image.Image:
     with Image.open(source) as image:
         if draft_side and image.format == "JPEG":
             image.draft("RGB", (draft_side, draft_side))
+        if image.mode == "RGB":  # decoded in place: converting would only copy it
+            image.load()
+            return image
         return image.convert("RGB")
 
 
@@ -310,18 +314,34 @@ def sample_seed(*parts) -> int:
     return int.from_bytes(digest, "little") >> 1
 
 
-def seeded_transform(transform: Callable, image: Image.Image, seed: int | None) -> torch.Tensor:
+def seeded_transform(
+    transform: Callable, image: Image.Image, seed: int | None, keep_state: bool = True
+) -> torch.Tensor:
     """``transform(image)`` with torch's CPU RNG seeded by ``seed`` (and restored after), so random
-    augmentation depends on the sample, not on which worker or process happens to load it."""
+    augmentation depends on the sample, not on which worker or process happens to load it.
+    ``keep_state=False`` leaves the restoring to the caller (:func:`default_generator_kept` around a batch)."""
     if seed is None:
         return transform(image)
-    # torchvision's random transforms draw from the default CPU generator. Seeding it directly costs
-    # about 1 us, where torch.manual_seed / fork_rng also touch every device (~100 us a sample).
+    if not keep_state:
+        torch.default_generator.manual_seed(seed)
+        return transform(image)
+    with default_generator_kept() as generator:
+        generator.manual_seed(seed)
+        return transform(image)
+
+
+@contextlib.contextmanager
+def default_generator_kept() -> Iterator[torch.Generator]:
+    """Torch's default CPU generator, put back as it was when the block ends.
+
+    torchvision's random transforms draw from it. Seeding it directly costs about 1 us, where
+    torch.manual_seed / fork_rng also touch every device (~100 us a sample); saving and restoring its state
+    copies 5 KB each way, so a batch does it once for all its samples.
+    """
     generator = torch.default_generator
     saved = generator.get_state()
-    generator.manual_seed(seed)
     try:
-        return transform(image)
+        yield generator
     finally:
         generator.set_state(saved)
 

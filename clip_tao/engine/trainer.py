@@ -52,6 +52,7 @@ from clip_tao.losses import ContrastiveLoss
 from clip_tao.metadata_losses import MaskedSiglipLoss, compatibility
 from clip_tao.metrics import retrieval_metrics
 from clip_tao.models.base import ClipModel
+from clip_tao.threads import main_process_threads_during
 
 log = logging.getLogger(__name__)
 
@@ -442,12 +443,13 @@ class Trainer:
                         loss_count += 1
                         seen += count
                     rate = seen * self.dist.world_size / max(time.time() - window_start, 1e-9)
-                    bar.update(1)
                     # Only now and then does the host wait for the GPU to read the loss.
                     if s.global_step % LOG_EVERY == 0 or loss_count == 1 or batch_index + 1 >= end:
                         shown = self._checked_mean(loss_sum, loss_count)
                     loss_shown = {} if math.isnan(shown) else {"loss": f"{shown:.4f}"}  # none before the first log
-                    bar.set_postfix(**loss_shown, lr=f"{self._lr():.2e}", sps=f"{rate:.1f}")
+                    # Drawn by update() at tqdm's own pace (every 0.1 s at most), not on every step.
+                    bar.set_postfix(**loss_shown, lr=f"{self._lr():.2e}", sps=f"{rate:.1f}", refresh=False)
+                    bar.update(1)
                     saved = None
                     if t.checkpoint_interval_unit == "step" and s.global_step % t.checkpoint_interval == 0:
                         shown = self._checked_mean(loss_sum, loss_count)  # never save weights after a non-finite loss
@@ -564,7 +566,9 @@ class Trainer:
         return metrics
 
     def _validate_here(self) -> dict[str, float]:
-        result = embed_loader(self.model, self.val_data.loader, self.device, self.precision, desc="validate")
+        # The training loader's workers have stopped; the validation loader starts its own.
+        with main_process_threads_during(self.tcfg.num_threads, self.val_data.loader.num_workers):
+            result = embed_loader(self.model, self.val_data.loader, self.device, self.precision, desc="validate")
         if result.image is None or len(result.image) < 2:
             log.warning("validation set has fewer than two usable samples: no validation figures")
             return {}
