@@ -4,6 +4,7 @@ gradients of this rank's features; rank 0 writes everything for the test to comp
 
 from __future__ import annotations
 
+import os
 import sys
 
 import torch
@@ -11,6 +12,10 @@ import torch.distributed as dist
 
 from clip_tao.losses import siglip_loss
 from clip_tao.metadata_losses import compatibility, masked_siglip_loss
+
+# Run as a script (by torchrun): the repository's own tests package, whatever the working directory.
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
 from tests.metadata_batches import MASK_CASES, random_features, worked_batch
 
 

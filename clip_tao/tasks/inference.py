@@ -27,6 +27,7 @@ from clip_tao.data.classes import build_image_loader
 from clip_tao.data.custom import IMAGE_EXTENSIONS, Sample, SkipCounter
 from clip_tao.data.loaders import build_eval_loader
 from clip_tao.data.parts import build_collection, build_part_loader, check_not_empty, rank_parts, wds_given
+from clip_tao.deploy.files import find_files
 from clip_tao.engine.device import resolve_precision
 from clip_tao.engine.distributed import DistContext, barrier, broadcast_object
 from clip_tao.engine.embedding import embed_loader, embed_parts, embed_texts
@@ -171,7 +172,13 @@ def _part_store(cfg: ExperimentConfig, model, collection, out_dir: str, rank: in
     markers = os.path.join(out_dir, "parts")
     data_dir = out_dir if i.output_format == "npy" else markers
     sources = hashlib.sha256("\n".join(collection.sources()).encode("utf-8")).hexdigest()
-    weights = [_file_identity(path) for path in (i.checkpoint, i.onnx_file, i.trt_engine) if path]
+    weights = [_file_identity(i.checkpoint)] if i.checkpoint else []
+    for path, ext, key in (
+        (i.onnx_file, ".onnx", "inference.onnx_file"),
+        (i.trt_engine, ".engine", "inference.trt_engine"),
+    ):
+        if path:  # a combined file, or the _vision / _text pair it names
+            weights += [_file_identity(f) for f in sorted(find_files(path, ext, key).encoders.values())]
     manifest = {"model_type": model.model_type, "embedding_dim": model.embed_dim, "weights": weights,
                 "pretrained_path": cfg.model.pretrained_path, "image_size": cfg.model.image_size,
                 "max_num_patches": cfg.model.max_num_patches, "batch_size": i.batch_size,
