@@ -142,11 +142,11 @@ def checkpoint_first(enabled: bool = True) -> Iterator[None]:
     if not enabled or not _installed or threading.current_thread() is not threading.main_thread():
         yield
         return
-    _checkpoint_first = True
+    outer, _checkpoint_first = _checkpoint_first, True
     try:
         yield
     finally:
-        _checkpoint_first = False
+        _checkpoint_first = outer
 
 
 def checkpoint_requested() -> bool:

@@ -351,53 +351,56 @@ class Trainer:
         if s.epoch >= t.num_epochs:
             log.info("training already finished %d of %d epochs: nothing to do", s.epoch, t.num_epochs)
         self.status.write("STARTED", "Starting training.", epoch=s.epoch, max_epoch=t.num_epochs - 1)
-        while s.epoch < t.num_epochs:
-            epoch = s.epoch
-            started, first_step = time.time(), s.global_step
-            train_loss = self._train_epoch(epoch)
-            seconds, steps = time.time() - started, max(s.global_step - first_step, 1)
-            kpi: dict[str, Any] = {"train_loss": train_loss, "lr": self._lr(), "logit_scale": self._scale()}
-            if hasattr(self.loss_fn, "epoch_figures"):  # the regularisation terms, each on its own
-                kpi.update({k: D.all_reduce_mean(self.dist, v) for k, v in self.loss_fn.epoch_figures().items()})
-            s.epoch, s.batches_in_epoch, s.stream_positions = epoch + 1, 0, None
-            last = s.epoch == t.num_epochs
-            validated = self.val_data is not None and (s.epoch % self.validation_every == 0 or last)
-            if validated:
-                kpi.update(self.validate())
-            # Ranks skip different bad files; rank 0's view decides (only it writes), the others follow it.
-            kpi = D.broadcast_object(self.dist, kpi)
-            kpi["skipped_files"] = sum(self.skipped.values())
-            s.history.append({"epoch": epoch, **kpi})
-            self._log_scalars({f"epoch/{k}": v for k, v in kpi.items()}, s.global_step)
-            tao_names = tao_regularization_kpi(kpi)
-            self._log_scalars(tao_names, s.global_step)
-            improved = self.best_metric in kpi and kpi[self.best_metric] > s.best_value
-            if improved:
-                s.best_value, s.best_epoch = kpi[self.best_metric], epoch
-            tao_names.update(tao_retrieval_kpi(kpi, "val"))
-            # TAO writes the PAS figures as fractions in strings, under val/pas/...
-            tao_names.update({f"val/{k}": str(v) for k, v in kpi.items() if k.startswith("pas/")})
-            # Ranked before the epoch's checkpoint is written, so that it records the ranking it belongs to.
-            ranked = self._rank_topk(epoch, kpi, tao_names) if validated and self.topk is not None else None
-            saved = None
-            # The last epoch always ends with a checkpoint, whatever the unit of the interval.
-            if last or (t.checkpoint_interval_unit == "epoch" and s.epoch % t.checkpoint_interval == 0):
-                saved = self.save(epoch)
-            if improved:
-                self._save_best(saved)
-            if ranked is not None:
-                self._save_topk(*ranked, saved)
-            # TAO's names and scales (val/t2i_mAP as a fraction, in a string; epoch, max_step, eta ...) beside ours.
-            progress = tao_epoch_fields(
-                epoch, t.num_epochs, s.global_step, self.steps_per_epoch, seconds, seconds / steps
-            )
-            self.status.write(
-                "RUNNING",
-                f"Epoch {epoch} done.",
-                kpi={**kpi, **tao_names},
-                **progress,
-                skipped=dict(self.skipped),
-            )
+        # Preemption: a SIGTERM waits for the step, or the epoch's end, in progress (see _stop_if_asked).
+        with stopping.checkpoint_first(self.checkpoint_on_sigterm):
+            while s.epoch < t.num_epochs:
+                epoch = s.epoch
+                started, first_step = time.time(), s.global_step
+                train_loss = self._train_epoch(epoch)
+                seconds, steps = time.time() - started, max(s.global_step - first_step, 1)
+                kpi: dict[str, Any] = {"train_loss": train_loss, "lr": self._lr(), "logit_scale": self._scale()}
+                if hasattr(self.loss_fn, "epoch_figures"):  # the regularisation terms, each on its own
+                    kpi.update({k: D.all_reduce_mean(self.dist, v) for k, v in self.loss_fn.epoch_figures().items()})
+                s.epoch, s.batches_in_epoch, s.stream_positions = epoch + 1, 0, None
+                last = s.epoch == t.num_epochs
+                validated = self.val_data is not None and (s.epoch % self.validation_every == 0 or last)
+                if validated:
+                    kpi.update(self.validate())
+                # Ranks skip different bad files; rank 0's view decides (only it writes), the others follow it.
+                kpi = D.broadcast_object(self.dist, kpi)
+                kpi["skipped_files"] = sum(self.skipped.values())
+                s.history.append({"epoch": epoch, **kpi})
+                self._log_scalars({f"epoch/{k}": v for k, v in kpi.items()}, s.global_step)
+                tao_names = tao_regularization_kpi(kpi)
+                self._log_scalars(tao_names, s.global_step)
+                improved = self.best_metric in kpi and kpi[self.best_metric] > s.best_value
+                if improved:
+                    s.best_value, s.best_epoch = kpi[self.best_metric], epoch
+                tao_names.update(tao_retrieval_kpi(kpi, "val"))
+                # TAO writes the PAS figures as fractions in strings, under val/pas/...
+                tao_names.update({f"val/{k}": str(v) for k, v in kpi.items() if k.startswith("pas/")})
+                # Ranked before the epoch's checkpoint is written, so that it records the ranking it belongs to.
+                ranked = self._rank_topk(epoch, kpi, tao_names) if validated and self.topk is not None else None
+                saved = None
+                # The last epoch always ends with a checkpoint, whatever the unit of the interval.
+                if last or (t.checkpoint_interval_unit == "epoch" and s.epoch % t.checkpoint_interval == 0):
+                    saved = self.save(epoch)
+                if improved:
+                    self._save_best(saved)
+                if ranked is not None:
+                    self._save_topk(*ranked, saved)
+                # TAO's names and scales (val/t2i_mAP as a fraction, in a string; epoch, max_step, eta ...) beside ours.
+                progress = tao_epoch_fields(
+                    epoch, t.num_epochs, s.global_step, self.steps_per_epoch, seconds, seconds / steps
+                )
+                self.status.write(
+                    "RUNNING",
+                    f"Epoch {epoch} done.",
+                    kpi={**kpi, **tao_names},
+                    **progress,
+                    skipped=dict(self.skipped),
+                )
+                self._stop_if_asked(epoch, saved, 0.0, 0)  # a SIGTERM held during validation or the epoch's saves
         if self.tensorboard is not None:
             self.tensorboard.close()
         if self.sample_log is not None:
