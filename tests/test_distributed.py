@@ -111,22 +111,31 @@ def test_two_process_cli_training(tiny_spec, tmp_path, strategy, loss_type, extr
     spec.write_text(yaml.safe_dump(data))
     torchrun("-m", "clip_tao", "train", "-e", str(spec))
     train = tmp_path / "results" / "train"
-    latest = torch.load(train / "clip_latest.pth", weights_only=True)
+    # FSDP: every rank writes its shard of a folder (tests/test_sharded_checkpoint.py); the plain data beside them
+    suffix = ".dcp" if strategy == "fsdp" else ".pth"
+    latest = _training_state(train / f"clip_latest{suffix}")
     # 48 samples / global batch 8 = 6 steps an epoch
     assert latest["world_size"] == 2 and latest["epoch"] == 2 and latest["global_step"] == 12
     assert isinstance(latest["rng"], list) and len(latest["rng"]) == 2
     lines = [json.loads(line) for line in (train / "status.json").read_text().splitlines()]
     assert [line["status"] for line in lines].count("STARTED") == 1  # only rank 0 writes
     assert lines[-1]["status"] == "SUCCESS" and "t2i_mAP" in lines[-2]["kpi"]
-    mid = torch.load(train / "model_epoch_000_step_00002.pth", weights_only=True)
+    mid = _training_state(train / f"model_epoch_000_step_00002{suffix}")
     assert sorted(mid["data_position"]["streams"], key=int) == [str(c) for c in range(8)]  # both ranks' streams
     ranks = [(tmp_path / "keys").read_text().split(), (tmp_path / "keys.rank1").read_text().split()]
     epoch0 = [{k for s, k in zip(r[::2], r[1::2]) if int(s) < 6} for r in ranks]
     assert len(epoch0[0]) == len(epoch0[1]) == 24 and not epoch0[0] & epoch0[1]  # disjoint halves
-    if strategy == "fsdp":  # the same command with one more epoch resumes from clip_latest.pth (sharded optimiser)
+    if strategy == "fsdp":  # the same command with one more epoch resumes from clip_latest.dcp (sharded optimiser)
+        assert not list(train.glob("*.pth")) and {p.name for p in (train / "clip_latest.dcp").iterdir()} == {
+            ".metadata", "__0_0.distcp", "__1_0.distcp", "train_state.pth"}  # fmt: skip
         torchrun("-m", "clip_tao", "train", "-e", str(spec), "train.num_epochs=3")
-        latest = torch.load(train / "clip_latest.pth", weights_only=True)
+        latest = _training_state(train / "clip_latest.dcp")
         assert latest["epoch"] == 3 and latest["global_step"] == 18
+
+
+def _training_state(path):
+    """A checkpoint's plain data: the .pth file, or a sharded folder's train_state.pth."""
+    return torch.load(path / "train_state.pth" if path.is_dir() else path, weights_only=True)
 
 
 def test_launch_decisions_without_gpus(monkeypatch, caplog):

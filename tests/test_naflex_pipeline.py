@@ -248,12 +248,21 @@ def test_two_process_naflex_training(tmp_path, model_folder, strategy):
     train = {"num_epochs": 1, "distributed_strategy": strategy, "sample_log": str(tmp_path / "keys")}
     spec = naflex_spec(tmp_path, model_folder, train=train, data=data)
     torchrun("-m", "clip_tao", "train", "-e", str(spec))
-    latest = torch.load(tmp_path / "results" / "train" / "clip_latest.pth", weights_only=True)
+    # FSDP writes sharded folders (every rank its shard) with the plain data in train_state.pth
+    suffix = ".dcp" if strategy == "fsdp" else ".pth"
+    latest = tmp_path / "results" / "train" / f"clip_latest{suffix}"
+    latest = torch.load(latest / "train_state.pth" if strategy == "fsdp" else latest, weights_only=True)
     # 16 samples / (2 ranks x 2 workers) / batch 2 = 2 batches a worker, 4 steps a rank
     assert latest["world_size"] == 2 and latest["global_step"] == 4
     ranks = [(tmp_path / "keys").read_text().split()[1::2], (tmp_path / "keys.rank1").read_text().split()[1::2]]
     assert len(ranks[0]) == len(ranks[1]) == 8 and not set(ranks[0]) & set(ranks[1])
-    assert os.path.isfile(tmp_path / "results" / "train" / "clip_best.pth")
+    assert os.path.exists(tmp_path / "results" / "train" / f"clip_best{suffix}")
+    if strategy == "fsdp":  # the sharded folder holds the shape-[1] logit scale whole (read in one process)
+        from clip_tao.engine.checkpoint import load_checkpoint
+
+        weights = load_checkpoint(str(tmp_path / "results" / "train" / "clip_latest.dcp"))["model"]
+        scales = [weight for name, weight in weights.items() if "logit_scale" in name]
+        assert scales and all(scale.shape == (1,) for scale in scales)
 
 
 def test_patch_budget_on_the_command_line_is_checked(tmp_path, model_folder, capsys):

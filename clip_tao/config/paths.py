@@ -49,13 +49,13 @@ def _paths(cfg: ExperimentConfig, task: str) -> Iterator[tuple[str, str, str]]:
         t = cfg.train
         for key in ("resume_training_checkpoint_path", "pretrained_model_path"):
             if getattr(t, key):
-                yield f"train.{key}", getattr(t, key), "file"
+                yield f"train.{key}", getattr(t, key), "file or folder"  # a folder: a sharded checkpoint
         yield from _data(cfg.dataset.train.type, cfg.dataset.train.datasets, cfg.dataset.train.wds, "dataset.train")
         yield from _data(cfg.dataset.val.type, cfg.dataset.val.datasets, cfg.dataset.val.wds, "dataset.val")
     elif task in ("evaluate", "inference"):
         s = getattr(cfg, task)
         if s.checkpoint:
-            yield f"{task}.checkpoint", s.checkpoint, "file"
+            yield f"{task}.checkpoint", s.checkpoint, "file or folder"
         if s.datasets:
             yield from _data("custom", s.datasets, None, task)
         elif s.wds.root_dir or s.wds.shard_list_file:
@@ -75,7 +75,7 @@ def _paths(cfg: ExperimentConfig, task: str) -> Iterator[tuple[str, str, str]]:
     elif task == "index" and cfg.index.embeddings_file:
         yield "index.embeddings_file", cfg.index.embeddings_file, "file or folder"
     elif task == "export" and cfg.export.checkpoint:
-        yield "export.checkpoint", cfg.export.checkpoint, "file"
+        yield "export.checkpoint", cfg.export.checkpoint, "file or folder"
 
 
 def _data(kind: str, entries: list[DatasetEntry], wds: WdsConfig | None, section: str):

@@ -253,7 +253,7 @@ class TrainConfig:
     checkpointer: CheckpointerConfig = field(default_factory=CheckpointerConfig)
     # TAO's common task key: overrides results_dir/train.
     results_dir: str | None = None
-    # clip-tao: continue from results_dir/train/clip_latest.pth when it exists.
+    # clip-tao: continue from results_dir/train/clip_latest.pth (FSDP: clip_latest.dcp) when it exists.
     auto_resume: bool = True
     # clip-tao: compute threads of the main process (default: OMP_NUM_THREADS, else the allowed CPUs less one
     # a loader worker); loader workers always run one.

@@ -4,7 +4,8 @@ A training checkpoint holds ``model``, ``optimizer``, ``scheduler``, ``scaler`` 
 (epochs completed), ``global_step``, ``batches_in_epoch`` and ``steps_in_epoch``, ``data_position`` (the data
 layout and, for shards, where every sample stream stands: pass, shard, sample offset), ``world_size``, ``rng`` states
 (one per rank when there are several), ``best``, ``model_type`` and ``config`` (the resolved spec as plain
-data). Files are written atomically, by rank 0 only.
+data). Files are written atomically, by rank 0 only. Under FSDP a checkpoint is a folder that every rank writes
+its shard into (:mod:`clip_tao.engine.sharded_checkpoint`); :func:`load_checkpoint` reads both.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from clip_tao.engine.sharded_checkpoint import TRAIN_STATE, is_sharded_checkpoint, read_model_state, read_train_state
 from clip_tao.errors import ModelError
 from clip_tao.io.atomic import atomic_path
 
@@ -34,7 +36,15 @@ def save_checkpoint(path: str, state: dict[str, Any]) -> None:
 
 
 def load_checkpoint(path: str) -> dict[str, Any]:
-    """Read a checkpoint safely (no arbitrary unpickling); a bad file gives one clear :class:`ModelError`."""
+    """Read a checkpoint safely (no arbitrary unpickling); a bad file gives one clear :class:`ModelError`.
+
+    A sharded checkpoint folder gives its plain data with the whole model under ``model`` (read in this
+    process; its optimiser pieces are left on disk).
+    """
+    if is_sharded_checkpoint(path):
+        state = read_train_state(path) if os.path.isfile(os.path.join(path, TRAIN_STATE)) else {}
+        state.pop("optimizer_param_groups", None)
+        return {**state, "model": read_model_state(path)}
     if not os.path.isfile(path):
         raise ModelError(f"checkpoint {path!r} does not exist")
     try:

@@ -2,7 +2,7 @@
 
 After every validation the monitored figure decides whether this epoch's weights join the ``save_top_k`` best;
 the file is named by ``filename`` (Lightning's format fields: ``{epoch:03d}``, ``{step}``, any KPI such as
-``{val/t2i_mAP:.4f}``), ``.pth`` added, in ``dirpath`` (default: the train results folder). A checkpoint that falls
+``{val/t2i_mAP:.4f}``), ``.pth`` added (``.dcp`` for the sharded checkpoint folders of FSDP), in ``dirpath`` (default: the train results folder). A checkpoint that falls
 out of the best is deleted. ``replace_periodic`` keeps a single best file and no periodic series.
 
 ``monitor`` is any KPI name of the epoch: TAO's (``val/t2i_mAP``, fractions; ``val/pas/overall_mAP``) or clip-tao's
@@ -37,12 +37,13 @@ def default_mode(monitor: str) -> str:
 class TopKCheckpoints:
     """Which checkpoint files are the best so far; the trainer writes and deletes what :meth:`offer` says."""
 
-    def __init__(self, cfg: CheckpointerConfig, out_dir: str, default_monitor: str | None = None):
+    def __init__(self, cfg: CheckpointerConfig, out_dir: str, default_monitor: str | None = None, suffix: str = ".pth"):
         self.monitor = cfg.monitor or default_monitor or DEFAULT_MONITOR
         self.mode = cfg.mode or default_mode(self.monitor)
         self.keep = 1 if cfg.replace_periodic else cfg.save_top_k
         self.dirpath = cfg.dirpath or out_dir
         self.pattern = cfg.filename
+        self.suffix = suffix
         self.insert_names = cfg.auto_insert_metric_name
         self.kept: list[dict[str, Any]] = []  # {"value", "path", "epoch"}, best first
         if not cfg.monitor or not cfg.mode:
@@ -61,7 +62,7 @@ class TopKCheckpoints:
         return value
 
     def filename(self, figures: dict[str, Any]) -> str:
-        """``filename`` with its format fields filled, ``/`` in names written ``_``, ``.pth`` appended."""
+        """``filename`` with its format fields filled, ``/`` in names written ``_``, the suffix (``.pth``) appended."""
 
         def fill(match: re.Match) -> str:
             name, spec = match.group(1), (match.group(2) or "")[1:]
@@ -77,7 +78,7 @@ class TopKCheckpoints:
             return f"{name}_{text}" if self.insert_names else text
 
         name = _FIELD.sub(fill, self.pattern).replace("/", "_")
-        return os.path.join(self.dirpath, name if name.endswith(".pth") else f"{name}.pth")
+        return os.path.join(self.dirpath, name.removesuffix(".pth").removesuffix(self.suffix) + self.suffix)
 
     def offer(self, value: float, epoch: int, figures: dict[str, Any]) -> tuple[str | None, list[str]]:
         """``(path to write this epoch's weights to or None, paths to delete)``."""

@@ -6,7 +6,8 @@ continue exactly: weights, optimiser, schedule, loss scaler, RNG states and the 
 (batches consumed, and for shards where every rank's loader workers stood).
 
 Every process runs the same control flow (collectives stay matched); only rank 0 writes checkpoints,
-logs, TensorBoard and status.json.
+logs, TensorBoard and status.json. Under FSDP every rank writes its own shard of a checkpoint folder instead
+(:mod:`clip_tao.engine.sharded_checkpoint`).
 """
 
 from __future__ import annotations
@@ -42,10 +43,19 @@ from clip_tao.engine.finite import check_weights, overflow_error
 from clip_tao.engine.lora import has_lora_weights
 from clip_tao.engine.optim import build_optimizer, build_scheduler
 from clip_tao.engine.regularization import TAO_NAMES, embedding_drift, tao_regularization_kpi
+from clip_tao.engine.sharded_checkpoint import (
+    SHARDED_SUFFIX,
+    is_sharded_checkpoint,
+    load_sharded,
+    read_train_state,
+    save_sharded,
+    sharded_model_keys,
+    sharded_name,
+)
 from clip_tao.engine.step import contrastive_backward
 from clip_tao.engine.topk import TopKCheckpoints
 from clip_tao.errors import ConfigError, ModelError
-from clip_tao.io.atomic import link_or_copy
+from clip_tao.io.atomic import link_latest, link_or_copy, link_or_copy_tree, remove_path
 from clip_tao.io.status import StatusWriter
 from clip_tao.io.tao_kpi import tao_epoch_fields, tao_retrieval_kpi
 from clip_tao.losses import ContrastiveLoss
@@ -58,8 +68,18 @@ log = logging.getLogger(__name__)
 
 BEST_METRIC = "t2i_mAP"
 LATEST_NAME = "clip_latest.pth"
+LATEST_SHARDED_NAME = "clip_latest.dcp"  # FSDP: a link to the newest sharded checkpoint folder
 BEST_NAME = "clip_best.pth"
 LOG_EVERY = 10  # steps between loss logs: the only host-GPU synchronisations of the training loop
+
+
+def latest_checkpoint(out_dir: str) -> str | None:
+    """``clip_latest.pth`` or ``clip_latest.dcp``, the newer when both are there (a run that changed between
+    DDP and FSDP); ``None`` without either."""
+    found = [
+        os.path.join(out_dir, n) for n in (LATEST_NAME, LATEST_SHARDED_NAME) if os.path.exists(os.path.join(out_dir, n))
+    ]
+    return max(found, key=os.path.getmtime) if found else None
 
 
 @dataclass
@@ -115,11 +135,14 @@ class Trainer:
                 "of an epoch: lower it"
             )
         self.total_steps = self.steps_per_epoch * self.tcfg.num_epochs
+        # FSDP: every rank writes its shard (a .dcp folder); otherwise rank 0 writes TAO's single .pth.
+        self.sharded = self.dist.distributed and self.tcfg.distributed_strategy == "fsdp"
         # DDP/FSDP wrapping and the optimiser come in fit(), after resume() has loaded plain weights.
         self.net: torch.nn.Module | None = None
         self.optimizer = build_optimizer(model, self.tcfg.optim)
         self.scheduler = build_scheduler(self.optimizer, self.tcfg.optim, self.total_steps)
         self._resume_from: dict[str, Any] | None = None
+        self._resume_sharded: str | None = None  # a sharded checkpoint: weights are loaded after wrapping
         self.last_saved: str | None = None  # named when training diverges: the last checkpoint with good weights
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.precision.use_grad_scaler)
         self.loss_fn = ContrastiveLoss(
@@ -149,7 +172,9 @@ class Trainer:
         self.best_metric = "pas/overall_mAP" if self.pas is not None else BEST_METRIC
         default_monitor = "val/pas/overall_mAP" if self.pas is not None else None
         self.topk = (
-            TopKCheckpoints(self.tcfg.checkpointer, out_dir, default_monitor)
+            TopKCheckpoints(
+                self.tcfg.checkpointer, out_dir, default_monitor, SHARDED_SUFFIX if self.sharded else ".pth"
+            )
             if self.tcfg.checkpointer.enable_topk
             else None
         )
@@ -232,27 +257,36 @@ class Trainer:
     # -- resumption -----------------------------------------------------------------------------
     def resume(self, path: str) -> None:
         """Continue a run from a training checkpoint with identical optimiser, schedule, scaler, RNG and data."""
-        checkpoint = load_checkpoint(path)
-        for key in ("optimizer", "scheduler", "epoch", "global_step"):
+        sharded = is_sharded_checkpoint(path)
+        # A sharded checkpoint: only its plain data now; every rank loads its pieces after wrapping (_prepare).
+        checkpoint = read_train_state(path) if sharded else load_checkpoint(path)
+        needed = ("optimizer_param_groups",) if sharded else ("optimizer",)
+        for key in (*needed, "scheduler", "epoch", "global_step"):
             if key not in checkpoint:
                 raise ModelError(
                     f"{path!r} is not a training checkpoint (no {key!r}): "
                     "use train.pretrained_model_path to start from its weights"
                 )
         check_model_type(checkpoint, self.model.model_type, path)
-        state = model_state_from(checkpoint, path)
+        state = sharded_model_keys(path) if sharded else model_state_from(checkpoint, path)
         if has_lora_weights(state) != has_lora_weights(self.model.state_dict()):
             saved = "with" if has_lora_weights(state) else "without"
             raise ModelError(
                 f"{path!r} was trained {saved} LoRA adapters, but peft.enabled={self.cfg.peft.enabled}: resume with "
                 "the peft section it was trained with (or start over with train.auto_resume=false)"
             )
-        try:
-            self.model.load_state_dict(state)
-        except RuntimeError as exc:  # missing keys or tensors of the wrong shapes
-            detail = " ".join(str(exc).split())[:300]
-            raise ModelError(f"checkpoint {path!r} does not fit model.type={self.model.model_type}: {detail}") from exc
-        self.last_saved = path
+        if sharded:
+            self._resume_sharded = path
+        else:
+            try:
+                self.model.load_state_dict(state)
+            except RuntimeError as exc:  # missing keys or tensors of the wrong shapes
+                detail = " ".join(str(exc).split())[:300]
+                raise ModelError(
+                    f"checkpoint {path!r} does not fit model.type={self.model.model_type}: {detail}"
+                ) from exc
+        # clip_latest.dcp is a link: the folder it names is the one to replace (train.checkpointer.replace_periodic)
+        self.last_saved = os.path.realpath(path) if sharded else path
         self._resume_from = checkpoint  # optimiser and schedule are loaded in fit(), after wrapping
         if checkpoint.get("scaler"):
             self.scaler.load_state_dict(checkpoint["scaler"])
@@ -329,12 +363,18 @@ class Trainer:
             # FSDP replaces parameters by sharded ones: the optimiser must be built on those.
             self.optimizer = build_optimizer(self.model, self.tcfg.optim)
             self.scheduler = build_scheduler(self.optimizer, self.tcfg.optim, self.total_steps)
+        checkpoint, self._resume_from = self._resume_from, None
+        if checkpoint is not None:
+            self._load_resumed(checkpoint)
         # TAO 7.3: the clamp's ceiling is max(ln 100, the starting or restored raw scale).
         self.logit_ceiling = self.model.logit_scale_ceiling()
-        checkpoint, self._resume_from = self._resume_from, None
-        if checkpoint is None:
-            return
-        if D.is_fsdp(self.net):
+
+    def _load_resumed(self, checkpoint: dict[str, Any]) -> None:
+        """The optimiser and schedule of the resumed checkpoint, and a sharded checkpoint's weights, into the
+        wrapped model (a sharded one loads on any strategy and process count: DCP reshards)."""
+        if self._resume_sharded is not None:
+            load_sharded(self._resume_sharded, self.net, self.optimizer, checkpoint["optimizer_param_groups"])
+        elif D.is_fsdp(self.net):
             from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
 
             set_optimizer_state_dict(
@@ -588,39 +628,61 @@ class Trainer:
 
     # -- outputs --------------------------------------------------------------------------------
     def save(self, epoch: int) -> str:
-        """Write ``model_epoch_{epoch:03d}_step_{step:05d}.pth`` (rank 0) and point ``clip_latest.pth`` at it.
+        """Write ``model_epoch_{epoch:03d}_step_{step:05d}.pth`` (rank 0) and point ``clip_latest.pth`` at it;
+        under FSDP the folder ``....dcp`` (every rank its shard) and ``clip_latest.dcp``.
 
         Called on every rank: the state is gathered from all of them.
         """
-        path = os.path.join(self.out_dir, checkpoint_name(epoch, self.state.global_step))
+        path = os.path.join(self.out_dir, self._checkpoint_file(checkpoint_name(epoch, self.state.global_step)))
+        self._write_checkpoint(path)
+        if self.dist.is_main:
+            if self.sharded:
+                link_latest(path, os.path.join(self.out_dir, LATEST_SHARDED_NAME))
+            else:
+                link_or_copy(path, os.path.join(self.out_dir, LATEST_NAME))
+            log.info("saved %s", path)
+            previous = self.last_saved
+            if self._replace_periodic() and self._periodic_of_this_run(previous, path):
+                # No periodic series: only the newest file stays (clip_latest.pth and resumption need it).
+                remove_path(previous)
+        self.last_saved = path
+        D.barrier(self.dist)
+        return path
+
+    def _periodic_of_this_run(self, previous: str | None, path: str) -> bool:
+        """``previous`` is an older periodic checkpoint in this run's folder (not the latest link, not a
+        checkpoint of another run that this one resumed from)."""
+        if previous is None or previous == path or os.path.basename(previous) in (LATEST_NAME, LATEST_SHARDED_NAME):
+            return False
+        return os.path.dirname(os.path.abspath(previous)) == os.path.abspath(self.out_dir)
+
+    def _checkpoint_file(self, name: str) -> str:
+        return sharded_name(name) if self.sharded else name
+
+    def _write_checkpoint(self, path: str) -> None:
+        """The checkpoint ``path``: a ``.pth`` by rank 0, or a sharded folder by every rank. Collective."""
+        if self.sharded:
+            save_sharded(path, self.net, self.optimizer, self._training_state(), self.dist, self.state.global_step,
+                         self.last_saved)  # fmt: skip
+            return
         state = self._checkpoint_state()
         if self.dist.is_main:
             check_weights(state["model"], self.state.global_step, self.last_saved)
             save_checkpoint(path, state)
-            link_or_copy(path, os.path.join(self.out_dir, LATEST_NAME))
-            log.info("saved %s", path)
-            previous = self.last_saved
-            if self._replace_periodic() and previous and previous != path and os.path.exists(previous):
-                # No periodic series: only the newest file stays (clip_latest.pth and resumption need it).
-                os.remove(previous)
-        self.last_saved = path
-        D.barrier(self.dist)
-        return path
 
     def _replace_periodic(self) -> bool:
         c = self.tcfg.checkpointer
         return c.enable_topk and c.replace_periodic
 
     def _save_best(self, saved: str | None) -> None:
-        """``clip_best.pth``: the epoch's checkpoint when one was saved, else a checkpoint of its own."""
-        best = os.path.join(self.out_dir, BEST_NAME)
-        state = self._checkpoint_state() if saved is None else None
+        """``clip_best.pth``: the epoch's checkpoint when one was saved, else a checkpoint of its own
+        (``clip_best.dcp`` under FSDP)."""
+        best = os.path.join(self.out_dir, self._checkpoint_file(BEST_NAME))
+        if saved is None:
+            self._write_checkpoint(best)
         if self.dist.is_main:
-            if saved is None:
-                check_weights(state["model"], self.state.global_step, self.last_saved)
-                save_checkpoint(best, state)
-            else:
-                link_or_copy(saved, best)
+            if saved is not None:
+                _link_or_copy_checkpoint(saved, best)
             log.info("new best %s=%.4g at epoch %d -> %s", self.best_metric, self.state.best_value,
                      self.state.best_epoch, best)  # fmt: skip
         D.barrier(self.dist)
@@ -633,23 +695,26 @@ class Trainer:
         """Write this epoch's weights under the best-checkpoint name; delete the ones that fell out."""
         if path is None:
             return
-        state = self._checkpoint_state() if saved is None else None
         if self.dist.is_main:
             os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-            if saved is None:
-                save_checkpoint(path, state)
-            else:
-                link_or_copy(saved, path)
+        D.barrier(self.dist)
+        if saved is None:
+            self._write_checkpoint(path)
+        if self.dist.is_main:
+            if saved is not None:
+                _link_or_copy_checkpoint(saved, path)
             for old in dropped:
-                if os.path.exists(old):
-                    os.remove(old)
+                remove_path(old)
             log.info("best %s=%s so far: %s", self.topk.monitor, f"{self.topk.kept[0]['value']:.4g}", path)
         D.barrier(self.dist)
 
     def _checkpoint_state(self) -> dict[str, Any]:
         """Everything to continue exactly, as plain data; collective (every rank must call it)."""
+        return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(), **self._training_state()}
+
+    def _training_state(self) -> dict[str, Any]:
+        """All but the weights and the optimiser's state; collective (every rank must call it)."""
         s = self.state
-        model_state, optim_state = self._model_and_optimizer_state()
         positions = D.gather_objects(self.dist, s.stream_positions)
         rng = D.gather_objects(self.dist, capture_rng_state())
         data_position = None
@@ -658,8 +723,6 @@ class Trainer:
             data_position = {"layout": self.train_data.layout(), "steps_in_epoch": s.batches_in_epoch // self.accumulate,
                              "streams": streams or None}  # fmt: skip
         return {
-            "model": model_state,
-            "optimizer": optim_state,
             "scheduler": self.scheduler.state_dict(),
             "scaler": self.scaler.state_dict() if self.scaler.is_enabled() else {},
             "epoch": s.epoch,
@@ -678,21 +741,6 @@ class Trainer:
             "config": config_to_dict(self.cfg),
         }
 
-    def _model_and_optimizer_state(self) -> tuple[dict, dict]:
-        if self.net is not None and D.is_fsdp(self.net):
-            from torch.distributed.checkpoint.state_dict import (
-                StateDictOptions,
-                get_model_state_dict,
-                get_optimizer_state_dict,
-            )
-
-            options = StateDictOptions(full_state_dict=True, cpu_offload=True)
-            model = get_model_state_dict(self.net, options=options)
-            optim = get_optimizer_state_dict(self.net, self.optimizer, options=options)
-            prefix = "model."
-            return {k.removeprefix(prefix): v for k, v in model.items()}, optim
-        return self.model.state_dict(), self.optimizer.state_dict()
-
     def _log_scalars(self, scalars: dict[str, Any], step: int | None = None) -> None:
         if self.wandb is not None:  # a WandbRun (rank 0), set by the task when wandb.enable works
             self.wandb.log(scalars, self.state.global_step if step is None else step)
@@ -707,6 +755,14 @@ class Trainer:
 
     def _scale(self) -> float:
         return float(self.model.logit_scale.detach().exp())
+
+
+def _link_or_copy_checkpoint(source: str, target: str) -> None:
+    """A second name for a checkpoint file or folder (hard links: deleting one name keeps the other)."""
+    if os.path.isdir(source):
+        link_or_copy_tree(source, target)
+    else:
+        link_or_copy(source, target)
 
 
 def _micro_batch(batch: dict) -> tuple:

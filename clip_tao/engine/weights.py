@@ -2,7 +2,8 @@
 
 Every task that takes a checkpoint (``evaluate.checkpoint``, ``inference.checkpoint``, ``export.checkpoint``,
 ``train.pretrained_model_path``) comes through :func:`load_weights`. Files are read with
-``torch.load(weights_only=True)``; Lightning files need no class beyond that.
+``torch.load(weights_only=True)``; Lightning files need no class beyond that. A sharded checkpoint folder (FSDP
+training, ``torch.distributed.checkpoint``) is read whole in this process.
 """
 
 from __future__ import annotations

@@ -95,8 +95,12 @@ def clean_stale_temp_files(folder: str) -> list[str]:
         for name in os.listdir(folder):
             # Exactly the names atomic_path makes: ".<target>.<random>.tmp".
             if name.startswith(".") and name.endswith(TEMP_SUFFIX) and name.count(".") >= 3:
+                path = os.path.join(folder, name)
                 with contextlib.suppress(OSError):
-                    os.remove(os.path.join(folder, name))
+                    if os.path.isdir(path) and not os.path.islink(path):
+                        shutil.rmtree(path)  # a sharded checkpoint's folder (see replace_folder)
+                    else:
+                        os.remove(path)
                     removed.append(name)
     return removed
 
@@ -136,3 +140,50 @@ def link_or_copy(source: str | os.PathLike, target: str | os.PathLike) -> None:
             os.link(source, tmp)
         except OSError:
             shutil.copyfile(source, tmp)
+
+
+# -- folders (sharded checkpoints) -------------------------------------------------------------------
+def replace_folder(source: str, target: str) -> None:
+    """Rename the finished folder ``source`` to ``target``; a ``target`` already there is replaced (it is renamed
+    aside first, then removed: a folder cannot be renamed over a non-empty one)."""
+    if not os.path.lexists(target):
+        os.replace(source, target)
+        return
+    old = os.path.join(os.path.dirname(target), f".{os.path.basename(target)}.old{TEMP_SUFFIX}")
+    remove_path(old)
+    os.replace(target, old)
+    os.replace(source, target)
+    remove_path(old)
+
+
+def remove_path(path: str) -> None:
+    """Remove a file, a link or a whole folder; nothing when it is not there."""
+    if os.path.isdir(path) and not os.path.islink(path):
+        shutil.rmtree(path, ignore_errors=True)
+    elif os.path.lexists(path):
+        os.remove(path)
+
+
+def link_or_copy_tree(source: str, target: str) -> None:
+    """Make the folder ``target`` hold the same files as ``source`` (hard links when possible), atomically."""
+    tmp = os.path.join(os.path.dirname(os.path.abspath(target)), f".{os.path.basename(target)}{TEMP_SUFFIX}")
+    remove_path(tmp)
+
+    def link(src: str, dst: str) -> None:
+        try:
+            os.link(src, dst)
+        except OSError:
+            shutil.copy2(src, dst)
+
+    shutil.copytree(source, tmp, copy_function=link)
+    replace_folder(tmp, target)
+
+
+def link_latest(source: str, link: str) -> None:
+    """Point the symbolic link ``link`` at ``source`` (relative, in the same folder), atomically."""
+    tmp = os.path.join(os.path.dirname(os.path.abspath(link)), f".{os.path.basename(link)}.link{TEMP_SUFFIX}")
+    remove_path(tmp)
+    os.symlink(os.path.relpath(source, os.path.dirname(os.path.abspath(link))), tmp)
+    if os.path.isdir(link) and not os.path.islink(link):
+        remove_path(link)  # a copied folder where the link belongs
+    os.replace(tmp, link)

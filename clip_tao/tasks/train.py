@@ -19,7 +19,8 @@ from clip_tao.engine.lora import apply_lora, tower_modes, trainable_counts
 from clip_tao.engine.lora import describe as describe_lora
 from clip_tao.engine.model_setup import build_model
 from clip_tao.engine.regularization import RegularizedLoss, frozen_teacher
-from clip_tao.engine.trainer import BEST_METRIC, BEST_NAME, LATEST_NAME, Trainer
+from clip_tao.engine.sharded_checkpoint import is_sharded_checkpoint, read_train_state
+from clip_tao.engine.trainer import BEST_METRIC, BEST_NAME, LATEST_NAME, Trainer, latest_checkpoint
 from clip_tao.engine.weights import load_weights
 from clip_tao.io.atomic import write_json
 from clip_tao.io.plots import training_curves_png
@@ -100,8 +101,8 @@ def _train(cfg: ExperimentConfig, out_dir: str, status, dist: DistContext) -> di
         "%s: %d training samples an epoch, %d validation samples, %d process(es), %s",
         model.model_type, train_data.num_samples, val_data.num_samples if val_data else 0, dist.world_size, out_dir,
     )  # fmt: skip
-    latest = os.path.join(out_dir, LATEST_NAME)
-    auto = t.auto_resume and not t.resume_training_checkpoint_path and os.path.isfile(latest)
+    latest = latest_checkpoint(out_dir)  # clip_latest.pth, or under FSDP the folder clip_latest.dcp
+    auto = t.auto_resume and not t.resume_training_checkpoint_path and latest is not None
     resume_path = t.resume_training_checkpoint_path or (latest if auto else None)
     # Start weights go in before LoRA and the teacher are made from them (and before the optimiser exists);
     # a resumed run replaces them, but its regularisation teacher is still the starting model.
@@ -157,10 +158,11 @@ def _train(cfg: ExperimentConfig, out_dir: str, status, dist: DistContext) -> di
 def _finished_run(cfg: ExperimentConfig, out_dir: str) -> dict | None:
     """The summary of the run in ``out_dir`` when auto-resume would continue it past its last epoch, else None."""
     t = cfg.train
-    latest = t.resume_training_checkpoint_path or os.path.join(out_dir, LATEST_NAME)
-    if not (t.resume_training_checkpoint_path or (t.auto_resume and os.path.isfile(latest))):
+    latest = t.resume_training_checkpoint_path or latest_checkpoint(out_dir)
+    if not (t.resume_training_checkpoint_path or (t.auto_resume and latest is not None)):
         return None
-    checkpoint = load_checkpoint(latest)
+    # A sharded checkpoint: its plain data only (the weights are not needed to see that the run is done).
+    checkpoint = read_train_state(latest) if is_sharded_checkpoint(latest) else load_checkpoint(latest)
     check_model_type(checkpoint, cfg.model.type, latest)
     epoch = checkpoint.get("epoch")
     if not isinstance(epoch, int) or epoch < t.num_epochs:
@@ -187,7 +189,7 @@ def _print_summary(summary: dict, out_dir: str) -> None:
         ["epochs / steps", f"{summary['epochs']} / {summary['steps']}"],
         ["final train loss", final.get("train_loss", float("nan"))],
         ["skipped files", sum(summary["skipped_files"].values())],
-        ["latest checkpoint", os.path.join(out_dir, LATEST_NAME)],
+        ["latest checkpoint", latest_checkpoint(out_dir) or os.path.join(out_dir, LATEST_NAME)],
     ]
     if best["epoch"] is not None:
         rows.append([f"best {best['metric']}", f"{best['value']:.2f} (epoch {best['epoch']}) -> {BEST_NAME}"])

@@ -15,4 +15,5 @@ MODULES = (
     "embed_scale",
     "compositional",
     "index",
+    "checkpoint",
 )
