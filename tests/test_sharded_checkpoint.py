@@ -24,6 +24,7 @@ from types import SimpleNamespace
 import h5py
 import pytest
 import torch
+import yaml
 
 from clip_tao.cli import main
 from tests.conftest import make_dataset, write_spec
@@ -258,3 +259,49 @@ def test_a_killed_fsdp_run_continues_on_another_layout(runs, tmp_path):
                 d = len(value) // 3
                 value, mine = torch.cat([value[:d], value[2 * d :]]), torch.cat([mine[:d], mine[2 * d :]])
             torch.testing.assert_close(mine, value, rtol=0, atol=1e-5, msg=f"{key}: {name}, killed after step {stop}")
+
+
+def test_top_k_folders_and_replace_periodic_under_fsdp(tmp_path):
+    """train.checkpointer with replace_periodic: the best epochs as .dcp folders, one periodic folder kept, also
+    across a resumption (the folder that clip_latest.dcp named is the one replaced)."""
+    spec = _spec(tmp_path)
+    data = yaml.safe_load(spec.read_text())
+    data["train"].update(checkpoint_interval_unit="epoch", checkpointer={
+        "enable_topk": True, "replace_periodic": True, "monitor": "train_loss", "filename": "best_{epoch:03d}"})  # fmt: skip
+    spec.write_text(yaml.safe_dump(data))
+    results = tmp_path / "results"
+    command = _command(spec, results, tmp_path / "keys", 2, "fsdp")
+    _train([*command, "train.num_epochs=1"])
+    train = results / "train"
+    assert sorted(p.name for p in train.glob("*.dcp")) == [
+        "best_000.dcp", "clip_best.dcp", "clip_latest.dcp", "model_epoch_000_step_00006.dcp"]  # fmt: skip
+    _train([*command, "train.num_epochs=2"])  # resumes from clip_latest.dcp
+    periodic = sorted(p.name for p in train.glob("model_epoch_*"))
+    assert periodic == ["model_epoch_001_step_00012.dcp"] and not list(train.glob("*.pth"))
+    assert (train / "clip_latest.dcp").resolve() == (train / periodic[0]).resolve()
+    best = sorted(p.name for p in train.glob("best_*"))
+    assert len(best) == 1 and {p.name for p in (train / best[0]).iterdir()} >= {".metadata", "__1_0.distcp"}
+    from clip_tao.engine.checkpoint import load_checkpoint
+
+    assert load_checkpoint(str(train / best[0]))["model"]  # a complete folder, readable on its own
+
+
+def test_weights_that_are_not_finite_are_never_saved(tmp_path):
+    """Every rank checks its own pieces before the collective write; a NaN stops the save with one line and
+    leaves no folder (here one process: the check is the same on each rank's local shards)."""
+    from clip_tao.config.schema import OptimConfig
+    from clip_tao.engine.distributed import ContrastiveForward, DistContext
+    from clip_tao.engine.optim import build_optimizer
+    from clip_tao.engine.sharded_checkpoint import save_sharded
+    from clip_tao.errors import TrainingError
+    from clip_tao.models import create_model
+
+    model = create_model("tiny-clip", pretrained=False)
+    with torch.no_grad():
+        next(model.vision_parameters())[0].fill_(float("nan"))
+    ctx = DistContext(0, 1, 0, torch.device("cpu"))
+    path = tmp_path / "model_epoch_000_step_00004.dcp"
+    last = str(tmp_path / "model_epoch_000_step_00002.dcp")
+    with pytest.raises(TrainingError, match=r"training diverged at step 4: 1 weight tensors hold NaN/inf .*step_00002"):
+        save_sharded(str(path), ContrastiveForward(model), build_optimizer(model, OptimConfig()), {}, ctx, 4, last)
+    assert list(tmp_path.iterdir()) == []
