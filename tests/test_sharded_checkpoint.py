@@ -305,3 +305,21 @@ def test_weights_that_are_not_finite_are_never_saved(tmp_path):
     with pytest.raises(TrainingError, match=r"training diverged at step 4: 1 weight tensors hold NaN/inf .*step_00002"):
         save_sharded(str(path), ContrastiveForward(model), build_optimizer(model, OptimConfig()), {}, ctx, 4, last)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_killed_write_leaves_only_temporary_names_that_the_next_run_removes(tmp_path):
+    """A kill during a sharded save leaves its folder under the temporary name (and perhaps the link's); the
+    next run's claim of the folder removes them and nothing else."""
+    from clip_tao.io.atomic import clean_stale_temp_files, link_latest
+
+    done = tmp_path / "model_epoch_000_step_00002.dcp"
+    done.mkdir()
+    (done / "__0_0.distcp").write_bytes(b"x")
+    link_latest(str(done), str(tmp_path / "clip_latest.dcp"))
+    partial = tmp_path / ".model_epoch_000_step_00003.dcp.tmp"
+    partial.mkdir()
+    (partial / "__1_0.distcp").write_bytes(b"half")
+    os.symlink(partial.name, tmp_path / ".clip_latest.dcp.link.tmp")
+    assert sorted(clean_stale_temp_files(str(tmp_path))) == [".clip_latest.dcp.link.tmp", partial.name]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["clip_latest.dcp", done.name]
+    assert (tmp_path / "clip_latest.dcp").resolve() == done.resolve() and (done / "__0_0.distcp").exists()
