@@ -202,14 +202,14 @@ def test_a_damaged_folder_is_one_clear_error(runs, tmp_path, capsys):
     assert done.returncode == 1 and "shard __1_0.distcp is missing" in done.stderr, done.stderr[-2000:]
 
 
-def _kill_at_a_random_step(command: list[str], train: Path) -> int:
-    """Start ``command``; SIGKILL every process of it once the sharded checkpoint of a random step exists."""
+def _kill_at_a_random_step(command: list[str], train: Path, suffix: str = ".dcp") -> int:
+    """Start ``command``; SIGKILL every process of it once the checkpoint of a random step exists."""
     stop = random.randint(2, 10)  # of the run's 12 steps
     process = subprocess.Popen(command, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                                start_new_session=True)  # fmt: skip
     try:
         deadline = time.monotonic() + 600
-        while not list(train.glob(f"model_epoch_*_step_{stop:05d}.dcp")):  # renamed into place when complete
+        while not list(train.glob(f"model_epoch_*_step_{stop:05d}{suffix}")):  # renamed into place when complete
             assert process.poll() is None, "training ended before it could be killed"
             assert time.monotonic() < deadline, "no checkpoint in 600 s"
             time.sleep(0.02)
@@ -252,13 +252,31 @@ def test_a_killed_fsdp_run_continues_on_another_layout(runs, tmp_path):
             for key, value in want.items():
                 assert torch.equal(got[key], value), f"{key}: {name}, killed after step {stop}"
             continue
-        want, _ = _final_weights(runs.single)
-        for key, value in want.items():
-            mine = got[key]
-            if key.endswith("attn.in_proj_bias"):  # the key bias: rounding noise only (see test_resume_layouts)
-                d = len(value) // 3
-                value, mine = torch.cat([value[:d], value[2 * d :]]), torch.cat([mine[:d], mine[2 * d :]])
-            torch.testing.assert_close(mine, value, rtol=0, atol=1e-5, msg=f"{key}: {name}, killed after step {stop}")
+        _assert_close_to(_final_weights(runs.single)[0], got, f"{name}, killed after step {stop}")
+
+
+def _assert_close_to(want: dict, got: dict, what: str) -> None:
+    """The layout tests' tolerance: float32 rounding of another sum order (tests/test_resume_layouts.py)."""
+    assert got.keys() == want.keys()
+    for key, value in want.items():
+        mine = got[key]
+        if key.endswith("attn.in_proj_bias"):  # the key bias: rounding noise only (see test_resume_layouts)
+            d = len(value) // 3
+            value, mine = torch.cat([value[:d], value[2 * d :]]), torch.cat([mine[:d], mine[2 * d :]])
+        torch.testing.assert_close(mine, value, rtol=0, atol=1e-5, msg=f"{key}: {what}")
+
+
+def test_a_killed_one_process_run_continues_under_fsdp(runs, tmp_path):
+    """The other direction: one process writes TAO's .pth, SIGKILLed at a random step; FSDP on 2 processes
+    continues from it (the optimiser's state keyed by position is matched to the sharded parameters by name)."""
+    results, log = tmp_path / "results", tmp_path / "keys"
+    stop = _kill_at_a_random_step(_command(runs.spec, results, log, 1, "ddp"), results / "train", ".pth")
+    _train(_command(runs.spec, results, log, 2, "fsdp"))
+    assert _steps(log) == _steps(runs.root / "single.keys"), f"killed after step {stop}"
+    got, checkpoint = _final_weights(results / "train")
+    assert checkpoint["global_step"] == 12 and checkpoint["world_size"] == 2
+    assert (results / "train" / "clip_latest.dcp").is_symlink()  # the newer of clip_latest.pth and .dcp
+    _assert_close_to(_final_weights(runs.single)[0], got, f"killed after step {stop}")
 
 
 def test_top_k_folders_and_replace_periodic_under_fsdp(tmp_path):

@@ -377,9 +377,8 @@ class Trainer:
         elif D.is_fsdp(self.net):
             from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
 
-            set_optimizer_state_dict(
-                self.net, self.optimizer, checkpoint["optimizer"], options=StateDictOptions(full_state_dict=True)
-            )
+            optim = _by_parameter_name(checkpoint["optimizer"], self.net, self.optimizer)  # a DDP/1-process .pth
+            set_optimizer_state_dict(self.net, self.optimizer, optim, options=StateDictOptions(full_state_dict=True))
         else:
             self.optimizer.load_state_dict(checkpoint["optimizer"])
         self.scheduler.load_state_dict(checkpoint["scheduler"])
@@ -755,6 +754,20 @@ class Trainer:
 
     def _scale(self) -> float:
         return float(self.model.logit_scale.detach().exp())
+
+
+def _by_parameter_name(state: dict, net: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict:
+    """``optimizer.state_dict()`` (parameters by position, as a DDP or one-process run saves it) keyed by parameter
+    name, as torch's ``set_optimizer_state_dict`` takes it; a state keyed by name already is returned as it is."""
+    if all(isinstance(key, str) for key in state["state"]):
+        return state
+    names = {id(p): name for name, p in net.named_parameters()}
+    # The same optimiser groups, in the same order, as the run that saved it (build_optimizer on the same model).
+    by_position = [names[id(p)] for group in optimizer.param_groups for p in group["params"]]
+    return {
+        "state": {by_position[i]: value for i, value in state["state"].items()},
+        "param_groups": [{**g, "params": [by_position[i] for i in g["params"]]} for g in state["param_groups"]],
+    }
 
 
 def _link_or_copy_checkpoint(source: str, target: str) -> None:
