@@ -100,6 +100,8 @@ def test_every_rank_writes_its_own_shard(runs, tmp_path):
     state = torch.load(folder / "train_state.pth", weights_only=True)  # plain data, no weights
     assert state["global_step"] == 12 and state["epoch"] == 2 and state["world_size"] == 2
     assert len(state["rng"]) == 2 and "model" not in state and state["optimizer_param_groups"]
+    # Step 12 is saved as a step checkpoint, then again as the last epoch's: its plain data records the end.
+    assert state["steps_in_epoch"] == 0 and len(state["history"]) == 2
 
     # Which bytes of the model each file holds, from DCP's own index: about half each, never the whole model.
     full = _upstream_model(folder, tmp_path / "full.pt")

@@ -86,11 +86,23 @@ def save_sharded(
             "at another disk (the previous checkpoints are intact)"
         ) from exc
     if ctx.is_main:
-        plain = {"format": FORMAT, **train_state, "optimizer_param_groups": optim["param_groups"]}
-        with atomic_path(os.path.join(tmp, TRAIN_STATE)) as part:
-            torch.save(plain, part)
+        _write_train_state(tmp, train_state, optim["param_groups"])
         replace_folder(tmp, path)
     D.barrier(ctx)
+
+
+def refresh_train_state(path: str, train_state: dict[str, Any], ctx: D.DistContext) -> None:
+    """Rewrite only the plain data of the folder ``path``, whose tensors are this step's already (the step's
+    checkpoint, written again as the epoch's); atomic, so the folder is never missing. Collective."""
+    if ctx.is_main:
+        _write_train_state(path, train_state, read_train_state(path)["optimizer_param_groups"])
+    D.barrier(ctx)
+
+
+def _write_train_state(folder: str, train_state: dict[str, Any], param_groups: list) -> None:
+    plain = {"format": FORMAT, **train_state, "optimizer_param_groups": param_groups}
+    with atomic_path(os.path.join(folder, TRAIN_STATE)) as part:
+        torch.save(plain, part)
 
 
 def _check_finite_everywhere(model: dict, ctx: D.DistContext, step: int, last_saved: str | None) -> None:

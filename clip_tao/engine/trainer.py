@@ -48,6 +48,7 @@ from clip_tao.engine.sharded_checkpoint import (
     is_sharded_checkpoint,
     load_sharded,
     read_train_state,
+    refresh_train_state,
     save_sharded,
     sharded_model_keys,
     sharded_name,
@@ -633,7 +634,12 @@ class Trainer:
         Called on every rank: the state is gathered from all of them.
         """
         path = os.path.join(self.out_dir, self._checkpoint_file(checkpoint_name(epoch, self.state.global_step)))
-        self._write_checkpoint(path)
+        if self.sharded and path == self.last_saved:
+            # This step's folder, written moments ago (a step checkpoint that is also the epoch's): the same tensors,
+            # so only its plain data is rewritten; replacing the folder would leave a moment without it.
+            refresh_train_state(path, self._training_state(), self.dist)
+        else:
+            self._write_checkpoint(path)
         if self.dist.is_main:
             if self.sharded:
                 link_latest(path, os.path.join(self.out_dir, LATEST_SHARDED_NAME))
