@@ -4,18 +4,17 @@ two-host run killed at a random step continues on one host with one process."""
 
 from __future__ import annotations
 
-import contextlib
 import os
 import random
 import shutil
-import signal
 import subprocess
 import sys
 import time
 
 import pytest
 
-from tests.test_resume_layouts import _assert_same_run, _command, _env, _process_tree, _reference_run, _spec
+from tests.processes import kill_tree
+from tests.test_resume_layouts import _assert_same_run, _command, _env, _reference_run, _spec
 
 SUBNET = "10.213.7"  # only inside the two namespaces this test makes
 RDZV_PORT = 29431
@@ -118,10 +117,7 @@ def test_a_two_host_run_killed_at_a_random_step_continues_on_one_host(two_hosts,
             assert time.monotonic() < deadline, "no checkpoint in 600 s"
             time.sleep(0.02)
     finally:
-        doomed = [pid for process in processes for pid in _process_tree(process.pid)]
-        for pid in doomed:  # every process of both hosts at once
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
+        kill_tree(*(process.pid for process in processes))  # every process of both hosts at once
         for process in processes:
             process.wait()
     done = subprocess.run(_command(spec, results, log, 1, 0), env=_env(), capture_output=True, text=True,

@@ -4,7 +4,6 @@ processes: torchrun with gloo, SIGKILL to every process of the run)."""
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import random
@@ -19,6 +18,7 @@ import pytest
 import torch
 import yaml
 
+from tests.processes import children, kill_tree
 from tests.shards import write_shardwriter
 
 GLOBAL_BATCH = 8
@@ -60,32 +60,6 @@ def _steps(log) -> dict[int, list[str]]:
     return {step: sorted(keys) for step, keys in sorted(steps.items())}
 
 
-def _children() -> dict[int, list[int]]:
-    """Parent pid -> child pids, from /proc."""
-    children = defaultdict(list)
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                with open(f"/proc/{entry}/stat") as f:
-                    fields = f.read().rsplit(")", 1)[1].split()
-            except OSError:
-                continue
-            children[int(fields[1])].append(int(entry))
-    return children
-
-
-def _process_tree(root: int) -> list[int]:
-    """``root`` and every process below it (torchrun starts its workers in sessions of their own, so a
-    process-group kill would miss them)."""
-    children = _children()
-    tree, todo = [], [root]
-    while todo:
-        pid = todo.pop()
-        tree.append(pid)
-        todo += children.get(pid, [])
-    return tree
-
-
 def _kill_at_a_random_step(command, results) -> int:
     """Start ``command``; SIGKILL its whole process group once a random mid-run checkpoint exists."""
     stop = random.randint(2, 10)  # of the run's 12 steps
@@ -98,9 +72,7 @@ def _kill_at_a_random_step(command, results) -> int:
             assert process.poll() is None, "training ended before it could be killed"
             assert time.monotonic() < deadline, "no checkpoint in 600 s"
             time.sleep(0.02)
-        for pid in _process_tree(process.pid):  # every process at once, as a preempted node loses them
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
+        kill_tree(process.pid)  # every process at once, as a preempted node loses them
     finally:
         process.wait()
     return stop
@@ -189,15 +161,13 @@ def test_torchrun_elastic_restarts_a_killed_process_and_the_run_resumes_by_itsel
             assert process.poll() is None, "training ended before a process could be killed"
             assert time.monotonic() < deadline, "no checkpoint in 600 s"
             time.sleep(0.02)
-        workers = [pid for pid in _children()[process.pid] if _is_trainer(pid)]  # torchrun's, not the loaders'
+        workers = [pid for pid in children()[process.pid] if _is_trainer(pid)]  # torchrun's, not the loaders'
         assert len(workers) == 2, workers
         os.kill(random.choice(workers), signal.SIGKILL)
         _, stderr = process.communicate(timeout=900)
     finally:
         if process.poll() is None:
-            for pid in _process_tree(process.pid):
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(pid, signal.SIGKILL)
+            kill_tree(process.pid)
             process.wait()
     assert process.returncode == 0, stderr[-3000:]
     statuses = [json.loads(line)["status"] for line in (results / "train" / "status.json").read_text().splitlines()]
