@@ -410,8 +410,6 @@ def test_balanced_training_runs_on_taos_pairs_files(tiny_spec, tmp_path, capsys)
     spec = tiny_spec("tiny-clip", dataset={"train": {"batch_size": 8, "num_workers": 0, "datasets": [entry],
                                                      "balance_query_types": True}},
                      train={"num_epochs": 1, "sample_log": str(log)})  # fmt: skip
-    assert main(["train", "-e", str(spec), "wandb.enable=false"]) == 1  # TAO's default unique_caption_per_batch
-    assert "unique_caption_per_batch=true" in capsys.readouterr().err
     assert main(["train", "-e", str(spec), "wandb.enable=false", "dataset.train.unique_caption_per_batch=false"]) == 0
     from clip_tao.data.loaders import BalancedQueryTypeSampler
 

@@ -76,11 +76,6 @@ def check_implemented(cfg: ExperimentConfig, task: str) -> None:
     """TAO 7.3 keys that load but whose behaviour clip-tao does not have yet: one line, rather than a silent no-op."""
     data = cfg.dataset
     missing = []
-    if task == "train" and data.train.balance_query_types and data.train.unique_caption_per_batch:
-        missing.append(
-            "dataset.train.balance_query_types=true with unique_caption_per_batch=true (TAO's unique-caption batch "
-            "sampler; set unique_caption_per_batch=false for the weighted one)"
-        )
     if task == "evaluate" and data.val.metadata_match_eval and not cfg.evaluate.datasets:
         missing.append("dataset.val.metadata_match_eval=true (in evaluate: give evaluate.datasets with a pairs file)")
     if missing:
