@@ -168,6 +168,15 @@ def test_masked_loss_trains_on_taos_pairs_files(tiny_spec, tmp_path, mode, norma
     spec, root, names = _pas_spec(tiny_spec, tmp_path, mode, normalization, batch_size=16)
     assert main(["train", "-e", str(spec), "wandb.enable=false"]) == 0
     assert _logged_loss(tmp_path) == pytest.approx(_expected_loss(spec, root, names, mode, normalization), rel=1e-4)
+    # TAO's diagnostic of the positive modes: the off-diagonal pairs its mask promotes, on this rank.
+    lines = [json.loads(x) for x in (tmp_path / "results" / "train" / "status.json").read_text().splitlines()]
+    kpi = next(x["kpi"] for x in lines if x["status"] == "RUNNING")
+    if mode.endswith("_positive"):
+        meta = load_metadata(str(root / "train_pairs.json"), names, True)
+        compat = compatibility(meta.text_attr, meta.image_attr, meta.text_acc, meta.image_acc, True).T
+        assert kpi["train/compatible_positive_pairs_per_rank"] == int(compat.sum()) - int(compat.diagonal().sum())
+    else:
+        assert "train/compatible_positive_pairs_per_rank" not in kpi
 
 
 def _pas_spec(tiny_spec, tmp_path, mode, normalization, batch_size):
