@@ -383,6 +383,12 @@ def test_metadata_match_validation_reports_taos_pas_kpis(tiny_spec, tmp_path):
     for name in ("overall_mAP", "overall_rank1", "overall_rank5", "easy_mAP", "medium_mAP", "hard_mAP"):
         assert isinstance(kpi[f"val/pas/{name}"], str)
         assert float(kpi[f"val/pas/{name}"]) == pytest.approx(want[name], abs=1e-5)
+    # TAO's trainer.test route: evaluate without evaluate.datasets scores dataset.val the same way, as test/pas/*.
+    assert main(["evaluate", "-e", str(spec), "wandb.enable=false"]) == 0
+    lines = [json.loads(x) for x in (tmp_path / "results" / "evaluate" / "status.json").read_text().splitlines()]
+    tested = lines[-1]["kpi"]
+    for name in ("overall_mAP", "overall_rank1", "overall_rank5", "easy_mAP", "medium_mAP", "hard_mAP"):
+        assert float(tested[f"test/pas/{name}"]) == pytest.approx(want[name], abs=1e-5)
 
 
 def test_balanced_query_type_sampler_equalises_types_and_is_fixed_per_epoch():
