@@ -183,6 +183,9 @@ class MaskedSiglipLoss(nn.Module):
         self.gather = dist_impl == "gather" and world_size > 1
         self.rank, self.world_size = (rank, world_size) if self.gather else (0, 1)
         self.compatible: torch.Tensor | None = None
+        # TAO 7.3's diagnostic in the *_positive modes: off-diagonal pairs promoted to positives, on this rank.
+        self.promoted: torch.Tensor | None = None
+        self._promoted_sum, self._steps = 0.0, 0
 
     def set_mask(self, compatible: torch.Tensor) -> None:
         """``[B_local, N]``: this rank's images against the texts the loss scores (every rank's under gather)."""
@@ -195,7 +198,29 @@ class MaskedSiglipLoss(nn.Module):
                 "or siglip_loss_mask_mode=none"
             )
         mask = None if self.compatible is None else self.compatible.to(image.device)
+        if mask is not None and self.mode.endswith("_positive"):
+            rows = torch.arange(mask.shape[0], device=mask.device)
+            paired = rows + (self.rank * mask.shape[0] if self.gather else 0)
+            self.promoted = (mask.sum() - mask[rows, paired].sum()).detach()
         return masked_siglip_loss(
             image, text, logit_scale, logit_bias, mask, self.mode, self.weight, self.normalization,
             self.rank, self.world_size,
         )  # fmt: skip
+
+    def end_step(self) -> dict[str, float]:
+        """The step's figures for the logs (TAO: ``train/compatible_positive_pairs_per_rank``); none in the other
+        modes."""
+        if self.promoted is None:
+            return {}
+        count, self.promoted = float(self.promoted), None
+        self._promoted_sum += count
+        self._steps += 1
+        return {"compatible_positive_pairs_per_rank": count}
+
+    def epoch_figures(self) -> dict[str, float]:
+        """The epoch's mean count a step (the trainer averages it over the ranks)."""
+        if not self._steps:
+            return {}
+        out = {"compatible_positive_pairs_per_rank": self._promoted_sum / self._steps}
+        self._promoted_sum, self._steps = 0.0, 0
+        return out

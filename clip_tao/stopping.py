@@ -190,9 +190,15 @@ def _on_signal(signum: int, frame) -> None:
 
 
 def _quiet_worker_checks() -> None:
-    """Stopping: a loader worker that ends is expected; torch's SIGCHLD handler would raise at a random place."""
+    """Stopping: a loader worker that ends is expected; torch's SIGCHLD handler would raise at a random place.
+    It gives way to a handler that does nothing, not to SIG_DFL: a SIGCHLD that arrived just before and waits
+    for the interpreter would otherwise be reported as "Signal 17 ignored due to race condition"."""
     if callable(signal.getsignal(signal.SIGCHLD)):
-        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+        signal.signal(signal.SIGCHLD, _ignore)
+
+
+def _ignore(signum: int, frame) -> None:
+    pass
 
 
 def _start_watchdog() -> None:

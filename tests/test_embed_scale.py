@@ -4,12 +4,10 @@ WebDataset shards from a real S3-compatible server (moto on 127.0.0.1)."""
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import random
 import shutil
-import signal
 import subprocess
 import sys
 import time
@@ -22,6 +20,7 @@ import yaml
 
 from clip_tao.cli import main
 from tests.conftest import make_dataset
+from tests.processes import kill_tree
 from tests.shards import square, write_shardwriter
 from tests.test_s3 import s3_server  # noqa: F401  (the moto server fixture)
 
@@ -143,33 +142,6 @@ def test_multi_caption_evaluate_on_two_processes(tiny_spec, tmp_path):
         assert got[key] == pytest.approx(want[key], abs=1e-6), key
 
 
-def process_tree(root: int) -> list[int]:
-    """``root`` and every process below it, from /proc (torchrun starts each rank in a session of its own, so
-    killing torchrun's process group would leave the ranks running)."""
-    children: dict[int, list[int]] = {}
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                with open(f"/proc/{entry}/stat") as f:
-                    parent = int(f.read().rsplit(")", 1)[1].split()[1])
-            except (OSError, ValueError, IndexError):
-                continue
-            children.setdefault(parent, []).append(int(entry))
-    tree, todo = [], [root]
-    while todo:
-        pid = todo.pop()
-        tree.append(pid)
-        todo += children.get(pid, [])
-    return tree
-
-
-def kill_job(root: int) -> None:
-    """SIGKILL the whole job at once: the launcher first (so it restarts nothing), then every rank and worker."""
-    for pid in process_tree(root):
-        with contextlib.suppress(ProcessLookupError):  # a worker that ended meanwhile
-            os.kill(pid, signal.SIGKILL)
-
-
 def upload_shards(server: dict, folder: Path, prefix: str) -> list[str]:
     import boto3
 
@@ -213,7 +185,7 @@ def test_killed_two_process_run_on_s3_resumes_to_the_uninterrupted_result(tiny_s
         if len(list((out / "parts").glob("part_*.json"))) >= kill_after:
             break
         time.sleep(0.005)
-    kill_job(job.pid)
+    kill_tree(job.pid)
     job.wait(timeout=60)
     time.sleep(2)  # nothing of the killed job may still be writing
     done_at_kill = len(list((out / "parts").glob("part_*.json")))

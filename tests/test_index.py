@@ -189,6 +189,7 @@ def test_dedup_and_search_through_an_index_end_to_end(tmp_path, capsys):
     (images / "photo_3 copy.png").write_bytes((images / "photo_3.png").read_bytes())  # a byte-identical twin
     Image.open(images / "photo_6.png").save(images / "photo_6 reencoded.jpg", quality=60)
     Image.open(images / "photo_8.png").resize((80, 80)).save(images / "photo_8, resized.png")
+    Image.open(images / "photo_4.png").crop((3, 2, 93, 94)).save(images / "photo_4 cropped.png")  # a few pixels off
     spec = write_spec(
         tmp_path / "spec.yaml",
         {
@@ -214,6 +215,7 @@ def test_dedup_and_search_through_an_index_end_to_end(tmp_path, capsys):
     names = sorted(sorted(n for n, _ in members) for members in groups.values())
     assert names == [
         ["photo_3 copy.png", "photo_3.png"],
+        ["photo_4 cropped.png", "photo_4.png"],
         ["photo_6 reencoded.jpg", "photo_6.png"],
         ["photo_8, resized.png", "photo_8.png"],
     ]
@@ -226,7 +228,7 @@ def test_dedup_and_search_through_an_index_end_to_end(tmp_path, capsys):
         expected = vectors[paths.index(first[0])] @ vectors[paths.index(other)]
         assert similarity == pytest.approx(expected, abs=1e-5)
     page = (out / "duplicates.html").read_text(encoding="utf-8")
-    assert page.count("data:image/jpeg;base64,") == 3 + 6 and "group 0 (2 images)" in page
+    assert page.count("data:image/jpeg;base64,") == 4 + 8 and "group 0 (2 images)" in page
 
     # Search through the index: a collection image finds itself first (through an approximate index).
     search = ["inference.mode=search", f"inference.index_file={index_file}", "inference.top_k=3"]

@@ -1,16 +1,20 @@
 """Two hosts: network namespaces joined by a veth pair, each running its own torchrun (c10d rendezvous on the
-first host's address, gloo over the link). The run equals a single-host run of as many processes."""
+first host's address, gloo over the link). The run equals a single-host run of as many processes, and a
+two-host run killed at a random step continues on one host with one process."""
 
 from __future__ import annotations
 
 import os
+import random
 import shutil
 import subprocess
 import sys
+import time
 
 import pytest
 
-from tests.test_resume_layouts import _assert_same_run, _command, _env, _spec
+from tests.processes import kill_tree
+from tests.test_resume_layouts import _assert_same_run, _command, _env, _reference_run, _spec
 
 SUBNET = "10.213.7"  # only inside the two namespaces this test makes
 RDZV_PORT = 29431
@@ -92,3 +96,31 @@ def test_two_hosts_train_what_one_host_with_two_processes_trains(two_hosts, tiny
                 process.kill()
     assert [p.returncode for p in processes] == [0, 0], "\n".join(e[-2000:] for e in errors)
     _assert_same_run(reference_log, reference, log, results, None, 2)
+
+
+def test_a_two_host_run_killed_at_a_random_step_continues_on_one_host(two_hosts, tiny_spec, tmp_path):
+    """Both hosts lose every process at once (SIGKILL, as a preempted job's nodes do); the same run started
+    again on one host with one process, at the same global batch, trains what an uninterrupted run trains."""
+    spec = _spec(tiny_spec, tmp_path, "wds")
+    reference = _reference_run(spec, tmp_path)
+    results, log = tmp_path / "two_hosts", tmp_path / "two_hosts.keys"
+    stop = random.randint(2, 10)  # of the run's 12 steps
+    processes = []
+    try:
+        for host, name in enumerate(two_hosts):
+            command, env = _host_command(spec, results, log, host, name)
+            processes.append(subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                              start_new_session=True))  # fmt: skip
+        deadline = time.monotonic() + 600
+        while not list((results / "train").glob(f"model_epoch_*_step_{stop:05d}.pth")):
+            assert all(p.poll() is None for p in processes), "training ended before it could be killed"
+            assert time.monotonic() < deadline, "no checkpoint in 600 s"
+            time.sleep(0.02)
+    finally:
+        kill_tree(*(process.pid for process in processes))  # every process of both hosts at once
+        for process in processes:
+            process.wait()
+    done = subprocess.run(_command(spec, results, log, 1, 0), env=_env(), capture_output=True, text=True,
+                          timeout=900)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    _assert_same_run(tmp_path / "reference.keys", reference, log, results, stop, 1)

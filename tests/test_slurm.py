@@ -158,10 +158,10 @@ def _wait_for(predicate, what: str, timeout: float = 900) -> None:
         time.sleep(0.2)
 
 
-def test_a_preempted_job_checkpoints_its_step_and_resumes_exactly_when_run_again(cluster, tiny_spec, tmp_path):
+def test_a_preempted_job_checkpoints_its_step_and_resumes_exactly_when_requeued(cluster, tiny_spec, tmp_path):
     """``scancel --signal=TERM`` (what a preemption sends first): the step in progress finishes, its checkpoint
-    is written, the job stops; the same script run again (what a requeue does) continues from there and ends
-    as an uninterrupted run. No trained step is lost."""
+    is written, the job stops; ``scontrol requeue`` runs the job's script again, which continues from there and
+    ends as an uninterrupted run. No trained step is lost."""
     from tests.test_resume_layouts import _assert_same_run, _reference_run, _steps
     from tests.test_resume_layouts import _spec as layout_spec
 
@@ -188,10 +188,15 @@ def test_a_preempted_job_checkpoints_its_step_and_resumes_exactly_when_run_again
     assert stop <= latest["global_step"] == trained < 12, (stop, trained)  # the last trained step is saved
     lines = (results / "train" / "status.json").read_text().splitlines()
     assert json.loads(lines[-1])["status"] == "FAILURE" and "SIGTERM" in lines[-1]
-    # The same script as a job again, as a requeue runs it (Slurm delays a requeued job's start by minutes).
-    again = cluster.run(["sbatch", "--wait", f"--output={tmp_path / 'job.out'}", str(script)], cwd=str(tmp_path),
-                        timeout=900)  # fmt: skip
+    # Slurm's requeue, as a preempted job's: the same job runs the script again. A requeued job waits 2 minutes
+    # before it is eligible (Slurm's rule); StartTime=now lifts that wait.
+    requeued = cluster.run(["scontrol", "requeue", job])
+    assert requeued.returncode == 0, requeued.stderr
+    _wait_for(lambda: _job_state(cluster, job) == "PENDING", "the requeue")
+    assert cluster.run(["scontrol", "update", f"jobid={job}", "StartTime=now"]).returncode == 0
+    _wait_for(lambda: _job_state(cluster, job) in ("COMPLETED", "FAILED", "CANCELLED"), "the requeued run")
+    shown = cluster.run(["scontrol", "show", "job", job]).stdout
     output = (tmp_path / "job.out").read_text(errors="replace")
-    assert again.returncode == 0, output[-3000:]
+    assert "JobState=COMPLETED" in shown and "Restarts=1" in shown, output[-3000:]
     assert "stopping for SIGTERM after step" in output, output[-3000:]
     _assert_same_run(tmp_path / "reference.keys", reference, log, results, stop, 1)

@@ -70,21 +70,3 @@ def check_loss_keys(cfg: ExperimentConfig) -> None:
                 f"train.triplet_loss_weight={t.triplet_loss_weight} with train.siglip_loss_mask_mode={mode}: the "
                 "triplet loss would mine the promoted positives as negatives; set one of them off"
             )
-
-
-def check_implemented(cfg: ExperimentConfig, task: str) -> None:
-    """TAO 7.3 keys that load but whose behaviour clip-tao does not have yet: one line, rather than a silent no-op."""
-    data = cfg.dataset
-    missing = []
-    if task == "train" and data.train.balance_query_types and data.train.unique_caption_per_batch:
-        missing.append(
-            "dataset.train.balance_query_types=true with unique_caption_per_batch=true (TAO's unique-caption batch "
-            "sampler; set unique_caption_per_batch=false for the weighted one)"
-        )
-    if task == "evaluate" and data.val.metadata_match_eval and not cfg.evaluate.datasets:
-        missing.append("dataset.val.metadata_match_eval=true (in evaluate: give evaluate.datasets with a pairs file)")
-    if missing:
-        raise ConfigError(
-            f"{', '.join(missing)}: TAO 7.3 behaviour clip-tao does not have yet (README, Coming from TAO); "
-            "set it to its default to run"
-        )

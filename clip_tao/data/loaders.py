@@ -23,7 +23,7 @@ from dataclasses import dataclass
 
 import torch
 from PIL import Image, UnidentifiedImageError
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import DataLoader, Dataset
 
 from clip_tao import stopping
 from clip_tao.config.schema import DatasetConfig, DatasetEntry
@@ -31,6 +31,7 @@ from clip_tao.data import wds
 from clip_tao.data.custom import Sample, SkipCounter, scan_custom_datasets
 from clip_tao.data.naflex import batch_stacker
 from clip_tao.data.pairs import NO_PAIRS, PairOptions, draw_negatives, pair_fields
+from clip_tao.data.samplers import BalancedQueryTypeSampler, EpochShuffleSampler, UniqueCaptionBatchSampler
 from clip_tao.data.token_cache import CachedTokenizer
 from clip_tao.data.transforms import build_eval_transform, build_train_transform
 from clip_tao.errors import ConfigError, DataError
@@ -148,66 +149,6 @@ def collate_skipping_bad(
     return batch
 
 
-class EpochShuffleSampler(Sampler[int]):
-    """A permutation drawn from ``seed + epoch``: the same order for an epoch after any restart.
-
-    With ``world_size`` ranks, rank ``r`` takes every ``world_size``-th index from position ``r`` of the
-    permutation (the tail that does not divide evenly is dropped, so every rank gets the same count).
-    ``start_index`` skips the first samples of this rank's share (resuming in the middle of an epoch).
-    """
-
-    def __init__(self, num_samples: int, seed: int, rank: int = 0, world_size: int = 1):
-        self.num_samples = num_samples
-        self.seed = seed
-        self.rank = rank
-        self.world_size = world_size
-        self.epoch = 0
-        self.start_index = 0
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    @property
-    def per_rank(self) -> int:
-        return self.num_samples // self.world_size
-
-    def __iter__(self):
-        generator = torch.Generator().manual_seed(self.seed + self.epoch)
-        order = torch.randperm(self.num_samples, generator=generator)[: self.per_rank * self.world_size]
-        return iter(order[self.rank :: self.world_size][self.start_index :].tolist())
-
-    def __len__(self) -> int:
-        return self.per_rank - self.start_index
-
-
-class BalancedQueryTypeSampler(EpochShuffleSampler):
-    """TAO 7.3's ``balance_query_types`` (its ``BalancedByQueryTypeSampler``): samples drawn with replacement,
-    each weighted ``1 / count(its query_type)``, so every type has the same share of an epoch.
-
-    One process draws ``N`` from all samples (generator seeded ``seed + epoch + 7919``); with several, each rank
-    takes its slice of a ``seed + epoch`` permutation and draws as many from it. Slices are ``N // world`` long on
-    every rank (TAO's last rank may be shorter, which leaves the ranks with unequal step counts). Each epoch's
-    draw is fixed by the seed, so a resumed run skips to the same place (``start_index``).
-    """
-
-    def __init__(self, query_types: Sequence[str], seed: int, rank: int = 0, world_size: int = 1):
-        super().__init__(len(query_types), seed, rank, world_size)
-        counts: dict[str, int] = {}
-        for kind in query_types:
-            counts[kind] = counts.get(kind, 0) + 1
-        self.weights = torch.tensor([1.0 / counts[kind] for kind in query_types], dtype=torch.float64)
-
-    def __iter__(self):
-        draw = torch.Generator().manual_seed(self.seed + self.epoch + 7919)
-        if self.world_size == 1:
-            picked = torch.multinomial(self.weights, self.num_samples, replacement=True, generator=draw)
-        else:
-            order = torch.randperm(self.num_samples, generator=torch.Generator().manual_seed(self.seed + self.epoch))
-            mine = order[self.rank * self.per_rank : (self.rank + 1) * self.per_rank]
-            picked = mine[torch.multinomial(self.weights[mine], self.per_rank, replacement=True, generator=draw)]
-        return iter(picked[self.start_index :].tolist())
-
-
 @dataclass
 class LoaderBundle:
     """A DataLoader with the samples behind it (custom data; empty for shards) and what scanning skipped.
@@ -266,7 +207,11 @@ class LoaderBundle:
         if plan is not None:
             return {"kind": "wds", "streams": plan.streams, "global_batch": plan.global_batch,
                     "shards": len(self.loader.dataset.shards), "samples": self.num_samples}  # fmt: skip
-        return {"kind": self.kind, "global_batch": self.global_batch, "samples": len(self.samples)}
+        layout = {"kind": self.kind, "global_batch": self.global_batch, "samples": len(self.samples)}
+        sampler = self.loader.sampler
+        if isinstance(sampler, UniqueCaptionBatchSampler):  # its batches are built per process batch and rank count
+            layout["unique_caption_batches"] = [sampler.batch_size, sampler.world_size]
+        return layout
 
     def resume_at(self, batches_done: int, stream_positions: dict | None) -> None:
         """Make the next iteration start after the first ``batches_done`` loader batches of this process's epoch.
@@ -387,8 +332,8 @@ def build_train_loader(
     if train.balance_query_types:
         from clip_tao.data.pas_metadata import sample_query_types
 
-        kinds = sample_query_types(samples, train.datasets, "dataset.train.datasets")
-        sampler = BalancedQueryTypeSampler(kinds, data_cfg.seed, rank, world_size)
+        kinds, captions = sample_query_types(samples, train.datasets, "dataset.train.datasets")
+        sampler = _balanced_sampler(train, kinds, captions, data_cfg.seed, rank, world_size)
         log.info(
             "dataset.train.balance_query_types: %s", ", ".join(f"{k} {kinds.count(k)}" for k in sorted(set(kinds)))
         )
@@ -418,6 +363,32 @@ def build_train_loader(
         metadata = sample_metadata(samples, train.datasets, train_accessories, "dataset.train.datasets")
     return LoaderBundle(loader, samples, skipped, global_batch=train.batch_size * world_size * accumulate,
                         metadata=metadata)  # fmt: skip
+
+
+def _balanced_sampler(train, kinds: list[str], captions: list[str] | None, seed: int, rank: int, world_size: int):
+    """TAO's unique-caption batches when asked and possible, else its weighted sampler (TAO's own fallback:
+    a pairs row without a caption, or a batch smaller than the number of query types, gets a warning)."""
+    if train.unique_caption_per_batch:
+        if captions is None:
+            log.warning("dataset.train.unique_caption_per_batch: a train_pairs_file row has no caption: balancing "
+                        "query types without unique-caption batches")  # fmt: skip
+        else:
+            try:
+                sampler = UniqueCaptionBatchSampler(kinds, captions, train.batch_size, seed, rank, world_size)
+            except ValueError as exc:
+                log.warning("dataset.train.unique_caption_per_batch: %s: balancing query types without "
+                            "unique-caption batches", exc)  # fmt: skip
+            else:
+                if sampler.batches_per_rank == 0:
+                    raise DataError(
+                        f"dataset.train.unique_caption_per_batch: not one batch of {train.batch_size} a process "
+                        f"with quotas {dict(zip(sampler.order, sampler.quotas))} and no caption twice fits these "
+                        "rows: lower dataset.train.batch_size or set unique_caption_per_batch=false"
+                    )
+                log.info("dataset.train.unique_caption_per_batch: %d batches a process an epoch, quotas %s",
+                         sampler.batches_per_rank, dict(zip(sampler.order, sampler.quotas)))  # fmt: skip
+                return sampler
+    return BalancedQueryTypeSampler(kinds, seed, rank, world_size)
 
 
 def build_val_loader(

@@ -253,11 +253,12 @@ def sample_metadata(samples, entries: list[DatasetEntry], accessories: bool, sec
     return out
 
 
-def sample_query_types(samples, entries: list[DatasetEntry], section: str) -> list[str]:
-    """Each scanned sample's ``query_type`` from its dataset's train_pairs_file (missing: ``easy``, as TAO)."""
+def sample_query_types(samples, entries: list[DatasetEntry], section: str) -> tuple[list[str], list[str] | None]:
+    """Each scanned sample's ``query_type`` from its dataset's train_pairs_file (missing: ``easy``, as TAO) and
+    its row's ``caption`` (``None`` for all when a row has none: TAO's unique-caption batches need every one)."""
     from clip_tao.data.custom import _read_image_list
 
-    by_key: dict[str, str] = {}
+    by_key: dict[str, tuple[str, str | None]] = {}
     for index, entry in enumerate(entries):
         where = f"{section}[{index}]"
         if not entry.image_list_file:
@@ -273,5 +274,8 @@ def sample_query_types(samples, entries: list[DatasetEntry], section: str) -> li
             kind = row.get("query_type", "easy") if isinstance(row, dict) else None
             if not isinstance(kind, str) or not kind:
                 raise DataError(f"{path}: row {k} field query_type: must be a non-empty string, got {kind!r}")
-            by_key[f"{index}/{name}"] = kind
-    return [by_key[s.key] for s in samples]
+            caption = row.get("caption")
+            by_key[f"{index}/{name}"] = (kind, caption if isinstance(caption, str) else None)
+    pairs = [by_key[s.key] for s in samples]
+    captions = [caption for _, caption in pairs]
+    return [kind for kind, _ in pairs], None if None in captions else captions

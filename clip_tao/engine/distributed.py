@@ -21,7 +21,7 @@ import torch.distributed as dist
 from torch import nn
 
 from clip_tao.engine.device import select_device
-from clip_tao.engine.launcher import SLURM_LAUNCHED, TORCHRUN_VARS
+from clip_tao.engine.launcher import SLURM_LAUNCHED, TORCHRUN_VARS, check_elastic_restarts
 from clip_tao.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -64,6 +64,7 @@ def setup_distributed(section, timeout: datetime.timedelta = datetime.timedelta(
                 "(see the README's scale-out section), or set train.num_nodes=1"
             )
         return DistContext(0, 1, 0, select_device(section.num_gpus, section.gpu_ids))
+    check_elastic_restarts()
     rank, world, local = (int(os.environ[v]) for v in TORCHRUN_VARS)
     if torch.cuda.is_available() and section.num_gpus > 0:
         if SLURM_LAUNCHED in os.environ and torch.cuda.device_count() == 1:

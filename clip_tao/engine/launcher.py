@@ -14,7 +14,9 @@ import os
 import re
 import shutil
 import subprocess
-from collections.abc import MutableMapping
+from collections.abc import Mapping, MutableMapping
+
+from clip_tao.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -73,3 +75,22 @@ def first_host(nodelist: str) -> str:
     if not ranges:
         return prefix
     return prefix + re.split(r"[-,]", ranges)[0]
+
+
+def check_elastic_restarts(environ: Mapping[str, str] = os.environ) -> None:
+    """Refuse torchrun restarts on the rendezvous store torchrun shares with its workers.
+
+    Since PyTorch 2.5 the c10d rendezvous lends its agent's TCP store to the workers
+    (``TORCHELASTIC_USE_AGENT_STORE``), and PyTorch 2.14 keeps that one store across restarts. A restarted
+    group then finds the previous group's addresses in it and its process group connects to processes that
+    are gone: it waits until the collective timeout, 30 minutes (pytorch/pytorch#135712). With
+    ``TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1`` every group gets a store of its own. One line at the start costs
+    nothing; a hang after a preemption costs the job.
+    """
+    restarts = environ.get("TORCHELASTIC_MAX_RESTARTS", "0")
+    if environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True" and restarts.isdigit() and int(restarts) > 0:
+        raise ConfigError(
+            f"torchrun --max-restarts={restarts} with the rendezvous store shared with the workers: a restarted "
+            "group would find the previous group's addresses there and hang (pytorch/pytorch#135712); start "
+            "torchrun with TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 in its environment"
+        )

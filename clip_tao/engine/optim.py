@@ -52,10 +52,14 @@ def build_optimizer(model: ClipModel, optim: OptimConfig) -> torch.optim.Optimiz
 
 
 def _fastest_implementation(groups: list[dict]) -> dict:
-    """``fused=True`` (one kernel for every parameter) when all parameters are plain CUDA tensors; else the
-    ``foreach`` default. Sharded (FSDP) parameters keep the default, which supports them everywhere."""
+    """``fused=True`` (one kernel for every parameter) when all parameters are plain tensors on one CUDA or CPU
+    device; else the ``foreach`` default. On the CPU torch picks the per-tensor loop by default, which costs a
+    tiny model's step more than its forward pass (tiny-clip: 10.6 ms against 1.2 ms fused). Sharded (FSDP)
+    parameters keep the default, which supports them everywhere."""
     params = [p for group in groups for p in group["params"]]
-    if params and all(p.is_cuda and type(p.data) is torch.Tensor for p in params):
+    devices = {p.device for p in params}
+    plain = all(type(p.data) is torch.Tensor and p.is_floating_point() for p in params)
+    if params and plain and len(devices) == 1 and next(iter(devices)).type in ("cuda", "cpu"):
         return {"fused": True}
     return {}
 

@@ -34,6 +34,7 @@ TAO_NAMES = {
     "cosine": "train/cosine_loss",
     "similarity": "train/sim_loss",
     "triplet_loss": "train/triplet_loss",
+    "compatible_positive_pairs_per_rank": "train/compatible_positive_pairs_per_rank",
 }
 # An epoch's KPI (status.json) -> TAO 7.3's name.
 TAO_KPI_NAMES = {
@@ -42,6 +43,7 @@ TAO_KPI_NAMES = {
     "reg_cosine": "train/cosine_loss",
     "reg_similarity": "train/sim_loss",
     "triplet_loss": "train/triplet_loss",
+    "compatible_positive_pairs_per_rank": "train/compatible_positive_pairs_per_rank",
     "img_drift": "val/img_drift",
     "txt_drift": "val/txt_drift",
     "embedding_drift": "val/embedding_drift",

@@ -21,7 +21,6 @@ import torch
 
 from clip_tao.classification import DEFAULT_TEMPLATES, class_embeddings, classification_metrics
 from clip_tao.compositional import pairs_accuracy, read_pairs_file
-from clip_tao.config.checks import check_implemented
 from clip_tao.config.schema import ExperimentConfig
 from clip_tao.data.classes import build_image_loader, scan_labelled_images
 from clip_tao.data.custom import Sample, SkipCounter
@@ -53,7 +52,6 @@ log = logging.getLogger(__name__)
 def run(cfg: ExperimentConfig) -> dict | None:
     """Evaluate in this process, or as one rank of a torchrun job: every rank embeds its share of the parts,
     rank 0 gathers them in order and computes the exact figures (the others return ``None``)."""
-    check_implemented(cfg, "evaluate")
     with task_on_ranks(cfg, "evaluate") as (ctx, out_dir, status):
         status.write("STARTED", f"Starting evaluation ({cfg.evaluate.mode}).")
         try:
@@ -64,6 +62,8 @@ def run(cfg: ExperimentConfig) -> dict | None:
                 results = _pairs(cfg, out_dir) if ctx.is_main else None
             elif pas_file is not None:  # TAO's PAS figures: one process
                 results = _pas(cfg, out_dir, *pas_file) if ctx.is_main else None
+            elif cfg.dataset.val.metadata_match_eval and not cfg.evaluate.datasets and not wds_given(cfg.evaluate.wds):
+                results = _metadata_validation(cfg, out_dir) if ctx.is_main else None
             else:
                 results = _retrieval(cfg, out_dir, ctx)
         except (Exception, KeyboardInterrupt) as exc:
@@ -73,6 +73,7 @@ def run(cfg: ExperimentConfig) -> dict | None:
             return None
         kpi = {k: v for k, v in results.items() if isinstance(v, (int, float))}
         kpi.update(tao_retrieval_kpi(kpi, "test"))  # TAO's test/... keys, fractions as strings
+        kpi.update({f"test/{k}": str(v) for k, v in kpi.items() if k.startswith("pas/")})  # as TAO's trainer.test
         status.write("SUCCESS", "Evaluation finished.", kpi=kpi)
         print(f"results: {os.path.join(out_dir, 'results.json')} (plots and status.json beside it)")
         return results
@@ -249,6 +250,29 @@ def _pas(cfg: ExperimentConfig, out_dir: str, entry, path: str) -> dict:
                        [[r["QueryType"], r["num_queries"], f"{r['mAP']:.4f}", f"{r['Rank-1']:.4f}",
                          f"{r['Rank-5']:.4f}"] for r in shown if not r["Dataset"].startswith("AVG_")]))  # fmt: skip
     print("files: " + ", ".join(os.path.basename(p) for p in written))
+    return results
+
+
+def _metadata_validation(cfg: ExperimentConfig, out_dir: str) -> dict:
+    """TAO 7.3's ``trainer.test`` route: ``dataset.val`` with ``metadata_match_eval`` and no ``evaluate.datasets``
+    gives the validation's PAS figures (``dataset.val.metadata_match_mode``), logged as ``test/pas/...``."""
+    from clip_tao.data.loaders import build_val_loader
+    from clip_tao.engine.pas_validation import PasValidation
+
+    model, device = build_encoder(cfg, "evaluate")
+    val = build_val_loader(cfg.dataset, model.preprocess, model.tokenizer, cfg.dataset.pin_memory)
+    if val is None or val.kind != "custom":
+        raise DataError("dataset.val.metadata_match_eval=true in evaluate needs dataset.val.datasets (custom folders)")
+    embedded = embed_loader(model, val.loader, device, resolve_precision("fp32", device), desc="validate")
+    figures = PasValidation(cfg.dataset.val).figures(val.samples, embedded)
+    results = {**figures, "model_type": model.model_type, "backend": backend_name(cfg.evaluate),
+               "checkpoint": cfg.evaluate.checkpoint, "metadata_match_mode": cfg.dataset.val.metadata_match_mode}  # fmt: skip
+    write_json(os.path.join(out_dir, "results.json"), results)
+    print(f"\nPAS text->image ({cfg.dataset.val.metadata_match_mode}) on dataset.val ({model.model_type})")
+    print(format_table(["query type", "mAP", "Rank-1", "Rank-5"],
+                       [[kind, f"{figures[f'pas/{kind}_mAP']:.4f}", f"{figures[f'pas/{kind}_rank1']:.4f}",
+                         f"{figures[f'pas/{kind}_rank5']:.4f}"]
+                        for kind in ("easy", "medium", "hard", "overall") if f"pas/{kind}_mAP" in figures]))  # fmt: skip
     return results
 
 

@@ -7,7 +7,7 @@ import logging
 import os
 
 from clip_tao import stopping
-from clip_tao.config.checks import check_implemented, check_loss_keys
+from clip_tao.config.checks import check_loss_keys
 from clip_tao.config.loader import config_to_dict
 from clip_tao.config.schema import ExperimentConfig
 from clip_tao.data.loaders import build_train_loader, build_val_loader
@@ -36,7 +36,6 @@ log = logging.getLogger(__name__)
 def run(cfg: ExperimentConfig) -> dict:
     """Train in this process, or as one rank of a torchrun job (only rank 0 writes files)."""
     check_loss_keys(cfg)
-    check_implemented(cfg, "train")
     t = cfg.train
     if t.loss_type == "clip" and (t.siglip_loss_mask_mode != "none" or t.siglip_loss_dist_impl != "gather"):
         log.warning("train.loss_type=clip: train.siglip_loss_* apply to the SigLIP loss only and are ignored")

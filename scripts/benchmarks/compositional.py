@@ -16,14 +16,16 @@ import sys
 import tempfile
 import time
 
+from make_demo_data import SHAPES, draw_shape  # the demo set's shapes (scripts/ is on the path)
+
 from benchmarks.core import REPO
 
 NAME = "compositional"
 HELP = "swap accuracy and retrieval R@1 of tiny-clip trained with and without hard negatives"
 
+# The demo set's colours, with starker white and black (the scenes have no background colour to tell apart).
 COLORS = {"red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 80, 220), "yellow": (240, 220, 40),
           "purple": (140, 50, 170), "orange": (245, 140, 30), "white": (250, 250, 250), "black": (15, 15, 15)}  # fmt: skip
-SHAPES = ("circle", "square", "triangle", "cross")
 
 
 def add_arguments(parser) -> None:
@@ -56,7 +58,7 @@ def draw_scene(rng: random.Random, size: int):
     for shape, color, y in ((top_shape, top_color, 0), (bottom_shape, bottom_color, size // 2)):
         x0 = rng.randint(0, size - side)
         y0 = y + rng.randint(0, size // 2 - side)
-        _shape(draw, shape, (x0, y0, x0 + side, y0 + side), COLORS[color])
+        draw_shape(draw, shape, (x0, y0, x0 + side, y0 + side), COLORS[color])
 
     def say(a_color, a_shape, relation, b_color, b_shape):
         return f"a {a_color} {a_shape} {relation} a {b_color} {b_shape}"
@@ -71,20 +73,6 @@ def draw_scene(rng: random.Random, size: int):
         "replace-rel": say(*first, other, *second),  # the relation reversed
     }
     return image, caption, swaps
-
-
-def _shape(draw, shape: str, box, fill) -> None:
-    x0, y0, x1, y1 = box
-    if shape == "circle":
-        draw.ellipse(box, fill=fill)
-    elif shape == "square":
-        draw.rectangle(box, fill=fill)
-    elif shape == "triangle":
-        draw.polygon([((x0 + x1) / 2, y0), (x1, y1), (x0, y1)], fill=fill)
-    else:
-        w, h = x1 - x0, y1 - y0
-        draw.rectangle((x0 + w / 3, y0, x1 - w / 3, y1), fill=fill)
-        draw.rectangle((x0, y0 + h / 3, x1, y1 - h / 3), fill=fill)
 
 
 def write_data(root: str, train: int, val: int, size: int, seed: int = 0) -> dict:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import statistics
 import subprocess
 import sys
 import time
@@ -32,6 +33,9 @@ def add_arguments(parser) -> None:
         choices=["eager", "compiled"],
         help="how the metrics count each block (clip_tao.metrics.COUNTING); each in its own process",
     )
+    parser.add_argument("--repeat", type=int, default=1,
+                        help="rounds of product and metrics, alternating; the ratio is of the medians (the bare "
+                        "product alone varies by 10 %% between runs on a 2-CPU machine)")  # fmt: skip
 
 
 def eval_child(mode: str, n: int, per: int, dim: int, chunk: int, device: str, counting: str) -> dict:
@@ -71,22 +75,29 @@ def eval_child(mode: str, n: int, per: int, dim: int, chunk: int, device: str, c
 
 
 def bench_eval(args) -> dict:
-    """Chunked metrics (each ``--counting``) and the bare product at ``--n``; dense and chunked at ``--dense-n``."""
+    """Chunked metrics (each ``--counting``) and the bare product at ``--n``, ``--repeat`` rounds; dense and
+    chunked at ``--dense-n``."""
 
     def child(mode: str, n: int, counting: str = "eager") -> dict:
         cmd = [sys.executable, ENTRY, "_eval_child", mode, str(n), str(args.captions_per_image), str(args.dim),
                str(args.chunk), args.device, counting]  # fmt: skip
-        out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
-        return json.loads(out.strip().splitlines()[-1])
+        done = subprocess.run(cmd, capture_output=True, text=True)
+        if done.returncode != 0:
+            last = (done.stderr.strip().splitlines() or ["(no output)"])[-1]
+            raise SystemExit(f"eval measurement {mode!r} failed: {last}")
+        return json.loads(done.stdout.strip().splitlines()[-1])
 
-    runs = [child("product", args.n)]
-    runs += [child("chunked", args.n, counting) for counting in args.counting]
-    ratios = {run["mode"]: round(run["seconds"] / runs[0]["seconds"], 2) for run in runs[1:]}
+    modes = [("product", "eager")] + [("chunked", counting) for counting in args.counting]
+    rounds = [[child(mode, args.n, counting) for mode, counting in modes] for _ in range(max(1, args.repeat))]
+    runs = [run for round_ in rounds for run in round_]
+    seconds = {run["mode"]: statistics.median(r["seconds"] for r in runs if r["mode"] == run["mode"]) for run in runs}
+    ratios = {mode: round(s / seconds["product"], 2) for mode, s in seconds.items() if mode != "product"}
+    chunked = [run for run in runs if run["mode"] != "product"]
+    same = all(run["figures"] == chunked[0]["figures"] for run in chunked)
     if args.dense_n:
         runs += [child("dense", args.dense_n), child("chunked", args.dense_n)]
-    same = all(run["figures"] == runs[1]["figures"] for run in runs[1 : 1 + len(args.counting)])
     return {"benchmark": "eval", "dim": args.dim, "device": args.device, "vs_product": ratios,
-            "same_figures": same, "runs": runs, "load_average": os.getloadavg()}  # fmt: skip
+            "median_seconds": seconds, "same_figures": same, "runs": runs, "load_average": os.getloadavg()}  # fmt: skip
 
 
 run = bench_eval
