@@ -7,13 +7,11 @@ Expected weights come from PyTorch's own consolidation (``format_utils.dcp_to_to
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import pickle
 import random
 import shutil
-import signal
 import subprocess
 import sys
 import time
@@ -28,7 +26,8 @@ import yaml
 
 from clip_tao.cli import main
 from tests.conftest import make_dataset, write_spec
-from tests.test_resume_layouts import _process_tree, _steps
+from tests.processes import kill_tree
+from tests.test_resume_layouts import _steps
 
 GLOBAL_BATCH = 8  # 48 samples: 6 steps an epoch, 12 in all
 
@@ -215,9 +214,7 @@ def _kill_at_a_random_step(command: list[str], train: Path, suffix: str = ".dcp"
             assert process.poll() is None, "training ended before it could be killed"
             assert time.monotonic() < deadline, "no checkpoint in 600 s"
             time.sleep(0.02)
-        for pid in _process_tree(process.pid):  # every process at once, as a preempted node loses them
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
+        kill_tree(process.pid)  # every process at once, as a preempted node loses them
     finally:
         process.wait()
     return stop
