@@ -6,7 +6,10 @@ enters the phase; a test that writes ``release`` there lets it go on. The hold o
 - ``fork``: the main process's first fork of a loader worker lasts (a fork hook, as logging registers one);
 - ``worker_exit``: each loader worker's exit lasts (a multiprocessing finaliser that blocks in ``open``);
 - ``checkpoint``: the first checkpoint's write blocks in ``open`` (a hung file system);
-- ``collective``: rank 1 waits before its first step, so rank 0 sits in the step's collective.
+- ``collective``: rank 1 waits before its first step, so rank 0 sits in the step's collective;
+- ``step``: the step that trains logged step ``HOLD_STEP`` waits until a stop signal has reached the process, then
+  runs (what a preemption's SIGTERM meets mid-run, whatever the machine's speed); once a run: a ``held`` file
+  already there (a resumed run) holds nothing.
 
 Loader waits and validation need no hold here: a FIFO among the images blocks the worker that opens it.
 """
@@ -125,8 +128,30 @@ def _hold_collective() -> None:
         Trainer._step = waiting_step
 
 
+def _hold_step() -> None:
+    from clip_tao import stopping
+    from clip_tao.engine.trainer import Trainer
+
+    step, at = Trainer._step, int(os.environ["HOLD_STEP"])
+    if os.path.exists(os.path.join(FOLDER, "held")):
+        return
+
+    def holding_step(self, micro):
+        Trainer._step = step
+        if self.state.global_step == at:
+            _mark()
+            deadline = time.monotonic() + 300
+            while stopping.requested() is None and time.monotonic() < deadline:
+                time.sleep(0.05)
+        else:
+            Trainer._step = holding_step
+        return step(self, micro)
+
+    Trainer._step = holding_step
+
+
 HOLDS = {"fork": _hold_fork, "worker_exit": _hold_worker_exit, "checkpoint": _hold_checkpoint,
-         "collective": _hold_collective, "none": lambda: None}  # fmt: skip
+         "collective": _hold_collective, "step": _hold_step, "none": lambda: None}  # fmt: skip
 
 if __name__ == "__main__":
     HOLDS[PHASE]()

@@ -170,17 +170,22 @@ def test_a_preempted_job_checkpoints_its_step_and_resumes_exactly_when_requeued(
     reference = _reference_run(spec, tmp_path)  # one process, no Slurm: checkpoints only where asked
     results, log = tmp_path / "preempted", tmp_path / "preempted.keys"
     script = tmp_path / "job.sh"
+    stop = random.randint(2, 9)  # of the run's 12 steps
+    held = tmp_path / "held"
+    held.mkdir()
+    # The run waits in the step that trains step `stop` until the signal is there (tests/hold_phase.py), so the
+    # SIGTERM meets it mid-run however fast the machine is.
     script.write_text(
         "#!/bin/bash\n#SBATCH --requeue\n#SBATCH --open-mode=append\nexport OMP_NUM_THREADS=1\n"
-        f"srun {sys.executable} -m clip_tao train -e {spec} results_dir={results} train.sample_log={log} "
-        "dataset.train.batch_size=8 dataset.train.num_workers=0\n"
+        f"export HOLD_PHASE=step HOLD_STEP={stop} HOLD_DIR={held}\n"
+        f"srun {sys.executable} {REPO / 'tests' / 'hold_phase.py'} train -e {spec} results_dir={results} "
+        f"train.sample_log={log} dataset.train.batch_size=8 dataset.train.num_workers=0\n"
     )
     submitted = cluster.run(["sbatch", "--parsable", f"--output={tmp_path / 'job.out'}", str(script)],
                             cwd=str(tmp_path))  # fmt: skip
     assert submitted.returncode == 0, submitted.stderr
     job = submitted.stdout.strip().split(";")[0]
-    stop = random.randint(2, 9)  # of the run's 12 steps
-    _wait_for(lambda: log.exists() and _steps(log) and max(_steps(log)) >= stop, f"step {stop}")
+    _wait_for(lambda: (held / "held").exists(), f"step {stop}")
     assert cluster.run(["scancel", "--signal=TERM", job]).returncode == 0
     _wait_for(lambda: _job_state(cluster, job) not in ("RUNNING", "COMPLETING", "PENDING"), "the stop")
     latest = torch.load(results / "train" / "clip_latest.pth", weights_only=True)
