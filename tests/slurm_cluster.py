@@ -74,7 +74,8 @@ class SlurmCluster:
                 f"SlurmctldPort={_free_port()}",
                 f"SlurmdPort={_free_port()}",
                 "AuthType=auth/munge",
-                f"AuthInfo=socket={socket_path}",
+                # cred_expire also sets how long a requeued job waits before it starts again (default 120 s)
+                f"AuthInfo=socket={socket_path},cred_expire=10",
                 "CredType=cred/munge",
                 "SlurmUser=root",
                 "SlurmdUser=root",

@@ -193,15 +193,21 @@ def test_a_preempted_job_checkpoints_its_step_and_resumes_exactly_when_requeued(
     assert stop <= latest["global_step"] == trained < 12, (stop, trained)  # the last trained step is saved
     lines = (results / "train" / "status.json").read_text().splitlines()
     assert json.loads(lines[-1])["status"] == "FAILURE" and "SIGTERM" in lines[-1]
-    # Slurm's requeue, as a preempted job's: the same job runs the script again. A requeued job waits 2 minutes
-    # before it is eligible (Slurm's rule); StartTime=now lifts that wait.
+    # Slurm's requeue, as a preempted job's: the same job runs the script again, once its launch credential has
+    # expired (the test cluster's cred_expire: 10 s; 120 s by default).
     requeued = cluster.run(["scontrol", "requeue", job])
     assert requeued.returncode == 0, requeued.stderr
-    _wait_for(lambda: _job_state(cluster, job) == "PENDING", "the requeue")
-    assert cluster.run(["scontrol", "update", f"jobid={job}", "StartTime=now"]).returncode == 0
-    _wait_for(lambda: _job_state(cluster, job) in ("COMPLETED", "FAILED", "CANCELLED"), "the requeued run")
+
+    def requeued_run_ended() -> bool:
+        shown = cluster.run(["scontrol", "show", "job", job], timeout=60).stdout
+        return "Restarts=1" in shown and re.search(r"JobState=(COMPLETED|FAILED|CANCELLED)\b", shown) is not None
+
+    _wait_for(requeued_run_ended, "the requeued run")
     shown = cluster.run(["scontrol", "show", "job", job]).stdout
     output = (tmp_path / "job.out").read_text(errors="replace")
-    assert "JobState=COMPLETED" in shown and "Restarts=1" in shown, output[-3000:]
+    state = " ".join(w for w in shown.split() if w.startswith(("JobState=", "Reason=", "ExitCode=", "Restarts=")))
+    assert "JobState=COMPLETED" in shown and "Restarts=1" in shown, (
+        f"{state}\n{output[-3000:]}\n{cluster.logs()[-3000:]}"
+    )
     assert "stopping for SIGTERM after step" in output, output[-3000:]
     _assert_same_run(tmp_path / "reference.keys", reference, log, results, stop, 1)
