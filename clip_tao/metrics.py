@@ -110,7 +110,7 @@ def compute_retrieval(
     step = chunk_size or max(1, BLOCK_ELEMENTS // num_images)
     relevant, valid = _captions_of_each_image(owner, num_images)
     twins = _Twins.of(texts, images)
-    with _ieee_float32_matmul():
+    with ieee_float32_matmul():
         # One block: its own pair scores are the thresholds. Several: the pair scores come first, from the
         # same matrix product on thin strips (BLAS gives an element the same value whatever the shapes);
         # the blocks check that, and any difference means a recount with the blocks' own values.
@@ -197,7 +197,7 @@ class _Twins:
 
     @classmethod
     def of(cls, texts: torch.Tensor, images: torch.Tensor) -> _Twins:
-        return cls(_first_equal(texts), _first_equal(images))
+        return cls(first_equal_rows(texts), first_equal_rows(images))
 
     def caption_blocks(self, num_texts: int, step: int):
         """Index tensors of about ``step`` captions each; twins are kept in one block."""
@@ -230,7 +230,7 @@ class _Twins:
                 block[target] = block[source]
 
 
-def _first_equal(x: torch.Tensor) -> torch.Tensor | None:
+def first_equal_rows(x: torch.Tensor) -> torch.Tensor | None:
     """``[N]`` index of the first row bit-for-bit equal to each row; ``None`` when all rows differ.
 
     Rows are grouped by a key computed exactly: their bits as integers times small integer weights, summed
@@ -297,7 +297,7 @@ def _slot_scores(pair: torch.Tensor, relevant: torch.Tensor, valid: torch.Tensor
     return torch.where(valid, pair[relevant], torch.full(relevant.shape, empty, dtype=pair.dtype, device=pair.device))
 
 
-class _ieee_float32_matmul:
+class ieee_float32_matmul:
     """Full float32 products whatever the process set for training (TF32 would change ranks)."""
 
     def __enter__(self):
@@ -315,7 +315,7 @@ def _t2i_figures(neg_ge: torch.Tensor, neg_gt: torch.Tensor, num_images: int) ->
     ranks = 1 + neg_ge
     num_neg = num_images - 1
     aucs = (num_neg - neg_ge + 0.5 * (neg_ge - neg_gt)) / num_neg if num_neg else torch.full_like(ranks, math.nan)
-    return _summarise(ranks, 1.0 / ranks, aucs), ranks.numpy()
+    return summarise(ranks, 1.0 / ranks, aucs), ranks.numpy()
 
 
 def _i2t_figures(neg_ge, neg_gt, scores, valid, num_texts: int) -> tuple[dict, np.ndarray]:
@@ -333,10 +333,12 @@ def _i2t_figures(neg_ge, neg_gt, scores, valid, num_texts: int) -> tuple[dict, n
     neg_lt, neg_eq = num_neg.unsqueeze(1) - neg_ge, neg_ge - neg_gt
     wins = ((neg_lt + 0.5 * neg_eq) * valid).sum(1)
     aucs = torch.where(num_neg > 0, wins / (num_rel * num_neg).clamp(min=1), torch.full_like(wins, math.nan))
-    return _summarise(ranks.cpu(), aps.cpu(), aucs.cpu()), ranks.cpu().numpy()
+    return summarise(ranks.cpu(), aps.cpu(), aucs.cpu()), ranks.cpu().numpy()
 
 
-def _summarise(ranks: torch.Tensor, aps: torch.Tensor, aucs: torch.Tensor) -> dict[str, float]:
+def summarise(ranks: torch.Tensor, aps: torch.Tensor, aucs: torch.Tensor) -> dict[str, float]:
+    """The figures of a set of queries from each one's first-hit rank, average precision and ROC AUC (NaN: no
+    irrelevant item, left out of the AUC mean)."""
     figures = {f"R@{k}": float((ranks <= k).double().mean() * 100) for k in RECALL_AT}
     figures["mAP"] = float(aps.mean() * 100)
     figures["MedR"] = float(np.median(ranks.numpy()))  # torch's median picks the lower middle value

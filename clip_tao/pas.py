@@ -16,6 +16,9 @@ Match@5 = #{r_k <= 5} / min(5, m); Zero@5 = [no r_k <= 5]; Separability = (Σ_k 
 (m (G − m)), 1 when G = m. Rows per (dataset, query type) hold the means (First Pos: the median); ``AVG_<n>_DATASETS``
 is the plain mean over the datasets of every column, ``WAVG_<n>_DATASETS`` the num_queries-weighted mean (First Pos
 empty); the ``overall`` figures weight the easy/medium/hard rows of WAVG by their num_queries.
+
+:func:`exact_figures` gives clip-tao's own retrieval figures for the same queries and relevant images, with the tie
+and NaN rules of :mod:`clip_tao.metrics` (ties count against the model, not by gallery index).
 """
 
 from __future__ import annotations
@@ -29,6 +32,8 @@ from collections.abc import Sequence
 import torch
 
 from clip_tao.io.atomic import atomic_path
+from clip_tao.metrics import FIGURES, summarise
+from clip_tao.positive_sets import rank_positive_sets
 
 PAS_K = 5
 METADATA_TYPES = ("easy", "medium", "hard")
@@ -143,6 +148,34 @@ def evaluate_pas(rows, image_emb: dict, text_emb: dict, mode: str) -> list[dict]
     return out
 
 
+def exact_figures(rows, image_emb: dict, text_emb: dict, mode: str) -> dict[str, float]:
+    """clip-tao's text->image figures (``R@K``, ``mAP``, ``MedR``, ``MeanR``, percent; ``AUC``) of the PAS queries
+    of ``mode``, each ranked against its dataset's gallery: ``{"<type>_t2i_R@1": ...}`` for every query type, and
+    ``overall_t2i_*`` over the easy/medium/hard queries (the ones TAO's overall figures count). Exact at any size
+    (:func:`clip_tao.positive_sets.rank_positive_sets`)."""
+    galleries, qs = queries(rows, mode)
+    per_type: dict[str, list] = {}
+    for name, paths in galleries.items():
+        mine = [q for q in qs if q["dataset"] == name]
+        if not mine:
+            continue
+        gallery = torch.stack([image_emb[(name, path)] for path in paths]).float()
+        texts = torch.stack([text_emb[q["caption"]] for q in mine]).float()
+        result = rank_positive_sets(texts, gallery, [q["relevant"] for q in mine])
+        for k, q in enumerate(mine):
+            per_type.setdefault(q["type"], []).append((result.ranks[k], result.aps[k], result.aucs[k]))
+    groups = {kind: per_type[kind] for kind in sorted(per_type, key=_type_order)}
+    pooled = [v for kind in METADATA_TYPES for v in per_type.get(kind, [])]
+    if pooled:
+        groups["overall"] = pooled
+    out = {}
+    for kind, values in groups.items():
+        ranks, aps, aucs = (torch.tensor([v[i] for v in values], dtype=torch.float64) for i in range(3))
+        figures = summarise(ranks, aps, aucs)
+        out.update({f"{kind}_t2i_{name}": figures[name] for name in FIGURES})
+    return out
+
+
 def overall(rows: list[dict]) -> dict[str, float]:
     """TAO's ``val/pas/*`` figures: the WAVG easy/medium/hard rows and their num_queries-weighted overall."""
     wavg = [r for r in rows if r["Dataset"].startswith("WAVG_") and r["QueryType"] in METADATA_TYPES]
@@ -155,6 +188,12 @@ def overall(rows: list[dict]) -> dict[str, float]:
         for ours, theirs in (("mAP", "mAP"), ("rank1", "Rank-1"), ("rank5", "Rank-5")):
             out[f"overall_{ours}"] = sum(r[theirs] * r["num_queries"] for r in wavg) / total
     return out
+
+
+def is_tao_kpi(name: str) -> bool:
+    """Whether ``name`` (``pas/...`` or bare) is one of TAO's PAS KPIs, which TAO logs as fractions in strings."""
+    kind, _, figure = name.removeprefix("pas/").partition("_")
+    return kind in (*METADATA_TYPES, "overall") and figure in ("mAP", "rank1", "rank5")
 
 
 def write_csv(path: str, rows: list[dict]) -> None:

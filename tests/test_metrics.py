@@ -249,14 +249,14 @@ def test_figures_do_not_depend_on_row_order_or_zero_padding():
 def test_twins_are_found_by_their_bits_wherever_they_sit():
     """Twin detection (the basis of exact ties) is exact: twins at the two ends of a matrix longer than one
     key product, NaN twins, +0.0 and -0.0 kept apart, and two different rows whose keys collide."""
-    from clip_tao.metrics import _exact_key_weights, _first_equal
+    from clip_tao.metrics import _exact_key_weights, first_equal_rows
 
     rng = np.random.default_rng(0)
     x = torch.as_tensor(_embeddings(rng, (1 << 14) + 40, 16))
     x[-1], x[-2], x[5] = x[0], x[(1 << 14) + 1], math.nan
     x[7] = x[5]
     x[9], x[10] = 0.0, -0.0
-    first = _first_equal(x)
+    first = first_equal_rows(x)
     want = torch.arange(len(x))
     want[[-1, -2, 7]] = torch.tensor([0, (1 << 14) + 1, 5])
     assert torch.equal(first, want)
@@ -268,12 +268,12 @@ def test_twins_are_found_by_their_bits_wherever_they_sit():
     bits[2], bits[3] = bits[1], bits[0]
     rows = bits.view(torch.float32)
     assert float(bits[0].double() @ weights.double()) == float(bits[1].double() @ weights.double())
-    assert _first_equal(rows).tolist() == [0, 1, 1, 0]
+    assert first_equal_rows(rows).tolist() == [0, 1, 1, 0]
     # Rows too wide for an exact key (2**15 components) are sorted instead.
     assert _exact_key_weights(1 << 15) is None
     wide = torch.randn(3, 1 << 15)
     wide[2] = wide[0]
-    assert _first_equal(wide).tolist() == [0, 1, 0] and _first_equal(wide[:2]) is None
+    assert first_equal_rows(wide).tolist() == [0, 1, 0] and first_equal_rows(wide[:2]) is None
 
 
 @pytest.mark.parametrize("chunk", [None, 3])

@@ -332,6 +332,37 @@ def test_evaluate_writes_taos_pas_files(tiny_spec, tmp_path):
         assert float(table[row["QueryType"]]["mAP"]) == pytest.approx(row["mAP"], abs=1e-5)
         assert int(table[row["QueryType"]]["num_queries"]) == row["num_queries"]
     assert results["pas/overall_mAP"] == pytest.approx(overall(want)["overall_mAP"], abs=1e-5)
+    _assert_exact_figures_match_scikit_learn(results, meta.rows, images, dict(zip(captions, text)))
+
+
+def _assert_exact_figures_match_scikit_learn(results, rows, images, texts, mode="scalar_plus_accessories"):
+    """clip-tao's own figures for TAO's PAS queries (pas/<type>_t2i_*): per query with scikit-learn on the
+    model's embeddings, each against its dataset's gallery, ties against the model, then averaged per type."""
+    import numpy as np
+    from sklearn.metrics import average_precision_score, roc_auc_score
+
+    from clip_tao.pas import queries
+
+    galleries, qs = queries(rows, mode)
+    per_type = {}
+    for q in qs:
+        paths = galleries[q["dataset"]]
+        scores = (
+            torch.stack([images[(q["dataset"], p)] for p in paths]).double() @ texts[q["caption"]].double()
+        ).numpy()
+        relevant = np.isin(np.arange(len(paths)), list(q["relevant"]))
+        rank = 1 + int(((scores >= scores[relevant].max()) & ~relevant).sum())
+        auc = roc_auc_score(relevant, scores) if not relevant.all() else np.nan
+        per_type.setdefault(q["type"], []).append((rank, average_precision_score(relevant, scores), auc))
+    per_type["overall"] = [v for t in ("easy", "medium", "hard") for v in per_type.get(t, [])]
+    assert len(per_type) > 1
+    for kind, values in per_type.items():
+        ranks, aps, aucs = (np.array([v[i] for v in values]) for i in range(3))
+        assert results[f"pas/{kind}_t2i_R@1"] == pytest.approx((ranks <= 1).mean() * 100, abs=1e-9)
+        assert results[f"pas/{kind}_t2i_R@5"] == pytest.approx((ranks <= 5).mean() * 100, abs=1e-9)
+        assert results[f"pas/{kind}_t2i_MedR"] == np.median(ranks)
+        assert results[f"pas/{kind}_t2i_mAP"] == pytest.approx(aps.mean() * 100, abs=1e-4)
+        assert results[f"pas/{kind}_t2i_AUC"] == pytest.approx(np.nanmean(aucs), abs=1e-6)
 
 
 def test_metadata_match_validation_reports_taos_pas_kpis(tiny_spec, tmp_path):
@@ -383,6 +414,9 @@ def test_metadata_match_validation_reports_taos_pas_kpis(tiny_spec, tmp_path):
     for name in ("overall_mAP", "overall_rank1", "overall_rank5", "easy_mAP", "medium_mAP", "hard_mAP"):
         assert isinstance(kpi[f"val/pas/{name}"], str)
         assert float(kpi[f"val/pas/{name}"]) == pytest.approx(want[name], abs=1e-5)
+    # clip-tao's own exact figures for the same queries, as numbers under its own names (TAO's names are TAO's KPIs).
+    _assert_exact_figures_match_scikit_learn(kpi, meta.rows, images, texts)
+    assert "val/pas/overall_t2i_mAP" not in kpi
     # TAO's trainer.test route: evaluate without evaluate.datasets scores dataset.val the same way, as test/pas/*.
     assert main(["evaluate", "-e", str(spec), "wandb.enable=false"]) == 0
     lines = [json.loads(x) for x in (tmp_path / "results" / "evaluate" / "status.json").read_text().splitlines()]

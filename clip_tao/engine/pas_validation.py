@@ -4,7 +4,8 @@ Each validation dataset's pairs file (``attribute_pairs_file``, else ``<stem>_pa
 once. At a validation, every row must have been embedded: the first image embedding of each ``(dataset,
 image_path)`` and the first text embedding of each caption are kept, and :func:`clip_tao.pas.evaluate_pas` ranks
 with ``dataset.val.metadata_match_mode``. The KPIs are TAO's ``val/pas/{easy,medium,hard,overall}_{mAP,rank1,rank5}``
-(clip-tao's own names: ``pas/...``).
+(clip-tao's own names: ``pas/...``), beside clip-tao's exact figures for the same queries (``pas/<type>_t2i_R@1``
+..., see :func:`clip_tao.pas.exact_figures`).
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from clip_tao.config.schema import ValDataConfig
 from clip_tao.data.custom import _read_image_list
 from clip_tao.data.pas_metadata import load_metadata, pairs_file
 from clip_tao.errors import DataError
-from clip_tao.pas import dataset_of, evaluate_pas, overall
+from clip_tao.pas import dataset_of, evaluate_pas, exact_figures, overall
 
 
 class PasValidation:
@@ -59,4 +60,6 @@ class PasValidation:
                 f"metadata_match_eval: {len(missing)} pairs rows have no embedded image (e.g. {missing[0]['unique_name']}): "
                 "every validation row must be readable"
             )
-        return {f"pas/{k}": v for k, v in overall(evaluate_pas(self.all_rows, images, texts, self.mode)).items()}
+        figures = overall(evaluate_pas(self.all_rows, images, texts, self.mode))
+        figures.update(exact_figures(self.all_rows, images, texts, self.mode))
+        return {f"pas/{k}": v for k, v in figures.items()}

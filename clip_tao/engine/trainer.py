@@ -63,6 +63,7 @@ from clip_tao.losses import ContrastiveLoss
 from clip_tao.metadata_losses import MaskedSiglipLoss, compatibility
 from clip_tao.metrics import retrieval_metrics
 from clip_tao.models.base import ClipModel
+from clip_tao.pas import is_tao_kpi
 from clip_tao.threads import main_process_threads_during
 
 log = logging.getLogger(__name__)
@@ -418,7 +419,7 @@ class Trainer:
                     s.best_value, s.best_epoch = kpi[self.best_metric], epoch
                 tao_names.update(tao_retrieval_kpi(kpi, "val"))
                 # TAO writes the PAS figures as fractions in strings, under val/pas/...
-                tao_names.update({f"val/{k}": str(v) for k, v in kpi.items() if k.startswith("pas/")})
+                tao_names.update({f"val/{k}": str(v) for k, v in kpi.items() if is_tao_kpi(k)})
                 # Ranked before the epoch's checkpoint is written, so that it records the ranking it belongs to.
                 ranked = self._rank_topk(epoch, kpi, tao_names) if validated and self.topk is not None else None
                 saved = None

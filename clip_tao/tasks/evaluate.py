@@ -45,6 +45,7 @@ from clip_tao.io.tables import format_retrieval_table, format_table
 from clip_tao.io.tao_kpi import tao_retrieval_kpi
 from clip_tao.io.task_dir import failure_message
 from clip_tao.metrics import compute_retrieval
+from clip_tao.pas import is_tao_kpi
 
 log = logging.getLogger(__name__)
 
@@ -73,7 +74,7 @@ def run(cfg: ExperimentConfig) -> dict | None:
             return None
         kpi = {k: v for k, v in results.items() if isinstance(v, (int, float))}
         kpi.update(tao_retrieval_kpi(kpi, "test"))  # TAO's test/... keys, fractions as strings
-        kpi.update({f"test/{k}": str(v) for k, v in kpi.items() if k.startswith("pas/")})  # as TAO's trainer.test
+        kpi.update({f"test/{k}": str(v) for k, v in kpi.items() if is_tao_kpi(k)})  # as TAO's trainer.test
         status.write("SUCCESS", "Evaluation finished.", kpi=kpi)
         print(f"results: {os.path.join(out_dir, 'results.json')} (plots and status.json beside it)")
         return results
@@ -210,7 +211,7 @@ def _pas(cfg: ExperimentConfig, out_dir: str, entry, path: str) -> dict:
     """TAO's PAS text->image evaluation of one pairs file: its CSV files, and the figures as KPIs."""
     from clip_tao.data.custom import Sample
     from clip_tao.data.pas_metadata import load_metadata
-    from clip_tao.pas import dataset_of, evaluate_pas, overall, write_pas_files
+    from clip_tao.pas import dataset_of, evaluate_pas, exact_figures, overall, write_pas_files
 
     e = cfg.evaluate
     mode = e.pas_ground_truth_mode
@@ -238,6 +239,7 @@ def _pas(cfg: ExperimentConfig, out_dir: str, entry, path: str) -> dict:
     scalar = evaluate_pas(meta.rows, images, texts, mode) if mode != "paired_caption" else None
     written = write_pas_files(out_dir, paired, scalar)
     figures = overall(scalar if scalar is not None else paired)
+    figures.update(exact_figures(meta.rows, images, texts, mode))
     results = {f"pas/{k}": v for k, v in figures.items()}
     results.update(model_type=model.model_type, backend=backend_name(e), checkpoint=e.checkpoint, pairs_file=path,
                    pas_ground_truth_mode=mode)  # fmt: skip
@@ -249,6 +251,7 @@ def _pas(cfg: ExperimentConfig, out_dir: str, entry, path: str) -> dict:
     print(format_table(["query type", "queries", "mAP", "Rank-1", "Rank-5"],
                        [[r["QueryType"], r["num_queries"], f"{r['mAP']:.4f}", f"{r['Rank-1']:.4f}",
                          f"{r['Rank-5']:.4f}"] for r in shown if not r["Dataset"].startswith("AVG_")]))  # fmt: skip
+    _print_exact_pas(results)
     print("files: " + ", ".join(os.path.basename(p) for p in written))
     return results
 
@@ -273,7 +276,19 @@ def _metadata_validation(cfg: ExperimentConfig, out_dir: str) -> dict:
                        [[kind, f"{figures[f'pas/{kind}_mAP']:.4f}", f"{figures[f'pas/{kind}_rank1']:.4f}",
                          f"{figures[f'pas/{kind}_rank5']:.4f}"]
                         for kind in ("easy", "medium", "hard", "overall") if f"pas/{kind}_mAP" in figures]))  # fmt: skip
+    _print_exact_pas(figures)
     return results
+
+
+def _print_exact_pas(figures: dict) -> None:
+    """clip-tao's exact figures for the PAS queries (ties against the model), one row a query type."""
+    kinds = [k.removeprefix("pas/").removesuffix("_t2i_R@1") for k in figures if k.endswith("_t2i_R@1")]
+    if not kinds:
+        return
+    names = ("R@1", "R@5", "R@10", "mAP", "MedR", "AUC")
+    print("clip-tao's exact text->image figures for the same queries (ties count against the model):")
+    print(format_table(["query type", *names],
+                       [[kind, *(f"{figures[f'pas/{kind}_t2i_{n}']:.4g}" for n in names)] for kind in kinds]))  # fmt: skip
 
 
 def _retrieval_collection(cfg: ExperimentConfig) -> Collection:
