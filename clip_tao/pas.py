@@ -94,8 +94,10 @@ def _matches(query: dict, image: dict, accessories: bool) -> bool:
 def query_metrics(similarity: torch.Tensor, relevant: set[int]) -> dict[str, float]:
     """One query's figures from its similarities to the gallery (``[G]``)."""
     g = similarity.shape[0]
-    order = sorted(range(g), key=lambda i: (-float(similarity[i]), i))  # ties: the lower gallery index
-    ranks = sorted(order.index(i) + 1 for i in relevant)
+    order = torch.sort(-similarity, stable=True).indices  # stable: ties keep the lower gallery index first
+    rank_of = torch.empty(g, dtype=torch.long)
+    rank_of[order] = torch.arange(1, g + 1)
+    ranks = sorted(rank_of[sorted(relevant)].tolist())
     m = len(ranks)
     hits = sum(r <= PAS_K for r in ranks)
     separability = 1.0 if g == m else (sum(g - r + 1 for r in ranks) - m * (m + 1) / 2) / (m * (g - m))

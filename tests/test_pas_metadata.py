@@ -468,3 +468,13 @@ def test_balanced_training_runs_on_taos_pairs_files(tiny_spec, tmp_path, capsys)
     want = [f"0/{names[i]}" for i in sampler]
     trained = [line.split(" ", 1)[1].strip() for line in log.read_text().splitlines()]
     assert trained == want  # the batches are the sampler's draw, repeats included
+
+
+def test_pas_ties_go_to_the_lower_gallery_index():
+    """TAO's rule, unlike clip-tao's own figures: among equal similarities the lower gallery index ranks first."""
+    from clip_tao.pas import query_metrics
+
+    tied = torch.tensor([0.5, 0.9, 0.5, 0.5, 0.1])
+    assert query_metrics(tied, {3})["First Pos"] == 4  # behind 0.9 and the tied items 0 and 2
+    assert query_metrics(tied, {0})["First Pos"] == 2
+    assert query_metrics(tied, {2, 4})["AP"] == pytest.approx((1 / 3 + 2 / 5) / 2)
