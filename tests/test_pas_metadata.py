@@ -411,7 +411,8 @@ def test_metadata_match_validation_reports_taos_pas_kpis(tiny_spec, tmp_path):
         texts.setdefault(caption, vector)
     images = {("TOY", r["image_path"]): v for r, v in zip(meta.rows, image)}
     want = overall(evaluate_pas(meta.rows, images, texts, "scalar_plus_accessories"))
-    for name in ("overall_mAP", "overall_rank1", "overall_rank5", "easy_mAP", "medium_mAP", "hard_mAP"):
+    kpi_names = [f"{k}_{figure}" for k in ("easy", "medium", "hard", "overall") for figure in ("mAP", "rank1", "rank5")]
+    for name in kpi_names:
         assert isinstance(kpi[f"val/pas/{name}"], str)
         assert float(kpi[f"val/pas/{name}"]) == pytest.approx(want[name], abs=1e-5)
     # clip-tao's own exact figures for the same queries, as numbers under its own names (TAO's names are TAO's KPIs).
@@ -421,8 +422,18 @@ def test_metadata_match_validation_reports_taos_pas_kpis(tiny_spec, tmp_path):
     assert main(["evaluate", "-e", str(spec), "wandb.enable=false"]) == 0
     lines = [json.loads(x) for x in (tmp_path / "results" / "evaluate" / "status.json").read_text().splitlines()]
     tested = lines[-1]["kpi"]
-    for name in ("overall_mAP", "overall_rank1", "overall_rank5", "easy_mAP", "medium_mAP", "hard_mAP"):
+    for name in kpi_names:
         assert float(tested[f"test/pas/{name}"]) == pytest.approx(want[name], abs=1e-5)
+    results = json.loads((tmp_path / "results" / "evaluate" / "results.json").read_text())
+    _assert_exact_figures_match_scikit_learn(results, meta.rows, images, texts)
+
+    # A caption file edited after the pairs file was written: one line naming the image and the pairs row.
+    (root / "captions" / names[3].replace(".jpg", ".txt")).write_text("a caption nobody wrote into the pairs file\n")
+    assert main(["evaluate", "-e", str(spec), "wandb.enable=false"]) == 1
+    last = json.loads((tmp_path / "results" / "evaluate" / "status.json").read_text().splitlines()[-1])
+    assert last["status"] == "FAILURE"
+    assert "train_pairs.json row 3: caption" in last["message"] and names[3] in last["message"]
+    assert "the pairs file is stale" in last["message"]
 
 
 def test_balanced_query_type_sampler_equalises_types_and_is_fixed_per_epoch():

@@ -25,15 +25,18 @@ class PasValidation:
         self.mode = val.metadata_match_mode
         self.rows: dict[str, dict] = {}  # sample key "<entry>/<list name>" -> its pairs row
         self.all_rows: list[dict] = []
+        self.origin: dict[str, str] = {}  # sample key -> "<pairs file> row <n>", for errors
         for index, entry in enumerate(val.datasets):
             where = f"dataset.val.datasets[{index}]"
             if not entry.image_list_file:
                 raise DataError(f"{where}.image_list_file is not set: metadata_match_eval joins pairs rows to it")
             names = _read_image_list(entry, where)
             accessories = True if self.mode == "scalar_plus_accessories" else None
-            meta = load_metadata(pairs_file(entry, "val", where), names, accessories)
-            for name, row in zip(names, meta.rows):
+            path = pairs_file(entry, "val", where)
+            meta = load_metadata(path, names, accessories)
+            for number, (name, row) in enumerate(zip(names, meta.rows)):
                 self.rows[f"{index}/{name}"] = row
+                self.origin[f"{index}/{name}"] = f"{path} row {number}"
             self.all_rows += meta.rows
 
     def figures(self, samples, embedded) -> dict[str, float]:
@@ -49,8 +52,8 @@ class PasValidation:
                 continue
             if (sample.caption or "").strip() != row["caption"].strip():
                 raise DataError(
-                    f"{sample.image_path}: its caption file does not match the pairs row's caption "
-                    f"{row['caption']!r}: the pairs file is stale"
+                    f"{self.origin[sample.key]}: caption {row['caption']!r} differs from the caption file of "
+                    f"{sample.image_path}: the pairs file is stale; write it again from the captions"
                 )
             images.setdefault((dataset_of(row), row["image_path"]), image[position])
             texts.setdefault(row["caption"], text[position])
