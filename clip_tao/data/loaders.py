@@ -318,8 +318,10 @@ def build_train_loader(
         stream = wds.WdsTrainStream(shards, plan, rank, transform, tokenizer, data_cfg.seed, draft, stack, pairs)
         # Several workers' chunks are joined into a step's batch: pinned by that join, not chunk by chunk.
         pin_chunks = pin and plan.readers_per_rank == 1
+        # A worker's chunk is its share of a step: as many chunks in flight as make two whole batches.
+        prefetch = {"prefetch_factor": 2 * plan.readers_per_rank} if plan.workers else {}
         loader = DataLoader(stream, batch_size=None, num_workers=plan.workers, pin_memory=pin_chunks,
-                            worker_init_fn=init_worker)  # fmt: skip
+                            worker_init_fn=init_worker, **prefetch)  # fmt: skip
         log.info("dataset.train.wds: %d shards in %d sample streams, %d samples an epoch, %d steps of %d",
                  len(shards), plan.streams, total, plan.steps_per_epoch, plan.global_batch)  # fmt: skip
         return LoaderBundle(loader, [], SkipCounter(), kind="wds", num_samples=total, global_batch=plan.global_batch,
