@@ -291,3 +291,46 @@ def test_taos_legacy_enabled_form_spec_loads(tmp_path):
     assert cfg.train.siglip_loss_mask_mode == "attribute_plus_accessory_match_ignore"
     assert cfg.train.optim.text_lr == pytest.approx(1e-7) and cfg.dataset.val.metadata_match_eval
     assert cfg.model.init_logit_scale is None and cfg.evaluate.pas_ground_truth_mode == "scalar_plus_accessories"
+
+
+def test_taos_73_dual_tower_lora_spec_trains_evaluates_and_exports(tmp_path, capsys):
+    """TAO's r64/last-24 LoRA spec file as shipped, run through train, evaluate and export. Overridden: what TAO's
+    launcher supplies (results_dir, the data paths, the GPU count, the checkpoint) and what a 2-CPU test can hold
+    (the tiny SigLIP2 in place of so400m, one epoch, small batches, no loader workers). Everything else is the
+    file's: dual-tower LoRA on q/k/v/out_proj, the attribute+accessory mask, metadata-match validation and its
+    PAS evaluation, TAO's checkpointer keys, fp16 (fp32 on a CPU, with a warning)."""
+    import shutil
+
+    from clip_tao.cli import main
+    from tests.test_pas_metadata import _pas_dataset
+
+    root, _ = _pas_dataset(tmp_path / "pas")
+    shutil.copy(root / "train_list.txt", root / "val_list.txt")
+    shutil.copy(root / "train_pairs.json", root / "val_pairs.json")  # validation's <stem>_list -> <stem>_pairs
+    spec = DATA / "tao_7.3" / "experiment_siglip2_pas_v3_1_dual_tower_lora_r64_last24.yaml"
+    folders = f"image_dir: {root / 'images'}, caption_dir: {root / 'captions'}"
+    results = tmp_path / "r"
+    launcher = [
+        f"results_dir={results}",
+        f"dataset.train.datasets=[{{{folders}, image_list_file: {root / 'train_list.txt'}, "
+        f"train_pairs_file: {root / 'train_pairs.json'}}}]",
+        f"dataset.val.datasets=[{{{folders}, image_list_file: {root / 'val_list.txt'}}}]",
+        "train.num_gpus=1",
+        "train.gpu_ids=[0]",
+    ]
+    small = ["model.type=tiny-siglip2", "train.num_epochs=1", "dataset.train.batch_size=8", "dataset.val.batch_size=8",
+             "dataset.train.num_workers=0", "dataset.val.num_workers=0", "evaluate.num_workers=0",
+             "evaluate.batch_size=8", "wandb.enable=false"]  # fmt: skip
+    assert main(["train", "-e", str(spec), *launcher, *small]) == 0
+    out = capsys.readouterr()
+    assert "trainable" in (out.out + out.err).lower()
+    kpi = [json.loads(x) for x in (results / "train" / "status.json").read_text().splitlines()][-1]["kpi"]
+    assert 0 <= float(kpi["val/pas/overall_mAP"]) <= 1 and "pas/overall_t2i_R@1" in kpi
+    checkpoint = results / "train" / "clip_latest.pth"
+    assert main(["evaluate", "-e", str(spec), *launcher, *small, f"evaluate.checkpoint={checkpoint}"]) == 0
+    tested = [json.loads(x) for x in (results / "evaluate" / "status.json").read_text().splitlines()][-1]["kpi"]
+    assert float(tested["test/pas/overall_mAP"]) == pytest.approx(float(kpi["val/pas/overall_mAP"]), abs=1e-5)
+    onnx = tmp_path / "clip.onnx"
+    assert main(["export", "-e", str(spec), *launcher, *small, f"export.checkpoint={checkpoint}",
+                 f"export.onnx_file={onnx}", "export.on_cpu=true"]) == 0  # fmt: skip
+    assert onnx.is_file()

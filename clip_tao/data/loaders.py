@@ -187,7 +187,13 @@ class LoaderBundle:
         """The loader's batches in training order (see :func:`iterate_batches`)."""
         plan = self.stream_plan
         batches = iterate_batches(self.loader)
-        return wds.regroup_steps(batches, plan, self.pin_joined) if plan else batches
+        if not plan:
+            return batches
+        stream = self.loader.dataset
+        # Before the workers start (they inherit them): step buffers the workers fill in place, unless the
+        # join writes into pinned memory anyway.
+        stream.buffers = None if self.pin_joined else stream.make_step_buffers()
+        return _forgetting_buffers(stream, wds.regroup_steps(batches, plan, self.pin_joined, stream.buffers))
 
     def set_epoch(self, epoch: int) -> None:
         """Re-seed shuffling, augmentation and worker seeds for ``epoch`` (deterministic across restarts)."""
@@ -226,6 +232,14 @@ class LoaderBundle:
             dataset.start_step = batches_done // dataset.plan.accumulate
         elif isinstance(self.loader.sampler, EpochShuffleSampler):
             self.loader.sampler.start_index = batches_done * self.loader.batch_size
+
+
+def _forgetting_buffers(stream: wds.WdsTrainStream, batches):
+    """``batches``, then the stream's step buffers dropped: a later plain iteration of the loader gets whole chunks."""
+    try:
+        yield from batches
+    finally:
+        stream.buffers = None
 
 
 def iterate_batches(loader: DataLoader):
@@ -318,10 +332,8 @@ def build_train_loader(
         stream = wds.WdsTrainStream(shards, plan, rank, transform, tokenizer, data_cfg.seed, draft, stack, pairs)
         # Several workers' chunks are joined into a step's batch: pinned by that join, not chunk by chunk.
         pin_chunks = pin and plan.readers_per_rank == 1
-        # A worker's chunk is its share of a step: as many chunks in flight as make two whole batches.
-        prefetch = {"prefetch_factor": 2 * plan.readers_per_rank} if plan.workers else {}
         loader = DataLoader(stream, batch_size=None, num_workers=plan.workers, pin_memory=pin_chunks,
-                            worker_init_fn=init_worker, **prefetch)  # fmt: skip
+                            worker_init_fn=init_worker)  # fmt: skip
         log.info("dataset.train.wds: %d shards in %d sample streams, %d samples an epoch, %d steps of %d",
                  len(shards), plan.streams, total, plan.steps_per_epoch, plan.global_batch)  # fmt: skip
         return LoaderBundle(loader, [], SkipCounter(), kind="wds", num_samples=total, global_batch=plan.global_batch,

@@ -35,6 +35,7 @@ from PIL import Image, UnidentifiedImageError
 from torch.utils.data import IterableDataset, get_worker_info
 
 from clip_tao.config.schema import WdsConfig
+from clip_tao.data import step_buffers
 from clip_tao.data.custom import SkipCounter
 from clip_tao.data.pairs import (
     NO_PAIRS,
@@ -46,6 +47,7 @@ from clip_tao.data.pairs import (
     slice_pair_fields,
 )
 from clip_tao.data.s3 import is_s3_url, open_s3, parse_s3_url, read_s3_bytes, redact_url
+from clip_tao.data.step_buffers import StepBuffers
 from clip_tao.data.walk import walk_files_once
 from clip_tao.errors import DataError
 from clip_tao.models.patches import PatchBudgetError
@@ -524,6 +526,7 @@ class WdsTrainStream(IterableDataset):
         self.epoch = 0
         self.start_step = 0
         self.resume: dict[str, dict] | None = None
+        self.buffers: StepBuffers | None = None  # set for an epoch by LoaderBundle.batches
 
     def __len__(self) -> int:
         return (self.plan.steps_per_epoch - self.start_step) * self.plan.readers_per_rank
@@ -536,19 +539,32 @@ class WdsTrainStream(IterableDataset):
             return order[stream + 1 :] + order[: stream + 1]
         return order[stream :: self.plan.streams]
 
+    def make_step_buffers(self) -> StepBuffers | None:
+        """Shared step buffers for this epoch's workers (:mod:`clip_tao.data.step_buffers`); ``None`` where a
+        step has one share (no join) or its pixels are not fixed-size tensors (NaFlex patches)."""
+        if self.plan.readers_per_rank < 2 or self.stack is not torch.stack or not step_buffers.available():
+            return None
+        probe = seeded_transform(self.transform, Image.new("RGB", (32, 32)), 0)
+        rows = self.plan.batch_size * self.plan.accumulate
+        return StepBuffers(rows, tuple(probe.shape), probe.dtype, self.start_step)
+
     def __iter__(self) -> Iterator[dict]:
         info = get_worker_info()
         reader = info.id if info is not None else 0
         resume = self.resume or {}
         readers = [_StreamReader(self, c, resume.get(str(c))) for c in self.plan.reader_streams(self.rank, reader)]
-        for _ in range(self.start_step, self.plan.steps_per_epoch):
+        # This worker's rows in a step: after the shares of the workers before it.
+        offset = self.plan.per_step * sum(len(self.plan.reader_streams(self.rank, r)) for r in range(reader))
+        for step in range(self.start_step, self.plan.steps_per_epoch):
             items = [item for r in readers for item in r.take(self.plan.per_step)]
             skipped = SkipCounter()
             for r in readers:
                 skipped.update(r.skipped)
                 r.skipped.clear()  # the shard reader holds this counter: clear it, never replace it
             positions = {str(r.stream): dict(r.position) for r in readers}
-            yield _collate(items, skipped, positions, self.tokenizer, self.stack, self.pairs.negatives_per_sample)
+            out = self.buffers.claim(step, offset, len(items)) if self.buffers is not None else None
+            yield _collate(items, skipped, positions, self.tokenizer, self.stack, self.pairs.negatives_per_sample,
+                           out)  # fmt: skip
 
     def decode(self, raw: dict, shard: Shard, pass_index: int, skipped: SkipCounter) -> dict | None:
         image, caption, problem = decode_pair(raw, self.draft_side)
@@ -578,22 +594,28 @@ class WdsTrainStream(IterableDataset):
         return item
 
 
-def regroup_steps(chunks: Iterator[dict], plan: StreamPlan, pin: bool = False) -> Iterator[dict]:
+def regroup_steps(
+    chunks: Iterator[dict], plan: StreamPlan, pin: bool = False, buffers: StepBuffers | None = None
+) -> Iterator[dict]:
     """The rank's loader batches from the workers' chunks: a step's chunks (one from each worker, which the
     DataLoader delivers in turn) joined, then cut into ``accumulate`` batches of ``batch_size``. The last batch
     of a step carries ``position``: every stream of this rank after the step. With ``pin``, the join writes
-    straight into pinned memory (the one copy the DataLoader's pinning would otherwise make of each chunk)."""
+    straight into pinned memory (the one copy the DataLoader's pinning would otherwise make of each chunk).
+    With ``buffers``, the workers wrote the pixels into the step's shared buffer: only the rest is joined."""
     chunks = iter(chunks)
     try:
-        yield from _regroup(chunks, plan, pin)
+        yield from _regroup(chunks, plan, pin, buffers)
     finally:  # closing the batches closes the loader's iteration too: its workers stop in ordinary code
         close = getattr(chunks, "close", None)
         if close is not None:
             close()
 
 
-def _regroup(chunks: Iterator[dict], plan: StreamPlan, pin: bool) -> Iterator[dict]:
+def _regroup(chunks: Iterator[dict], plan: StreamPlan, pin: bool, buffers: StepBuffers | None) -> Iterator[dict]:
+    number = buffers.first_step if buffers is not None else 0
     while True:
+        if buffers is not None:
+            buffers.release_free()
         step = []
         for _ in range(plan.readers_per_rank):
             try:
@@ -602,7 +624,10 @@ def _regroup(chunks: Iterator[dict], plan: StreamPlan, pin: bool) -> Iterator[di
                 if step:
                     raise DataError("a loader worker ended in the middle of a step") from None
                 return
-        joined = step[0] if len(step) == 1 else _join(step, pin)
+        pixels = None
+        if buffers is not None:
+            pixels = buffers.pixels(number, [c["pixels"] for c in step], [len(c["keys"]) for c in step])
+        joined = step[0] if len(step) == 1 else _join(step, pin, pixels)
         size = plan.batch_size
         for k in range(plan.accumulate):
             last = k == plan.accumulate - 1
@@ -612,9 +637,12 @@ def _regroup(chunks: Iterator[dict], plan: StreamPlan, pin: bool) -> Iterator[di
             elif "position" in part:
                 del part["position"]
             yield part
+        # From here only the training loop holds the step's pixels: its buffer is free once it lets them go.
+        joined = part = pixels = None
+        number += 1
 
 
-def _join(chunks: list[dict], pin: bool = False) -> dict:
+def _join(chunks: list[dict], pin: bool = False, pixels: torch.Tensor | None = None) -> dict:
     from clip_tao.models.patches import PatchBatch, concat_patch_batches
 
     def cat(tensors: list[torch.Tensor]) -> torch.Tensor:
@@ -623,15 +651,17 @@ def _join(chunks: list[dict], pin: bool = False) -> dict:
         shape = (sum(len(t) for t in tensors), *tensors[0].shape[1:])
         return torch.cat(tensors, out=torch.empty(shape, dtype=tensors[0].dtype, pin_memory=True))
 
-    pixels = [c["pixels"] for c in chunks]
     skipped = SkipCounter()
     for c in chunks:
         skipped.update(c["skipped"])
-    if isinstance(pixels[0], PatchBatch):
-        joined = concat_patch_batches(pixels)
+    shares = [c["pixels"] for c in chunks]
+    if pixels is not None:  # already whole: the workers wrote the step's buffer
+        joined = pixels
+    elif isinstance(shares[0], PatchBatch):
+        joined = concat_patch_batches(shares)
         joined = joined.pin_memory() if pin else joined
     else:
-        joined = cat(pixels)
+        joined = cat(shares)
     return {
         **join_pair_fields(chunks),
         "pixels": joined,
@@ -662,11 +692,16 @@ def _collate(
     tokenizer: Callable,
     stack: Callable = torch.stack,
     negatives_per_sample: int = 0,
+    out: torch.Tensor | None = None,
 ) -> dict:
+    """A worker's chunk; with ``out`` (its rows of the step's shared buffer) the pixels go there, and the
+    chunk's ``pixels`` is ``None``."""
     pairs = pair_fields(items, tokenizer, negatives_per_sample) if "negatives" in items[0] else {}
+    if out is not None:
+        torch.stack([i["pixels"] for i in items], out=out)
     return {
         **pairs,
-        "pixels": stack([i["pixels"] for i in items]),
+        "pixels": None if out is not None else stack([i["pixels"] for i in items]),
         "input_ids": tokenizer([i["caption"] for i in items]),  # a batch at once: cheaper than one by one
         "keys": [i["key"] for i in items],
         "indices": torch.arange(len(items)),

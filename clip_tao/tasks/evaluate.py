@@ -199,7 +199,9 @@ def _pas_pairs_file(cfg: ExperimentConfig):
             continue
         if entry.attribute_pairs_file or os.path.isfile(path):
             return entry, path
-    if cfg.evaluate.pas_ground_truth_mode != "paired_caption":
+    # As in TAO, the mode belongs to the direct PAS evaluation: without evaluate.datasets, evaluate scores
+    # dataset.val (TAO 7.3's template spec sets a scalar mode with no datasets).
+    if cfg.evaluate.datasets and cfg.evaluate.pas_ground_truth_mode != "paired_caption":
         raise DataError(
             f"evaluate.pas_ground_truth_mode={cfg.evaluate.pas_ground_truth_mode} needs an evaluate.datasets entry "
             "with a pairs file (attribute_pairs_file, or <stem>_pairs.json beside its <stem>_list.txt)"
