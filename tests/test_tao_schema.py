@@ -293,7 +293,7 @@ def test_taos_legacy_enabled_form_spec_loads(tmp_path):
     assert cfg.model.init_logit_scale is None and cfg.evaluate.pas_ground_truth_mode == "scalar_plus_accessories"
 
 
-def test_taos_73_dual_tower_lora_spec_trains_evaluates_and_exports(tmp_path, capsys):
+def test_taos_73_dual_tower_lora_spec_trains_evaluates_and_exports(tmp_path, caplog):
     """TAO's r64/last-24 LoRA spec file as shipped, run through train, evaluate and export. Overridden: what TAO's
     launcher supplies (results_dir, the data paths, the GPU count, the checkpoint) and what a 2-CPU test can hold
     (the tiny SigLIP2 in place of so400m, one epoch, small batches, no loader workers). Everything else is the
@@ -321,10 +321,14 @@ def test_taos_73_dual_tower_lora_spec_trains_evaluates_and_exports(tmp_path, cap
     small = ["model.type=tiny-siglip2", "train.num_epochs=1", "dataset.train.batch_size=8", "dataset.val.batch_size=8",
              "dataset.train.num_workers=0", "dataset.val.num_workers=0", "evaluate.num_workers=0",
              "evaluate.batch_size=8", "wandb.enable=false"]  # fmt: skip
-    assert main(["train", "-e", str(spec), *launcher, *small]) == 0
-    out = capsys.readouterr()
-    assert "trainable" in (out.out + out.err).lower()
-    kpi = [json.loads(x) for x in (results / "train" / "status.json").read_text().splitlines()][-1]["kpi"]
+    import logging
+
+    with caplog.at_level(logging.INFO, logger="clip_tao"):
+        assert main(["train", "-e", str(spec), *launcher, *small]) == 0
+    line = next(r.getMessage() for r in caplog.records if r.getMessage().startswith("trainable parameters"))
+    assert "vision (lora)" in line and "text (lora)" in line and "modules with LoRA" in line
+    lines = [json.loads(x) for x in (results / "train" / "status.json").read_text().splitlines()]
+    kpi = next(x["kpi"] for x in reversed(lines) if "val/pas/overall_mAP" in x.get("kpi", {}))
     assert 0 <= float(kpi["val/pas/overall_mAP"]) <= 1 and "pas/overall_t2i_R@1" in kpi
     checkpoint = results / "train" / "clip_latest.pth"
     assert main(["evaluate", "-e", str(spec), *launcher, *small, f"evaluate.checkpoint={checkpoint}"]) == 0
