@@ -4,11 +4,18 @@ from __future__ import annotations
 
 import os
 import random
+import signal
 from pathlib import Path
 
 import pytest
 import yaml
 from PIL import Image, ImageDraw
+
+# A test run started in the background by a shell without job control (`(pytest &)`, some CI runners) ignores
+# Ctrl-C, and so would every process the tests start: the Ctrl-C tests would then test that. Give the runner
+# Python's default so its children get it too (clip-tao's own ignored-Ctrl-C path has a test of its own).
+if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 REPO = Path(__file__).resolve().parents[1]
 DEMO = REPO / "data" / "demo"
