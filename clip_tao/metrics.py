@@ -90,12 +90,8 @@ def compute_retrieval(
     device: torch.device | str | None = None,
 ) -> RetrievalResult:
     """:func:`retrieval_metrics` plus the per-query ranks."""
-    images = torch.as_tensor(image_embeddings, dtype=torch.float32)
-    texts = torch.as_tensor(text_embeddings, dtype=torch.float32)
-    device = torch.device(device) if device is not None else images.device
-    images, texts = images.to(device), texts.to(device)
-    if images.ndim != 2 or texts.ndim != 2 or images.shape[1] != texts.shape[1]:
-        raise ValueError(f"need [N_i, D] and [N_t, D] embeddings, got {tuple(images.shape)} and {tuple(texts.shape)}")
+    images, texts = embedding_pair(image_embeddings, text_embeddings, device, ("N_i", "N_t"))
+    device = images.device
     num_images, num_texts = images.shape[0], texts.shape[0]
     if text_to_image is None:
         if num_images != num_texts:
@@ -133,6 +129,19 @@ def compute_retrieval(
     figures["num_images"] = num_images
     figures["num_texts"] = num_texts
     return RetrievalResult(figures, i2t_ranks, t2i_ranks)
+
+
+def embedding_pair(first, second, device, names: tuple[str, str]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Two ``[N, D]`` float32 embedding matrices of the same width on ``device`` (default: the first's)."""
+    a = torch.as_tensor(first, dtype=torch.float32)
+    b = torch.as_tensor(second, dtype=torch.float32)
+    device = torch.device(device) if device is not None else a.device
+    a, b = a.to(device), b.to(device)
+    if a.ndim != 2 or b.ndim != 2 or a.shape[1] != b.shape[1]:
+        raise ValueError(
+            f"need [{names[0]}, D] and [{names[1]}, D] embeddings, got {tuple(a.shape)} and {tuple(b.shape)}"
+        )
+    return a, b
 
 
 @dataclass

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from clip_tao.metrics import BLOCK_ELEMENTS, first_equal_rows, ieee_float32_matmul, summarise
+from clip_tao.metrics import BLOCK_ELEMENTS, embedding_pair, first_equal_rows, ieee_float32_matmul, summarise
 
 log = logging.getLogger(__name__)
 
@@ -63,12 +63,8 @@ def rank_positive_sets(
         chunk_size: queries ranked at once (default: as many as fit 64 M similarities).
         device: where to compute (default: the embeddings' device).
     """
-    q = torch.as_tensor(queries, dtype=torch.float32)
-    g = torch.as_tensor(gallery, dtype=torch.float32)
-    device = torch.device(device) if device is not None else q.device
-    q, g = q.to(device), g.to(device)
-    if q.ndim != 2 or g.ndim != 2 or q.shape[1] != g.shape[1]:
-        raise ValueError(f"need [N_q, D] and [N_g, D] embeddings, got {tuple(q.shape)} and {tuple(g.shape)}")
+    q, g = embedding_pair(queries, gallery, device, ("N_q", "N_g"))
+    device = q.device
     if len(q) == 0 or len(g) == 0:
         raise ValueError("need at least one query and one gallery item")
     starts, members = _positive_lists(positives, len(q), len(g), device)
