@@ -3,7 +3,9 @@
 The candidates are the distinct captions of the collection, searched with the same :class:`ImageIndex`
 (PyTorch or FAISS) as ``inference.mode: search``. False-negative guards: a caption equal to one of the
 image's own captions (compared after ``canonicalize_text`` when the model canonicalises) is never a negative,
-and candidates scoring above ``max_similarity`` (cosine) are skipped as likely descriptions of the image.
+candidates scoring above ``max_similarity`` (cosine) are skipped as likely descriptions of the image, and
+with attribute metadata a candidate the metadata finds compatible with the image (``compatible``, see
+:func:`clip_tao.data.pas_metadata.metadata_guard`) is skipped too.
 """
 
 from __future__ import annotations
@@ -25,9 +27,11 @@ def mine_negatives(
     max_similarity: float | None = None,
     canonical: Callable[[str], str] = lambda text: text,
     use_faiss: bool = False,
+    compatible: Callable[[int, str], bool] | None = None,
 ) -> tuple[list[list[tuple[str, float]]], Counter]:
     """``(negatives, guarded)``: for image ``i`` up to ``per_image`` ``(caption, score)``, best first, and the
-    number of candidates each guard dropped (``own_caption``, ``above_max_similarity``)."""
+    number of candidates each guard dropped (``own_caption``, ``above_max_similarity``, ``metadata_compatible``).
+    ``compatible(i, caption)``: whether the metadata says ``caption`` describes image ``i``."""
     index = ImageIndex(candidate_emb, use_faiss=use_faiss)
     keys = [canonical(c) for c in candidates]
     owned = [{canonical(c) for c in own} for own in own_captions]
@@ -46,6 +50,8 @@ def mine_negatives(
                     drops["own_caption"] += 1
                 elif max_similarity is not None and score > max_similarity:
                     drops["above_max_similarity"] += 1
+                elif compatible is not None and compatible(image, candidates[j]):
+                    drops["metadata_compatible"] += 1
                 elif key not in seen:  # captions equal after canonicalisation count once
                     seen.add(key)
                     picked.append((candidates[j], float(score)))

@@ -76,13 +76,16 @@ def queries(rows: Sequence[dict], mode: str) -> tuple[dict[str, list], list[dict
             relevant.add(where[(name, row["image_path"])])
             continue
         for index, image in enumerate(galleries[name]):
-            if _matches(row, image, mode == "scalar_plus_accessories"):
+            if metadata_matches(row, image, mode == "scalar_plus_accessories"):
                 relevant.add(index)
     out = [{"dataset": d, "type": t, "caption": c, "relevant": r} for (d, t, c), r in found.items() if r]
     return {name: [r["image_path"] for r in g] for name, g in galleries.items()}, out
 
 
-def _matches(query: dict, image: dict, accessories: bool) -> bool:
+def metadata_matches(query: dict, image: dict, accessories: bool) -> bool:
+    """TAO's rule: the image has every attribute the query's text constrains (``text_attr_values >= 0``), and with
+    ``accessories`` every accessory the text requires. Rows as :func:`~clip_tao.data.pas_metadata.load_metadata`
+    gives them ("not visible" already -1)."""
     wanted, own = query["text_attr_values"], image["image_attr_values"]
     if any(w >= 0 and w != o for w, o in zip(wanted, own)):
         return False

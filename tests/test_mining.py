@@ -21,8 +21,9 @@ def _collection(tmp_path):
     return root
 
 
-def _direct(root, captions_by_stem, k, max_similarity, canonicalize):
-    """The top-k by loops over every (image, distinct caption) pair, from the model's own encoders."""
+def _direct(root, captions_by_stem, k, max_similarity, canonicalize, skip=lambda stem, caption: False):
+    """The top-k by loops over every (image, distinct caption) pair, from the model's own encoders; ``skip``:
+    candidates a guard drops besides the image's own captions and ``max_similarity``."""
     from clip_tao.data.transforms import build_eval_transform
 
     canonical = canonicalize_text if canonicalize else (lambda t: t)
@@ -40,6 +41,8 @@ def _direct(root, captions_by_stem, k, max_similarity, canonicalize):
         picked, seen = [], set()
         for score, caption in scored:
             if canonical(caption) in owned or (max_similarity is not None and score > max_similarity):
+                continue
+            if skip(stem, caption):
                 continue
             if canonical(caption) not in seen:
                 seen.add(canonical(caption))
@@ -76,6 +79,56 @@ def test_mined_negatives_follow_the_definition_and_guards(tiny_spec, tmp_path, c
     assert summary["guarded_above_max_similarity"] > 0
     if canonicalize:  # the case/punctuation twin is the other image's own caption
         assert "A Red square, on BLUE!" not in (out / "img_001.txt").read_text()
+
+
+def test_mining_skips_captions_the_attribute_metadata_finds_compatible(tiny_spec, tmp_path):
+    """TAO 7.3 metadata beside the images: a caption whose pairs row the image matches (every attribute the text
+    names, every accessory it requires) describes the image, so it is never mined as its negative."""
+    from tests.test_pas_metadata import _pas_dataset
+
+    root, names = _pas_dataset(tmp_path / "pas", count=16, seed=3)
+    rows = json.loads((root / "train_pairs.json").read_text())
+    row_of = {name.removesuffix(".jpg"): row for name, row in zip(names, rows)}
+    captions = {stem: [row["caption"]] for stem, row in row_of.items()}
+
+    def visible(values):  # the vocabulary's lower colour 3 is "not visible": unknown image, unconstrained text
+        return [-1 if (column == 1 and v == 3) else v for column, v in enumerate(values)]
+
+    def compatible(stem, caption):  # TAO's rule, from the files
+        image = row_of[stem]
+        return any(
+            all(w < 0 or w == o for w, o in zip(visible(r["text_attr_values"]), visible(image["image_attr_values"])))
+            and set(r["text_accessory_ids"]) <= set(image["image_accessory_ids"])
+            for r in rows
+            if r["caption"] == caption
+        )
+
+    # The same list under a name that is not <stem>_list.txt: no pairs file is found beside it.
+    (root / "names.txt").write_text((root / "train_list.txt").read_text())
+    spec = tiny_spec()
+    entry = f"{{image_dir: {root / 'images'}, caption_dir: {root / 'captions'}"
+    runs = {}
+    for guarded, extra in ((True, f", image_list_file: {root / 'train_list.txt'}}}"),
+                           (False, f", image_list_file: {root / 'names.txt'}}}")):  # fmt: skip
+        out = tmp_path / f"mined_{guarded}"
+        args = ["inference.mode=mine", f"inference.datasets=[{entry}{extra}]", "inference.mine.negatives_per_image=3",
+                f"inference.mine.output_dir={out}", f"inference.results_dir={tmp_path / f'run_{guarded}'}"]  # fmt: skip
+        assert main(["inference", "-e", str(spec), *args]) == 0
+        runs[guarded] = {stem: (out / f"{stem}.txt").read_text().splitlines() for stem in row_of}
+    want = _direct(root / "images", captions, 3, None, False, skip=compatible)
+    assert runs[True] == {stem: [c for c, _ in picked] for stem, picked in want.items()}
+    dropped = sum(compatible(stem, c) for stem, mined in runs[False].items() for c in mined)
+    assert dropped > 0, "without the pairs file some mined negatives are compatible: the guard is what drops them"
+    summary = json.loads((tmp_path / "run_True" / "mining_summary.json").read_text())
+    assert summary["attribute_metadata"] and summary["guarded_metadata_compatible"] >= dropped
+    # Which file: train_pairs_file, else attribute_pairs_file, else the one beside <stem>_list.txt (used above).
+    from clip_tao.config.schema import DatasetEntry
+    from clip_tao.data.pas_metadata import mining_pairs_file
+
+    listed = {"image_dir": str(root / "images"), "image_list_file": str(root / "train_list.txt")}
+    assert mining_pairs_file(DatasetEntry(**listed, train_pairs_file="t.json", attribute_pairs_file="a.json")) == "t.json"
+    assert mining_pairs_file(DatasetEntry(**listed, attribute_pairs_file="a.json")) == "a.json"
+    assert mining_pairs_file(DatasetEntry(str(root / "images"), image_list_file=str(root / "names.txt"))) is None
 
 
 def test_mined_folder_trains(tiny_spec, tmp_path):

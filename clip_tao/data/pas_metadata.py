@@ -279,3 +279,51 @@ def sample_query_types(samples, entries: list[DatasetEntry], section: str) -> tu
     pairs = [by_key[s.key] for s in samples]
     captions = [caption for _, caption in pairs]
     return [kind for kind, _ in pairs], None if None in captions else captions
+
+
+def mining_pairs_file(entry: DatasetEntry) -> str | None:
+    """The pairs file whose metadata guards the mining of ``entry``: ``train_pairs_file`` (mining is for
+    training), else ``attribute_pairs_file``, else a ``<stem>_pairs.json`` beside a ``<stem>_list.txt`` that
+    exists (TAO's rule); ``None`` when the entry has none."""
+    if entry.train_pairs_file or entry.attribute_pairs_file:
+        return entry.train_pairs_file or entry.attribute_pairs_file
+    listing = entry.image_list_file or ""
+    beside = listing[: -len("_list.txt")] + "_pairs.json" if listing.endswith("_list.txt") else None
+    return beside if beside and os.path.isfile(beside) else None
+
+
+def metadata_guard(samples, entries: list[DatasetEntry], canonical, section: str):
+    """``compatible(image, caption) -> bool`` for mining, or ``None`` when no entry has attribute metadata.
+
+    ``image`` indexes ``samples``; a caption is compatible with an image when a pairs row with that caption
+    (compared after ``canonical``) has text metadata the image's row matches by TAO's rule
+    (:func:`clip_tao.pas.metadata_matches`, accessories included): such a caption describes the image as far
+    as the metadata can tell, so it is no negative. Images and captions without a row are never compatible.
+    """
+    from clip_tao.data.custom import _read_image_list
+    from clip_tao.pas import metadata_matches
+
+    image_rows: dict[str, dict] = {}  # sample key "<entry>/<list name>" -> its row
+    caption_rows: dict[str, list[dict]] = {}
+    for index, entry in enumerate(entries):
+        path = mining_pairs_file(entry)
+        if path is None:
+            continue
+        where = f"{section}[{index}]"
+        if not entry.image_list_file:
+            raise DataError(f"{where}.image_list_file is not set: the rows of {path} are joined to its lines")
+        names = _read_image_list(entry, where)
+        for name, row in zip(names, load_metadata(path, names).rows):
+            image_rows[f"{index}/{name}"] = row
+            caption_rows.setdefault(canonical(row["caption"].strip()), []).append(row)
+    if not image_rows:
+        return None
+    rows_of_images = [image_rows.get(sample.key) for sample in samples]
+
+    def compatible(image: int, caption: str) -> bool:
+        own = rows_of_images[image]
+        if own is None:
+            return False
+        return any(metadata_matches(row, own, True) for row in caption_rows.get(canonical(caption.strip()), ()))
+
+    return compatible

@@ -26,6 +26,7 @@ from clip_tao.config.schema import ExperimentConfig, InferenceConfig
 from clip_tao.data.classes import build_image_loader
 from clip_tao.data.custom import IMAGE_EXTENSIONS, Sample, SkipCounter
 from clip_tao.data.loaders import build_eval_loader
+from clip_tao.data.pas_metadata import metadata_guard
 from clip_tao.data.parts import build_collection, build_part_loader, check_not_empty, rank_parts, wds_given
 from clip_tao.deploy.files import find_files
 from clip_tao.engine.device import resolve_precision
@@ -323,11 +324,12 @@ def _mine(cfg: ExperimentConfig, out_dir: str) -> dict:
     candidates = sorted({c for s in data.samples for c in s.captions})
     if len(candidates) < 2:
         raise DataError("inference.datasets: fewer than two distinct captions; nothing to mine from")
+    canonical = canonicalize_text if cfg.model.canonicalize_text else (lambda t: t)
+    compatible = metadata_guard(samples, i.datasets, canonical, "inference.datasets")
     candidate_emb = embed_texts(model, candidates, device, precision, i.batch_size).numpy()
     negatives, guarded = mine_negatives(
         result.image.numpy(), [s.captions for s in samples], candidates, candidate_emb, m.negatives_per_image,
-        m.max_similarity, canonicalize_text if cfg.model.canonicalize_text else (lambda t: t),
-        use_faiss=len(candidates) >= i.faiss_min_images,
+        m.max_similarity, canonical, use_faiss=len(candidates) >= i.faiss_min_images, compatible=compatible,
     )  # fmt: skip
     root = m.output_dir or os.path.join(out_dir, "negatives")
     folders = _write_negative_files(root, i.datasets, samples, negatives)
@@ -340,6 +342,8 @@ def _mine(cfg: ExperimentConfig, out_dir: str) -> dict:
         "images_with_fewer_negatives": sum(c < m.negatives_per_image for c in counts),
         "guarded_own_caption": guarded["own_caption"],
         "guarded_above_max_similarity": guarded["above_max_similarity"],
+        "guarded_metadata_compatible": guarded["metadata_compatible"],
+        "attribute_metadata": compatible is not None,
         "skipped_files": dict(result.skipped + data.scan_skipped),
         "negative_caption_dirs": folders,
     }
