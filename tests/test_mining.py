@@ -126,7 +126,9 @@ def test_mining_skips_captions_the_attribute_metadata_finds_compatible(tiny_spec
     from clip_tao.data.pas_metadata import mining_pairs_file
 
     listed = {"image_dir": str(root / "images"), "image_list_file": str(root / "train_list.txt")}
-    assert mining_pairs_file(DatasetEntry(**listed, train_pairs_file="t.json", attribute_pairs_file="a.json")) == "t.json"
+    assert (
+        mining_pairs_file(DatasetEntry(**listed, train_pairs_file="t.json", attribute_pairs_file="a.json")) == "t.json"
+    )
     assert mining_pairs_file(DatasetEntry(**listed, attribute_pairs_file="a.json")) == "a.json"
     assert mining_pairs_file(DatasetEntry(str(root / "images"), image_list_file=str(root / "names.txt"))) is None
 

@@ -26,8 +26,8 @@ from clip_tao.config.schema import ExperimentConfig, InferenceConfig
 from clip_tao.data.classes import build_image_loader
 from clip_tao.data.custom import IMAGE_EXTENSIONS, Sample, SkipCounter
 from clip_tao.data.loaders import build_eval_loader
-from clip_tao.data.pas_metadata import metadata_guard
 from clip_tao.data.parts import build_collection, build_part_loader, check_not_empty, rank_parts, wds_given
+from clip_tao.data.pas_metadata import metadata_guard
 from clip_tao.deploy.files import find_files
 from clip_tao.engine.device import resolve_precision
 from clip_tao.engine.distributed import DistContext, barrier, broadcast_object
