@@ -192,6 +192,11 @@ def bench_compositional(args) -> dict:
         "settings": {k: getattr(args, k) for k in ("train", "val", "epochs", "batch", "negatives_per_sample", "loss")},
         "runs": runs,
         "swap_accuracy_gain": round(hard["swap_accuracy"] - base["swap_accuracy"], 2),
+        "swap_accuracy_gain_per_tag": {
+            key.removeprefix("swap_accuracy/"): round(hard[key] - base[key], 2)
+            for key in base
+            if key.startswith("swap_accuracy/")
+        },  # fmt: skip
         "i2t_R@1_change": round(hard["i2t_R@1"] - base["i2t_R@1"], 2),
         "t2i_R@1_change": round(hard["t2i_R@1"] - base["t2i_R@1"], 2),
         "load_average_1min": round(os.getloadavg()[0], 2),
