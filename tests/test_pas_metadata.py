@@ -119,6 +119,14 @@ def test_bad_metadata_is_one_line_naming_file_row_and_field(tmp_path, rows, name
     assert "\n" not in str(info.value)
 
 
+def test_a_malformed_accessory_vocabulary_is_one_line_naming_it(tmp_path):
+    root = _write(tmp_path / "v")
+    (root / "accessory_vocab.json").write_text('{"unknown_id": 0,')
+    with pytest.raises(DataError, match=r"accessory_vocab\.json: not valid JSON") as error:
+        load_metadata(str(root / "val_pairs.json"), NAMES)
+    assert "\n" not in str(error.value)
+
+
 def test_nan_and_non_json_are_refused(tmp_path):
     root = _write(tmp_path / "nan")
     (root / "val_pairs.json").write_text(json.dumps(ROWS).replace("[1, 2]", "[1, NaN]", 1))

@@ -205,7 +205,10 @@ def _accessory_vocab(path: str) -> set[int]:
     if not os.path.isfile(path):
         raise DataError(f"{path} does not exist: the accessory fields need TAO's accessory vocabulary beside the pairs")
     with open(path, encoding="utf-8") as f:
-        vocab = json.load(f)
+        try:
+            vocab = json.load(f)
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise DataError(f"{path}: not valid JSON ({' '.join(str(exc).split())})") from None
     if not isinstance(vocab, dict) or vocab.get("unknown_id") != 0:
         raise DataError(f"{path} field unknown_id: must be 0")
     ids = vocab.get("value_to_id")
