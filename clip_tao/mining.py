@@ -31,7 +31,8 @@ def mine_negatives(
 ) -> tuple[list[list[tuple[str, float]]], Counter]:
     """``(negatives, guarded)``: for image ``i`` up to ``per_image`` ``(caption, score)``, best first, and the
     number of candidates each guard dropped (``own_caption``, ``above_max_similarity``, ``metadata_compatible``).
-    ``compatible(i, caption)``: whether the metadata says ``caption`` describes image ``i``."""
+    ``compatible(i, key)``: whether the metadata says the caption (``key``: after ``canonical``) describes image
+    ``i``."""
     index = ImageIndex(candidate_emb, use_faiss=use_faiss)
     keys = [canonical(c) for c in candidates]
     owned = [{canonical(c) for c in own} for own in own_captions]
@@ -50,7 +51,7 @@ def mine_negatives(
                     drops["own_caption"] += 1
                 elif max_similarity is not None and score > max_similarity:
                     drops["above_max_similarity"] += 1
-                elif compatible is not None and compatible(image, candidates[j]):
+                elif compatible is not None and compatible(image, key):
                     drops["metadata_compatible"] += 1
                 elif key not in seen:  # captions equal after canonicalisation count once
                     seen.add(key)

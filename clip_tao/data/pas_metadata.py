@@ -54,13 +54,19 @@ def pairs_file(entry: DatasetEntry, role: str, where: str) -> str:
         return entry.train_pairs_file
     if entry.attribute_pairs_file:
         return entry.attribute_pairs_file
-    listing = entry.image_list_file or ""
-    if not listing.endswith("_list.txt"):
+    beside = _pairs_beside_list(entry)
+    if beside is None:
         raise DataError(
-            f"{where}: no attribute_pairs_file, and image_list_file {listing or 'null'!r} does not end in _list.txt "
-            "(TAO's <stem>_list.txt -> <stem>_pairs.json): set attribute_pairs_file"
+            f"{where}: no attribute_pairs_file, and image_list_file {entry.image_list_file or 'null'!r} does not end "
+            "in _list.txt (TAO's <stem>_list.txt -> <stem>_pairs.json): set attribute_pairs_file"
         )
-    return listing[: -len("_list.txt")] + "_pairs.json"
+    return beside
+
+
+def _pairs_beside_list(entry: DatasetEntry) -> str | None:
+    """TAO's ``<stem>_pairs.json`` for an ``image_list_file`` named ``<stem>_list.txt``, else ``None``."""
+    listing = entry.image_list_file or ""
+    return listing[: -len("_list.txt")] + "_pairs.json" if listing.endswith("_list.txt") else None
 
 
 def load_metadata(path: str, list_entries: list[str], accessories: bool | None = None) -> AttributeMetadata:
@@ -290,16 +296,15 @@ def mining_pairs_file(entry: DatasetEntry) -> str | None:
     exists (TAO's rule); ``None`` when the entry has none."""
     if entry.train_pairs_file or entry.attribute_pairs_file:
         return entry.train_pairs_file or entry.attribute_pairs_file
-    listing = entry.image_list_file or ""
-    beside = listing[: -len("_list.txt")] + "_pairs.json" if listing.endswith("_list.txt") else None
+    beside = _pairs_beside_list(entry)
     return beside if beside and os.path.isfile(beside) else None
 
 
 def metadata_guard(samples, entries: list[DatasetEntry], canonical, section: str):
-    """``compatible(image, caption) -> bool`` for mining, or ``None`` when no entry has attribute metadata.
+    """``compatible(image, key) -> bool`` for mining, or ``None`` when no entry has attribute metadata.
 
-    ``image`` indexes ``samples``; a caption is compatible with an image when a pairs row with that caption
-    (compared after ``canonical``) has text metadata the image's row matches by TAO's rule
+    ``image`` indexes ``samples``; ``key`` is a candidate caption after ``canonical``. A caption is compatible with
+    an image when a pairs row with that caption (compared after ``canonical``) has text metadata the image's row matches by TAO's rule
     (:func:`clip_tao.pas.metadata_matches`, accessories included): such a caption describes the image as far
     as the metadata can tell, so it is no negative. Images and captions without a row are never compatible.
     """
@@ -323,10 +328,8 @@ def metadata_guard(samples, entries: list[DatasetEntry], canonical, section: str
         return None
     rows_of_images = [image_rows.get(sample.key) for sample in samples]
 
-    def compatible(image: int, caption: str) -> bool:
+    def compatible(image: int, key: str) -> bool:
         own = rows_of_images[image]
-        if own is None:
-            return False
-        return any(metadata_matches(row, own, True) for row in caption_rows.get(canonical(caption.strip()), ()))
+        return own is not None and any(metadata_matches(row, own, True) for row in caption_rows.get(key, ()))
 
     return compatible

@@ -351,7 +351,7 @@ def _mine(cfg: ExperimentConfig, out_dir: str) -> dict:
     print(
         f"\nMined {m.negatives_per_image} hard negatives an image over {len(candidates)} captions ({model.model_type})"
     )
-    rows = [[k.replace("_", " "), v] for k, v in summary.items() if isinstance(v, int)]
+    rows = [[k.replace("_", " "), v] for k, v in summary.items() if isinstance(v, int) and not isinstance(v, bool)]
     print(format_table(["", "count"], rows))
     for index, folder in enumerate(folders):
         print(f"train on them: dataset.train.datasets[{index}].negative_caption_dir={folder}")
