@@ -13,6 +13,7 @@
     python scripts/benchmark.py vs-open-clip --workers 0 --runs 5   # needs pandas: pip install -e ".[bench]"
     python scripts/benchmark.py embed-scale --n 1024 --processes 1 2
     python scripts/benchmark.py compositional         # hard negatives: swap accuracy and R@1, with and without
+    python scripts/benchmark.py compositional --epochs 150 --negatives-per-sample 3   # the README's +15 points
     python scripts/benchmark.py checkpoint --processes 2 --openclip-arch ViT-B-32   # FSDP: sharded vs gathered
 
 Each benchmark is a module of ``scripts/benchmarks/`` (its docstring says what it measures); the shared
